@@ -1,0 +1,568 @@
+//! The broker's shared state and the operations a connection performs on it.
+//!
+//! This is the boundary between the protocol (`connection`) and where state
+//! lives: a connection only calls [`Broker::connect`], [`Broker::publish`],
+//! [`Broker::subscribe`], [`Broker::unsubscribe`] and [`Broker::disconnect`],
+//! so a store other than memory changes what is behind these calls, not the
+//! connection code.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cirrus_codec::topic::FilterRef;
+use cirrus_codec::{
+    ByteString, Bytes, LastWill, Properties, Protocol, QoS, RetainHandling, SubscriptionOptions,
+};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::message::{Delivery, Message};
+use crate::retained::{RetainedStore, SetOutcome};
+use crate::router::{Match, Router, Subscriber};
+use crate::session::{Attachment, PendingWill, QueueLimits, Session, SubscriptionEntry};
+use crate::stats::Stats;
+
+/// What a connection asks for when its CONNECT is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub client_id: ByteString,
+    pub clean_start: bool,
+    pub expiry_interval: u32,
+    pub protocol: Protocol,
+}
+
+/// What the connection gets back: its session and how it is told to leave.
+pub struct Grant {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub epoch: u64,
+    pub wake: Arc<Notify>,
+    pub kick: CancellationToken,
+}
+
+/// Result of routing one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// Sessions the message was queued for.
+    pub delivered: usize,
+    /// The retained store was full, so the message was not retained.
+    pub retain_refused: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("the session has too many subscriptions")]
+    TooMany,
+    #[error("the session has ended")]
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Will,
+    Expiry,
+}
+
+struct Timer {
+    session: Arc<Session>,
+    epoch: u64,
+    kind: TimerKind,
+}
+
+pub struct Broker {
+    pub config: Arc<Config>,
+    pub stats: Stats,
+    router: Router,
+    retained: RetainedStore,
+    /// Client id → session. Taken on connect and disconnect only, never on
+    /// the publish path.
+    sessions: Mutex<HashMap<ByteString, Arc<Session>>>,
+    next_id: AtomicU64,
+    /// Will delays and session expiries, in due order.
+    timers: Mutex<BTreeMap<(Instant, u64), Timer>>,
+    started: Instant,
+    id_salt: u64,
+}
+
+impl Broker {
+    pub fn new(config: Arc<Config>) -> Arc<Broker> {
+        let salt = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Arc::new(Broker {
+            config,
+            stats: Stats::default(),
+            router: Router::new(),
+            retained: RetainedStore::new(),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            timers: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+            id_salt: salt,
+        })
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_queued: self.config.limits.max_queued_messages,
+        }
+    }
+
+    /// A client id for a client that sent none (MQTT 5 Assigned Client
+    /// Identifier, or 3.1.1 with Clean Session).
+    pub fn assign_client_id(&self) -> ByteString {
+        ByteString::from(format!(
+            "cirrus-{:x}-{:x}",
+            self.id_salt & 0xFFFF_FFFF,
+            self.next_id()
+        ))
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Attach a new connection to the client's session, creating or
+    /// replacing it as Clean Start says, and kick any connection that held
+    /// it ([MQTT-3.1.4-3]).
+    pub fn connect(&self, req: ConnectRequest) -> Grant {
+        let epoch = self.next_id();
+        let wake = Arc::new(Notify::new());
+        let kick = CancellationToken::new();
+        let mut ended = None;
+        let (session, session_present) = {
+            let mut sessions = self.sessions.lock();
+            let existing = sessions.get(&req.client_id).cloned();
+            let (session, present) = match existing {
+                Some(s) if !req.clean_start => (s, true),
+                other => {
+                    if let Some(old) = other {
+                        ended = Some(old);
+                    }
+                    let s = Session::new(self.next_id(), req.client_id.clone(), req.protocol);
+                    sessions.insert(req.client_id.clone(), s.clone());
+                    (s, false)
+                }
+            };
+            let mut st = session.state.lock();
+            if let Some(a) = st.attached.take() {
+                a.kick.cancel();
+            }
+            st.attached = Some(Attachment {
+                epoch,
+                wake: wake.clone(),
+                kick: kick.clone(),
+            });
+            st.epoch = epoch;
+            st.protocol = req.protocol;
+            st.expiry_interval = req.expiry_interval;
+            st.disconnected_at = None;
+            // A will still waiting for its delay is not sent when the client
+            // is back in time ([MQTT-3.1.3-9]).
+            st.pending_will = None;
+            drop(st);
+            session.set_online(true);
+            (session, present)
+        };
+        if let Some(old) = ended {
+            self.end_session(&old, true);
+        }
+        Grant {
+            session,
+            session_present,
+            epoch,
+            wake,
+            kick,
+        }
+    }
+
+    /// A connection ended. `will` is the will to publish (it already knows
+    /// whether the close was normal); `new_expiry` comes from DISCONNECT.
+    pub fn disconnect(
+        &self,
+        session: &Arc<Session>,
+        epoch: u64,
+        will: Option<LastWill>,
+        new_expiry: Option<u32>,
+    ) {
+        let now = Instant::now();
+        let mut end_now = false;
+        let mut publish_now = None;
+        {
+            let mut st = session.state.lock();
+            if st.ended || st.epoch != epoch {
+                // Taken over or discarded: the will goes out now unless the
+                // session lives on and the will has a delay.
+                drop(st);
+                if let Some(w) = will {
+                    let delayed = w.properties.will_delay_interval.unwrap_or(0) > 0;
+                    if !delayed || session.state.lock().ended {
+                        self.publish_will(w, &session.client_id);
+                    }
+                }
+                return;
+            }
+            st.attached = None;
+            session.set_online(false);
+            st.disconnected_at = Some(now);
+            if let Some(e) = new_expiry {
+                st.expiry_interval = e;
+            }
+            let expiry = st.expiry_interval;
+            if expiry == 0 {
+                end_now = true;
+                publish_now = will;
+            } else {
+                if let Some(w) = will {
+                    let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
+                    if delay == 0 {
+                        publish_now = Some(w);
+                    } else {
+                        let due = now + Duration::from_secs(u64::from(delay));
+                        st.pending_will = Some(PendingWill { will: w, due });
+                        self.add_timer(due, session, epoch, TimerKind::Will);
+                    }
+                }
+                if expiry != u32::MAX {
+                    let due = now + Duration::from_secs(u64::from(expiry));
+                    self.add_timer(due, session, epoch, TimerKind::Expiry);
+                }
+            }
+        }
+        if let Some(w) = publish_now {
+            self.publish_will(w, &session.client_id);
+        }
+        if end_now {
+            self.end_session(session, false);
+        }
+    }
+
+    fn add_timer(&self, due: Instant, session: &Arc<Session>, epoch: u64, kind: TimerKind) {
+        let seq = self.next_id();
+        self.timers.lock().insert(
+            (due, seq),
+            Timer {
+                session: session.clone(),
+                epoch,
+                kind,
+            },
+        );
+    }
+
+    /// Discard a session: out of the registry and the router, its
+    /// connection kicked, its pending will published.
+    fn end_session(&self, session: &Arc<Session>, kick: bool) {
+        {
+            let mut sessions = self.sessions.lock();
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| s.id == session.id)
+            {
+                sessions.remove(&session.client_id);
+            }
+        }
+        let (subs, will) = {
+            let mut st = session.state.lock();
+            if st.ended {
+                return;
+            }
+            st.ended = true;
+            if kick {
+                if let Some(a) = st.attached.take() {
+                    a.kick.cancel();
+                }
+            }
+            st.queue.clear();
+            st.inflight.clear();
+            (
+                std::mem::take(&mut st.subscriptions),
+                st.pending_will.take(),
+            )
+        };
+        session.set_online(false);
+        for filter in subs.keys() {
+            if let Ok(fr) = cirrus_codec::topic::parse_filter(filter) {
+                if self
+                    .router
+                    .unsubscribe(fr.share_group, fr.filter, session.id)
+                {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Some(w) = will {
+            self.publish_will(w.will, &session.client_id);
+        }
+    }
+
+    /// Fire due timers; returns when the next one is due.
+    pub fn run_timers(&self, now: Instant) -> Option<Instant> {
+        loop {
+            let timer = {
+                let mut timers = self.timers.lock();
+                match timers.first_key_value() {
+                    Some((&(due, _), _)) if due <= now => timers.pop_first().map(|(_, t)| t),
+                    Some((&(due, _), _)) => return Some(due),
+                    None => return None,
+                }
+            };
+            let Some(t) = timer else { return None };
+            let mut st = t.session.state.lock();
+            if st.ended || st.epoch != t.epoch || st.attached.is_some() {
+                continue;
+            }
+            match t.kind {
+                TimerKind::Will => {
+                    let will = st.pending_will.take_if(|w| w.due <= now);
+                    drop(st);
+                    if let Some(w) = will {
+                        self.publish_will(w.will, &t.session.client_id);
+                    }
+                }
+                TimerKind::Expiry => {
+                    drop(st);
+                    self.end_session(&t.session, false);
+                }
+            }
+        }
+    }
+
+    fn publish_will(&self, will: LastWill, client_id: &ByteString) {
+        let now = Instant::now();
+        let mut properties = will.properties;
+        properties.will_delay_interval = None;
+        let expires_at =
+            Message::expiry_from_interval(properties.message_expiry_interval.take(), now);
+        let msg = Arc::new(Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            publisher: Some(client_id.clone()),
+        });
+        let mut scratch = Vec::new();
+        self.publish(msg, &mut scratch);
+    }
+
+    /// Route a message to every matching session. `scratch` is the caller's
+    /// reusable buffer, so routing allocates nothing per message.
+    pub fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>) -> PublishOutcome {
+        let mut retain_refused = false;
+        if msg.retain && self.config.mqtt.retain_available {
+            retain_refused = self
+                .retained
+                .set(msg.clone(), self.config.mqtt.max_retained_messages)
+                == SetOutcome::Full;
+        }
+        scratch.clear();
+        self.router.matches(&msg.topic, scratch);
+        // Overlapping subscriptions of one session become one delivery with
+        // the highest QoS and every subscription identifier ([MQTT-3.3.4-2]).
+        if scratch.len() > 1 {
+            scratch.sort_unstable_by_key(|m| (m.session.id, m.shared));
+        }
+        let limits = self.queue_limits();
+        let mut delivered = 0;
+        let mut i = 0;
+        while i < scratch.len() {
+            let first = &scratch[i];
+            let mut j = i + 1;
+            if !first.shared {
+                while j < scratch.len()
+                    && !scratch[j].shared
+                    && scratch[j].session.id == first.session.id
+                {
+                    j += 1;
+                }
+            }
+            let mut qos = None::<QoS>;
+            let mut retain = false;
+            let mut sub_ids = Vec::new();
+            for m in &scratch[i..j] {
+                if m.options.no_local && msg.publisher.as_ref() == Some(&m.session.client_id) {
+                    continue;
+                }
+                qos = Some(qos.map_or(m.options.qos, |q| q.max(m.options.qos)));
+                retain |= m.options.retain_as_published && msg.retain;
+                if let Some(id) = m.sub_id {
+                    sub_ids.push(id);
+                }
+            }
+            if let Some(q) = qos {
+                let d = Delivery {
+                    msg: msg.clone(),
+                    qos: q.min(msg.qos),
+                    retain,
+                    sub_ids,
+                };
+                if first.session.enqueue(d, limits, &self.stats) {
+                    delivered += 1;
+                }
+            }
+            i = j;
+        }
+        scratch.clear();
+        PublishOutcome {
+            delivered,
+            retain_refused,
+        }
+    }
+
+    /// Add or replace a subscription and queue the retained messages it
+    /// asks for. Returns whether it replaced an existing one.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        full_filter: &ByteString,
+        filter: FilterRef<'_>,
+        options: SubscriptionOptions,
+        sub_id: Option<u32>,
+    ) -> Result<bool, SubscribeError> {
+        let existed = {
+            let mut st = session.state.lock();
+            if st.ended {
+                return Err(SubscribeError::Ended);
+            }
+            let entry = SubscriptionEntry { options, sub_id };
+            let existed = st.subscriptions.contains_key(full_filter);
+            if !existed
+                && st.subscriptions.len() >= self.config.limits.max_subscriptions_per_session
+            {
+                return Err(SubscribeError::TooMany);
+            }
+            st.subscriptions.insert(full_filter.clone(), entry);
+            existed
+        };
+        self.router.subscribe(
+            filter.share_group,
+            filter.filter,
+            Subscriber {
+                session: session.clone(),
+                options,
+                sub_id,
+            },
+        );
+        if !existed {
+            self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        // Retained messages are not sent to shared subscriptions.
+        let wants_retained = match options.retain_handling {
+            RetainHandling::SendAlways => true,
+            RetainHandling::SendIfNew => !existed,
+            RetainHandling::DoNotSend => false,
+        };
+        if filter.share_group.is_none() && wants_retained && self.config.mqtt.retain_available {
+            let mut msgs = Vec::new();
+            self.retained.matching(filter.filter, &mut msgs);
+            let now = Instant::now();
+            let limits = self.queue_limits();
+            for m in msgs {
+                if m.is_expired(now) {
+                    continue;
+                }
+                let d = Delivery {
+                    qos: m.qos.min(options.qos),
+                    msg: m,
+                    retain: true,
+                    sub_ids: sub_id.into_iter().collect(),
+                };
+                session.enqueue(d, limits, &self.stats);
+            }
+        }
+        Ok(existed)
+    }
+
+    /// Remove a subscription; returns whether it existed.
+    pub fn unsubscribe(
+        &self,
+        session: &Arc<Session>,
+        full_filter: &ByteString,
+        filter: FilterRef<'_>,
+    ) -> bool {
+        let existed = session
+            .state
+            .lock()
+            .subscriptions
+            .remove(full_filter)
+            .is_some();
+        if existed
+            && self
+                .router
+                .unsubscribe(filter.share_group, filter.filter, session.id)
+        {
+            self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        existed
+    }
+
+    /// Publish the `$SYS/broker/...` tree as retained messages.
+    pub fn publish_sys(&self) {
+        let s = &self.stats;
+        let connected = s.connections_current.load(Ordering::Relaxed);
+        let entries: [(&str, String); 15] = [
+            ("version", format!("cirrus {}", env!("CARGO_PKG_VERSION"))),
+            (
+                "uptime",
+                format!("{} seconds", self.started.elapsed().as_secs()),
+            ),
+            ("clients/connected", connected.to_string()),
+            ("clients/total", self.session_count().to_string()),
+            (
+                "clients/disconnected",
+                self.session_count().saturating_sub(connected).to_string(),
+            ),
+            (
+                "messages/received",
+                Stats::get(&s.messages_received).to_string(),
+            ),
+            ("messages/sent", Stats::get(&s.messages_sent).to_string()),
+            (
+                "publish/messages/received",
+                Stats::get(&s.publish_received).to_string(),
+            ),
+            (
+                "publish/messages/sent",
+                Stats::get(&s.publish_sent).to_string(),
+            ),
+            ("publish/messages/dropped", s.dropped_total().to_string()),
+            ("bytes/received", Stats::get(&s.bytes_received).to_string()),
+            ("bytes/sent", Stats::get(&s.bytes_sent).to_string()),
+            (
+                "subscriptions/count",
+                s.subscriptions.load(Ordering::Relaxed).to_string(),
+            ),
+            ("retained messages/count", self.retained_count().to_string()),
+            (
+                "clients/refused",
+                Stats::get(&s.connections_refused).to_string(),
+            ),
+        ];
+        let mut scratch = Vec::new();
+        for (topic, value) in entries {
+            let msg = Arc::new(Message {
+                topic: ByteString::from(format!("$SYS/broker/{topic}")),
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Properties::default(),
+                expires_at: None,
+                publisher: None,
+            });
+            self.publish(msg, &mut scratch);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Broker configuration: a YAML file (`--config`), overridden by environment
+//! variables and flags. Every field has a default, so no file is needed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. The operator writes this same structure into the
+/// broker's ConfigMap, so it is the one definition of the file format.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listeners: Listeners,
+    pub limits: Limits,
+    pub mqtt: MqttOptions,
+    /// Seconds between `$SYS/` updates; 0 turns the tree off.
+    pub sys_interval_secs: u64,
+    /// Seconds that a SIGTERM drain may take before connections are dropped.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// MQTT over TCP.
+    pub tcp: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent client connections per broker process.
+    pub max_connections: usize,
+    /// Largest packet accepted or sent, fixed header included (bytes).
+    pub max_packet_size: u32,
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement per client; the
+    /// client's Receive Maximum lowers it further.
+    pub max_inflight: u16,
+    /// Incoming QoS 2 messages awaiting PUBREL per client (our Receive
+    /// Maximum, announced in CONNACK); more is answered with 0x93.
+    pub receive_maximum: u16,
+    /// Messages queued per session, online or offline, beyond the in-flight
+    /// window. A full queue drops the newest message and counts it.
+    pub max_queued_messages: usize,
+    /// Longest keep-alive a client may ask for, in seconds (0 = no limit).
+    pub max_keep_alive: u16,
+    /// Topic aliases a client may use towards us (MQTT 5).
+    pub topic_alias_maximum: u16,
+    /// Longest session expiry a client may ask for, in seconds.
+    pub max_session_expiry_secs: u32,
+    /// Time a new connection has to send CONNECT, in seconds.
+    pub connect_timeout_secs: u64,
+    /// Subscriptions (topic filters) per SUBSCRIBE and per session.
+    pub max_subscriptions_per_session: usize,
+    /// Seconds a write to a client may block before the client is dropped.
+    pub write_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttOptions {
+    /// Highest QoS the broker accepts and grants (0, 1 or 2).
+    pub maximum_qos: u8,
+    pub retain_available: bool,
+    /// Retained messages kept at most; setting more is answered with 0x97.
+    pub max_retained_messages: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: Listeners::default(),
+            limits: Limits::default(),
+            mqtt: MqttOptions::default(),
+            sys_interval_secs: 10,
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_packet_size: 1024 * 1024,
+            max_inflight: 100,
+            receive_maximum: 100,
+            max_queued_messages: 1000,
+            max_keep_alive: 0,
+            topic_alias_maximum: 10,
+            max_session_expiry_secs: u32::MAX,
+            connect_timeout_secs: 10,
+            max_subscriptions_per_session: 1000,
+            write_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for MqttOptions {
+    fn default() -> Self {
+        MqttOptions {
+            maximum_qos: 2,
+            retain_available: true,
+            max_retained_messages: 1_000_000,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text)
+    }
+
+    /// Reject values the broker cannot honour.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.mqtt.maximum_qos > 2 {
+            return bad("mqtt.maximum_qos must be 0, 1 or 2");
+        }
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return bad("limits.max_packet_size must be between 64 and 268435460");
+        }
+        if l.max_inflight == 0 || l.receive_maximum == 0 {
+            return bad("limits.max_inflight and limits.receive_maximum must be at least 1");
+        }
+        if l.max_connections == 0
+            || l.max_queued_messages == 0
+            || l.max_subscriptions_per_session == 0
+        {
+            return bad("limits.max_connections, max_queued_messages and max_subscriptions_per_session must be at least 1");
+        }
+        if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
+            return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");
+        }
+        if self.listeners.tcp.is_none() {
+            return bad("no listener is configured");
+        }
+        Ok(())
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.connect_timeout_secs)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.write_timeout_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_partial_yaml() {
+        assert_eq!(Config::from_yaml("").unwrap(), Config::default());
+        let c =
+            Config::from_yaml("limits:\n  max_inflight: 5\nlisteners:\n  tcp: 127.0.0.1:1999\n")
+                .unwrap();
+        assert_eq!(c.limits.max_inflight, 5);
+        assert_eq!(c.limits.max_queued_messages, 1000);
+        assert_eq!(c.listeners.tcp, Some("127.0.0.1:1999".parse().unwrap()));
+        assert!(Config::from_yaml("limits:\n  bogus: 1\n").is_err());
+        let mut c = Config::default();
+        c.mqtt.maximum_qos = 3;
+        assert!(c.validate().is_err());
+    }
+}

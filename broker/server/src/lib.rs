@@ -1,0 +1,131 @@
+//! # cirrus-broker
+//!
+//! The broker as a library; `main.rs` only parses flags and waits for a
+//! signal. [`run`] takes its shutdown token, so tests and embedders stop it
+//! the same way SIGTERM does.
+//!
+//! ## Layout
+//! - [`config`]: the YAML file, with defaults for every field.
+//! - [`listener`]: accept loops, connection cap.
+//! - [`connection`]: one task per client, the protocol state machine.
+//! - [`broker`]: shared state and the operations a connection performs —
+//!   the boundary behind which a store lives.
+//! - [`session`]: what outlives a connection, each behind its own lock.
+//! - [`router`]: subscriptions in a persistent trie, read without locks.
+//! - [`retained`]: retained messages in a trie.
+//! - [`message`]: a message shared by `Arc` with every subscriber.
+//! - [`stats`]: counters, for `$SYS` and metrics.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod message;
+pub mod retained;
+pub mod router;
+pub mod session;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use broker::Broker;
+pub use config::Config;
+
+/// A broker whose listeners are bound; [`Bound::serve`] runs it.
+pub struct Bound {
+    pub broker: Arc<Broker>,
+    pub tcp: Option<(TcpListener, SocketAddr)>,
+}
+
+/// Validate the configuration and bind every listener.
+pub async fn bind(config: Config) -> anyhow::Result<Bound> {
+    config.validate()?;
+    let broker = Broker::new(Arc::new(config));
+    let tcp = match broker.config.listeners.tcp {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            let local = l.local_addr()?;
+            Some((l, local))
+        }
+        None => None,
+    };
+    Ok(Bound { broker, tcp })
+}
+
+impl Bound {
+    /// Serve until `shutdown` is cancelled, then drain: listeners stop,
+    /// MQTT 5 clients get DISCONNECT 0x8B, and every task ends within the
+    /// configured shutdown timeout.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let broker = self.broker;
+        let tracker = TaskTracker::new();
+        if let Some((listener, addr)) = self.tcp {
+            info!(kind = "mqtt", %addr, "listening");
+            tracker.spawn(listener::serve_tcp(
+                broker.clone(),
+                listener,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        tracker.spawn(run_timers(broker.clone(), shutdown.clone()));
+        if broker.config.sys_interval_secs > 0 {
+            tracker.spawn(run_sys(broker.clone(), shutdown.clone()));
+        }
+        shutdown.cancelled().await;
+        info!("shutting down");
+        tracker.close();
+        let deadline = broker.config.shutdown_timeout();
+        if tokio::time::timeout(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?deadline,
+                "shutdown deadline passed with connections still open"
+            );
+        } else {
+            info!("shut down cleanly");
+        }
+    }
+}
+
+/// Bind and serve: the whole broker.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    bind(config).await?.serve(shutdown).await;
+    Ok(())
+}
+
+async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
+    loop {
+        let next = broker.run_timers(Instant::now());
+        // Wake at least every second: timers added meanwhile may be sooner.
+        let wait = next.map_or(Duration::from_secs(1), |t| {
+            t.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1))
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+        }
+    }
+}
+
+async fn run_sys(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(broker.config.sys_interval_secs));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => broker.publish_sys(),
+        }
+    }
+}

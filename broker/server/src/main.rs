@@ -1,0 +1,136 @@
+//! `cirrus-broker`: flags and environment over the config file, logging,
+//! signals. Everything else is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cirrus_broker::Config;
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Cirrus MQTT broker. Flags override the config file; each flag can also
+/// be given as the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// YAML configuration file.
+    #[arg(long, env = "CIRRUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT over TCP listen address [default: 0.0.0.0:1883].
+    #[arg(long, env = "CIRRUS_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Maximum concurrent connections.
+    #[arg(long, env = "CIRRUS_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Maximum packet size in bytes, both directions.
+    #[arg(long, env = "CIRRUS_MAX_PACKET_SIZE")]
+    max_packet_size: Option<u32>,
+    /// Messages queued per session beyond the in-flight window.
+    #[arg(long, env = "CIRRUS_MAX_QUEUED_MESSAGES")]
+    max_queued_messages: Option<usize>,
+    /// Outgoing QoS 1/2 messages in flight per client.
+    #[arg(long, env = "CIRRUS_MAX_INFLIGHT")]
+    max_inflight: Option<u16>,
+    /// Incoming QoS 2 messages awaiting PUBREL per client (Receive Maximum).
+    #[arg(long, env = "CIRRUS_RECEIVE_MAXIMUM")]
+    receive_maximum: Option<u16>,
+    /// Longest keep-alive a client may use, in seconds (0 = no limit).
+    #[arg(long, env = "CIRRUS_MAX_KEEP_ALIVE")]
+    max_keep_alive: Option<u16>,
+    /// Seconds between $SYS updates (0 = off).
+    #[arg(long, env = "CIRRUS_SYS_INTERVAL")]
+    sys_interval: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listeners.tcp = Some(v);
+        }
+        let l = &mut c.limits;
+        if let Some(v) = self.max_connections {
+            l.max_connections = v;
+        }
+        if let Some(v) = self.max_packet_size {
+            l.max_packet_size = v;
+        }
+        if let Some(v) = self.max_queued_messages {
+            l.max_queued_messages = v;
+        }
+        if let Some(v) = self.max_inflight {
+            l.max_inflight = v;
+        }
+        if let Some(v) = self.receive_maximum {
+            l.receive_maximum = v;
+        }
+        if let Some(v) = self.max_keep_alive {
+            l.max_keep_alive = v;
+        }
+        if let Some(v) = self.sys_interval {
+            c.sys_interval_secs = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let config = args.config().context("configuration")?;
+    let bound = cirrus_broker::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signalled().await;
+        trigger.cancel();
+    });
+    bound.serve(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Sessions: what outlives a network connection (subscriptions, queued and
+//! in-flight messages, pending will, expiry).
+//!
+//! A session's state sits behind its own mutex, taken briefly by publishers
+//! that enqueue to it and by the one connection that serves it; there is no
+//! lock shared by all sessions on the publish path.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cirrus_codec::{ByteString, LastWill, PacketId, Protocol, QoS, SubscriptionOptions};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Delivery;
+use crate::stats::{DropReason, Stats};
+
+/// A subscription as the session remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionEntry {
+    pub options: SubscriptionOptions,
+    pub sub_id: Option<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP (the message itself is delivered).
+    AwaitComp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub packet_id: PacketId,
+    pub state: OutState,
+    pub delivery: Delivery,
+}
+
+/// The connection currently attached to a session.
+#[derive(Debug)]
+pub struct Attachment {
+    /// Increases with every connection; a connection whose epoch is no
+    /// longer current has been taken over and must not touch the session.
+    pub epoch: u64,
+    /// Wakes the connection when something was queued for it.
+    pub wake: Arc<Notify>,
+    /// Cancelled to make the connection leave (takeover).
+    pub kick: CancellationToken,
+}
+
+/// A will waiting for its delay, or for the session to end.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    pub will: LastWill,
+    pub due: Instant,
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    pub protocol: Protocol,
+    pub subscriptions: HashMap<ByteString, SubscriptionEntry>,
+    pub queue: VecDeque<Delivery>,
+    pub inflight: VecDeque<Inflight>,
+    /// Incoming QoS 2 packet ids received but not yet released.
+    pub incoming_qos2: HashSet<u16>,
+    next_packet_id: u16,
+    /// Seconds the session outlives its connection.
+    pub expiry_interval: u32,
+    pub attached: Option<Attachment>,
+    pub epoch: u64,
+    pub disconnected_at: Option<Instant>,
+    pub pending_will: Option<PendingWill>,
+    /// Set once the session is discarded; enqueues after that are refused.
+    pub ended: bool,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub client_id: ByteString,
+    pub state: Mutex<SessionState>,
+    /// Mirrors `state.attached.is_some()` for the router's shared-subscription
+    /// choice, which must not take the session lock of every member.
+    online: AtomicBool,
+}
+
+/// The limits a session enforces when messages are queued.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_queued: usize,
+}
+
+impl Session {
+    pub fn new(id: u64, client_id: ByteString, protocol: Protocol) -> Arc<Session> {
+        Arc::new(Session {
+            id,
+            client_id,
+            state: Mutex::new(SessionState {
+                protocol,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: VecDeque::new(),
+                incoming_qos2: HashSet::new(),
+                next_packet_id: 0,
+                expiry_interval: 0,
+                attached: None,
+                epoch: 0,
+                disconnected_at: None,
+                pending_will: None,
+                ended: false,
+            }),
+            online: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_online(&self, v: bool) {
+        self.online.store(v, Ordering::Relaxed);
+    }
+
+    /// Queue a delivery. Bounded: a full queue drops the new message, and a
+    /// QoS 0 message for an offline session is dropped; both are counted.
+    pub fn enqueue(&self, d: Delivery, limits: QueueLimits, stats: &Stats) -> bool {
+        let mut st = self.state.lock();
+        if st.ended {
+            return false;
+        }
+        if st.attached.is_none() && d.qos == QoS::AtMostOnce {
+            drop(st);
+            stats.dropped(DropReason::Offline);
+            return false;
+        }
+        if st.queue.len() >= limits.max_queued {
+            drop(st);
+            stats.dropped(DropReason::QueueFull);
+            return false;
+        }
+        st.queue.push_back(d);
+        if let Some(a) = &st.attached {
+            a.wake.notify_one();
+        }
+        true
+    }
+}
+
+impl SessionState {
+    /// The next packet id not used by an in-flight message.
+    pub fn next_packet_id(&mut self) -> PacketId {
+        loop {
+            self.next_packet_id = self.next_packet_id.wrapping_add(1);
+            if let Some(pid) = PacketId::new(self.next_packet_id) {
+                if !self.inflight.iter().any(|i| i.packet_id == pid) {
+                    return pid;
+                }
+            }
+        }
+    }
+
+    pub fn find_inflight(&self, pid: PacketId) -> Option<usize> {
+        self.inflight.iter().position(|i| i.packet_id == pid)
+    }
+}
