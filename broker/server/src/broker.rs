@@ -318,7 +318,7 @@ impl Broker {
                     None => return None,
                 }
             };
-            let Some(t) = timer else { return None };
+            let t = timer?;
             let mut st = t.session.state.lock();
             if st.ended || st.epoch != t.epoch || st.attached.is_some() {
                 continue;

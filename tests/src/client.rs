@@ -1,0 +1,334 @@
+//! A small MQTT client for tests, on the project's codec. It does only what
+//! a test says: no automatic acknowledgements, no retries, so a test can
+//! check each packet the broker sends.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cirrus_codec::{
+    ByteString, ConnAck, Connect, Disconnect, LastWill, MqttCodec, Packet, Properties, Protocol,
+    PubResp, Publish, QoS, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::TIMEOUT;
+
+/// CONNECT options; `Opts::v5("id")` and `Opts::v311("id")` start from the
+/// usual values.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub properties: Properties,
+    pub will: Option<LastWill>,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+}
+
+impl Opts {
+    pub fn new(protocol: Protocol, client_id: &str) -> Opts {
+        Opts {
+            protocol,
+            client_id: client_id.to_string(),
+            clean_start: true,
+            keep_alive: 60,
+            properties: Properties::default(),
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+    pub fn v5(client_id: &str) -> Opts {
+        Opts::new(Protocol::V5, client_id)
+    }
+    pub fn v311(client_id: &str) -> Opts {
+        Opts::new(Protocol::V3_1_1, client_id)
+    }
+    pub fn persistent(mut self, expiry: u32) -> Opts {
+        self.clean_start = false;
+        self.properties.session_expiry_interval = Some(expiry);
+        self
+    }
+    pub fn resume(mut self) -> Opts {
+        self.clean_start = false;
+        self
+    }
+}
+
+/// What the next read brought.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Next {
+    Packet(Packet),
+    Closed,
+    Timeout,
+}
+
+pub struct Client {
+    framed: Framed<TcpStream, MqttCodec>,
+    pub protocol: Protocol,
+    next_pid: u16,
+}
+
+pub fn pid(v: u16) -> NonZeroU16 {
+    NonZeroU16::new(v).expect("non-zero packet id")
+}
+
+pub fn publish_packet(
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    retain: bool,
+    packet_id: Option<u16>,
+) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: ByteString::from(topic),
+        packet_id: packet_id.map(pid),
+        properties: Properties::default(),
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+impl Client {
+    /// Open a TCP connection without sending anything.
+    pub async fn raw(addr: SocketAddr, protocol: Protocol) -> Client {
+        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        Client {
+            framed: Framed::new(stream, MqttCodec::new(protocol, 1 << 28)),
+            protocol,
+            next_pid: 0,
+        }
+    }
+
+    /// Connect and return the CONNACK, whatever its code.
+    pub async fn connect(addr: SocketAddr, o: Opts) -> (Client, ConnAck) {
+        let mut c = Client::raw(addr, o.protocol).await;
+        c.send(Packet::Connect(Box::new(Connect {
+            protocol: o.protocol,
+            clean_start: o.clean_start,
+            keep_alive: o.keep_alive,
+            properties: o.properties,
+            client_id: ByteString::from(o.client_id),
+            will: o.will,
+            username: o.username.map(ByteString::from),
+            password: o.password.map(Bytes::from),
+        })))
+        .await;
+        match c.recv().await {
+            Packet::ConnAck(a) => (c, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connect and insist on success.
+    pub async fn connect_ok(addr: SocketAddr, o: Opts) -> Client {
+        let (c, ack) = Client::connect(addr, o).await;
+        assert_eq!(ack.reason_code, 0, "CONNACK refused: {ack:?}");
+        c
+    }
+
+    pub fn next_pid(&mut self) -> NonZeroU16 {
+        self.next_pid = self.next_pid.wrapping_add(1).max(1);
+        pid(self.next_pid)
+    }
+
+    pub async fn send(&mut self, p: Packet) {
+        tokio::time::timeout(TIMEOUT, self.framed.send(p))
+            .await
+            .expect("send timed out")
+            .expect("send");
+    }
+
+    /// Write raw bytes on the socket.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let s = self.framed.get_mut();
+        let _ = tokio::time::timeout(TIMEOUT, s.write_all(bytes)).await;
+    }
+
+    pub async fn next(&mut self, wait: Duration) -> Next {
+        match tokio::time::timeout(wait, self.framed.next()).await {
+            Err(_) => Next::Timeout,
+            Ok(None) | Ok(Some(Err(_))) => Next::Closed,
+            Ok(Some(Ok(p))) => Next::Packet(p),
+        }
+    }
+
+    /// The next packet; fails the test on timeout or close.
+    pub async fn recv(&mut self) -> Packet {
+        match self.next(TIMEOUT).await {
+            Next::Packet(p) => p,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+
+    pub async fn recv_publish(&mut self) -> Publish {
+        match self.recv().await {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Assert that nothing arrives within `wait`.
+    pub async fn expect_nothing(&mut self, wait: Duration) {
+        match self.next(wait).await {
+            Next::Timeout => {}
+            other => panic!("expected nothing, got {other:?}"),
+        }
+    }
+
+    /// Read until the broker closes the connection; returns the DISCONNECT
+    /// it sent first, if any. Fails if the socket stays open.
+    pub async fn expect_closed(&mut self) -> Option<Disconnect> {
+        let mut disconnect = None;
+        loop {
+            match self.next(TIMEOUT).await {
+                Next::Closed => return disconnect,
+                Next::Packet(Packet::Disconnect(d)) => disconnect = Some(d),
+                Next::Packet(_) => {}
+                Next::Timeout => panic!("connection was not closed"),
+            }
+        }
+    }
+
+    pub async fn subscribe_with(
+        &mut self,
+        filters: &[(&str, SubscriptionOptions)],
+        properties: Properties,
+    ) -> SubAck {
+        let packet_id = self.next_pid();
+        self.send(Packet::Subscribe(Subscribe {
+            packet_id,
+            properties,
+            filters: filters
+                .iter()
+                .map(|(f, o)| (ByteString::from(*f), *o))
+                .collect(),
+        }))
+        .await;
+        match self.recv().await {
+            Packet::SubAck(a) => {
+                assert_eq!(a.packet_id, packet_id);
+                a
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Subscribe to one filter; returns its SUBACK code.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> u8 {
+        let a = self
+            .subscribe_with(
+                &[(filter, SubscriptionOptions::new(qos))],
+                Properties::default(),
+            )
+            .await;
+        a.reason_codes[0]
+    }
+
+    pub async fn unsubscribe(&mut self, filters: &[&str]) -> UnsubAck {
+        let packet_id = self.next_pid();
+        self.send(Packet::Unsubscribe(Unsubscribe {
+            packet_id,
+            properties: Properties::default(),
+            filters: filters.iter().map(|f| ByteString::from(*f)).collect(),
+        }))
+        .await;
+        match self.recv().await {
+            Packet::UnsubAck(a) => a,
+            other => panic!("expected UNSUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publish and complete the QoS flow; returns the PUBACK/PUBREC reason
+    /// code (0 for QoS 0).
+    pub async fn publish_full(&mut self, mut p: Publish) -> u8 {
+        if p.qos != QoS::AtMostOnce && p.packet_id.is_none() {
+            p.packet_id = Some(self.next_pid());
+        }
+        let qos = p.qos;
+        let id = p.packet_id;
+        self.send(Packet::Publish(p)).await;
+        match qos {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce => match self.recv().await {
+                Packet::PubAck(a) if Some(a.packet_id) == id => a.reason_code,
+                other => panic!("expected PUBACK, got {other:?}"),
+            },
+            QoS::ExactlyOnce => {
+                let code = match self.recv().await {
+                    Packet::PubRec(a) if Some(a.packet_id) == id => a.reason_code,
+                    other => panic!("expected PUBREC, got {other:?}"),
+                };
+                if code < 0x80 {
+                    let id = id.expect("qos 2 id");
+                    self.send(Packet::PubRel(PubResp::new(id, 0))).await;
+                    match self.recv().await {
+                        Packet::PubComp(c) if c.packet_id == id => {}
+                        other => panic!("expected PUBCOMP, got {other:?}"),
+                    }
+                }
+                code
+            }
+        }
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) -> u8 {
+        self.publish_full(publish_packet(topic, payload, qos, retain, None))
+            .await
+    }
+
+    /// Acknowledge a received PUBLISH as its QoS requires (QoS 2: PUBREC,
+    /// then the PUBREL/PUBCOMP exchange).
+    pub async fn ack(&mut self, p: &Publish) {
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.send(Packet::PubAck(PubResp::new(id, 0))).await,
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.send(Packet::PubRec(PubResp::new(id, 0))).await;
+                match self.recv().await {
+                    Packet::PubRel(r) if r.packet_id == id => {}
+                    other => panic!("expected PUBREL, got {other:?}"),
+                }
+                self.send(Packet::PubComp(PubResp::new(id, 0))).await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Receive a PUBLISH and acknowledge it.
+    pub async fn recv_ack(&mut self) -> Publish {
+        let p = self.recv_publish().await;
+        self.ack(&p).await;
+        p
+    }
+
+    pub async fn ping(&mut self) {
+        self.send(Packet::PingReq).await;
+        match self.recv().await {
+            Packet::PingResp => {}
+            other => panic!("expected PINGRESP, got {other:?}"),
+        }
+    }
+
+    pub async fn disconnect(mut self) {
+        self.send(Packet::Disconnect(Disconnect::default())).await;
+        let _ = self.next(Duration::from_secs(2)).await;
+    }
+
+    /// Drop the socket without DISCONNECT (an abnormal close).
+    pub fn drop_connection(self) {
+        drop(self);
+    }
+}

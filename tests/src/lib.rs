@@ -1,0 +1,19 @@
+//! # cirrus-e2e
+//!
+//! Helpers for tests that run real processes: [`BrokerProcess`] starts the
+//! `cirrus-broker` binary on a free loopback port, [`Client`] is a small MQTT
+//! client on the project's codec, and [`tool`] finds the Debian clients
+//! (`mosquitto_pub`, `mosquitto_sub`, Python with paho) the suite also uses.
+//!
+//! Tests talk to the broker's address only, never to its internals, so the
+//! same tests run against any store the broker is started with.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod client;
+pub mod process;
+
+pub use client::{Client, Next, Opts};
+pub use process::{broker_bin, tool, BrokerProcess};
+
+/// How long any single wait in a test may take.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

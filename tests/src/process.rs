@@ -1,0 +1,198 @@
+//! Starting and stopping broker processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The broker binary: `$CIRRUS_BROKER_BIN`, or the workspace's own build,
+/// built once per test process if needed.
+pub fn broker_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("CIRRUS_BROKER_BIN") {
+            return PathBuf::from(p);
+        }
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "cirrus-broker",
+                "--bin",
+                "cirrus-broker",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo build for the broker");
+        assert!(status.success(), "building cirrus-broker failed");
+        // target/<profile>/deps/<test-binary> → target/<profile>/cirrus-broker
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+        let debug = profile_dir
+            .parent()
+            .expect("target")
+            .join("debug/cirrus-broker");
+        let here = profile_dir.join("cirrus-broker");
+        if here.exists() {
+            here
+        } else {
+            debug
+        }
+    })
+    .clone()
+}
+
+/// Path of an external tool, or a failure that says how to install it.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run `bash .ci/run` once, or apt-get install mosquitto-clients python3-paho-mqtt");
+}
+
+static CONFIG_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A running `cirrus-broker`. Killed on drop.
+pub struct BrokerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    config_file: Option<PathBuf>,
+}
+
+impl BrokerProcess {
+    /// Start with extra flags, on 127.0.0.1 with a port the OS picks.
+    pub fn start(args: &[&str]) -> BrokerProcess {
+        Self::spawn(args, None)
+    }
+
+    /// Start with a YAML configuration file (written for this test).
+    pub fn start_with_config(yaml: &str, args: &[&str]) -> BrokerProcess {
+        let n = CONFIG_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("cirrus-test-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).expect("write config");
+        Self::spawn(args, Some(path))
+    }
+
+    fn spawn(args: &[&str], config_file: Option<PathBuf>) -> BrokerProcess {
+        let mut cmd = Command::new(broker_bin());
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--sys-interval") {
+            cmd.args(["--sys-interval", "0"]);
+        }
+        if let Some(p) = &config_file {
+            cmd.arg("--config").arg(p);
+        }
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("CIRRUS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("CIRRUS_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start cirrus-broker");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        // Drain stderr for the whole life of the process (a full pipe would
+        // block the broker), and report the bound address once.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") && line.contains("mqtt") {
+                    if let Some(addr) = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|s| s.split_whitespace().next())
+                    {
+                        let _ = tx.send(addr.trim_matches('"').to_string());
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        BrokerProcess {
+            child,
+            addr,
+            log,
+            config_file,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Send a signal by name (TERM, INT, KILL).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory of the broker process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = &self.config_file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! End-to-end tests: each starts a real `cirrus-broker` process on a free
+//! loopback port and speaks to it over TCP with real clients.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+mod connect;
+mod interop;
+mod limits;
+mod qos;
+mod retain;
+mod session;
+mod shutdown;
+mod v5;
