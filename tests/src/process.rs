@@ -72,7 +72,12 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Start with extra flags, on 127.0.0.1 with a port the OS picks.
     pub fn start(args: &[&str]) -> BrokerProcess {
-        Self::spawn(args, None)
+        Self::spawn(args, None, &[])
+    }
+
+    /// Start with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
+        Self::spawn(args, None, env)
     }
 
     /// Start with a YAML configuration file (written for this test).
@@ -81,10 +86,10 @@ impl BrokerProcess {
         let path =
             std::env::temp_dir().join(format!("cirrus-test-{}-{n}.yaml", std::process::id()));
         std::fs::write(&path, yaml).expect("write config");
-        Self::spawn(args, Some(path))
+        Self::spawn(args, Some(path), &[])
     }
 
-    fn spawn(args: &[&str], config_file: Option<PathBuf>) -> BrokerProcess {
+    fn spawn(args: &[&str], config_file: Option<PathBuf>, env: &[(&str, &str)]) -> BrokerProcess {
         let mut cmd = Command::new(broker_bin());
         cmd.args(["--listen", "127.0.0.1:0"]);
         if !args.contains(&"--sys-interval") {
@@ -99,6 +104,7 @@ impl BrokerProcess {
                 std::env::var("CIRRUS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("CIRRUS_LISTEN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -149,11 +149,24 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
     body.get(2 + name_len).copied()
 }
 
+/// The outgoing side: the write buffer and what shapes each PUBLISH for this
+/// client. Separate from `Conn` so that it can be borrowed mutably while the
+/// session lock is held.
+struct Out {
+    wbuf: BytesMut,
+    protocol: Protocol,
+    /// Largest packet the client accepts.
+    client_max_packet: usize,
+    /// Topic aliases we set towards the client.
+    alias_out: std::collections::HashMap<ByteString, u16>,
+    client_alias_max: u16,
+}
+
 struct Conn<S> {
     broker: Arc<Broker>,
     io: S,
     rbuf: BytesMut,
-    wbuf: BytesMut,
+    out: Out,
     peer: SocketAddr,
     protocol: Protocol,
     session: Arc<Session>,
@@ -167,13 +180,8 @@ struct Conn<S> {
     will: Option<LastWill>,
     /// Outgoing QoS 1/2 window: min(client Receive Maximum, our max_inflight).
     window: usize,
-    /// Largest packet the client accepts.
-    client_max_packet: usize,
     /// Topic aliases the client set towards us (index = alias).
     alias_in: Vec<Option<ByteString>>,
-    /// Topic aliases we set towards the client.
-    alias_out: std::collections::HashMap<ByteString, u16>,
-    client_alias_max: u16,
     scratch: Vec<Match>,
 }
 
@@ -287,7 +295,17 @@ where
         broker: broker.clone(),
         io,
         rbuf,
-        wbuf: BytesMut::with_capacity(4096),
+        out: Out {
+            wbuf: BytesMut::with_capacity(4096),
+            protocol: c.protocol,
+            client_max_packet,
+            alias_out: std::collections::HashMap::new(),
+            client_alias_max: if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
+        },
         peer,
         protocol: c.protocol,
         session: grant.session,
@@ -299,14 +317,7 @@ where
         connect_expiry: expiry,
         will: c.will,
         window,
-        client_max_packet,
         alias_in: Vec::new(),
-        alias_out: std::collections::HashMap::new(),
-        client_alias_max: if v5 {
-            c.properties.topic_alias_maximum.unwrap_or(0)
-        } else {
-            0
-        },
         scratch: Vec::new(),
     };
     conn.send(&Packet::ConnAck(ack));
@@ -333,24 +344,24 @@ where
     }
 
     fn send(&mut self, p: &Packet) {
-        cirrus_codec::encode(p, self.protocol, &mut self.wbuf);
+        cirrus_codec::encode(p, self.protocol, &mut self.out.wbuf);
         Stats::inc(&self.broker.stats.messages_sent);
     }
 
     async fn flush(&mut self) -> Result<(), Close> {
-        if self.wbuf.is_empty() {
+        if self.out.wbuf.is_empty() {
             return Ok(());
         }
-        let n = self.wbuf.len();
+        let n = self.out.wbuf.len();
         match tokio::time::timeout(
             self.broker.config.write_timeout(),
-            self.io.write_all(&self.wbuf),
+            self.io.write_all(&self.out.wbuf),
         )
         .await
         {
             Ok(Ok(())) => {
                 Stats::add(&self.broker.stats.bytes_sent, n as u64);
-                self.wbuf.clear();
+                self.out.wbuf.clear();
                 Ok(())
             }
             _ => Err(Close::Io),
@@ -382,7 +393,7 @@ where
                         return e.into();
                     }
                 }
-                if self.wbuf.len() >= WRITE_HIGH_WATER {
+                if self.out.wbuf.len() >= WRITE_HIGH_WATER {
                     if let Err(c) = self.flush().await {
                         return c;
                     }
@@ -523,7 +534,7 @@ where
     }
 
     fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
-        let cfg = self.broker.config.clone();
+        let cfg = &*self.broker.config;
         Stats::inc(&self.broker.stats.publish_received);
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > cfg.limits.topic_alias_maximum {
@@ -684,7 +695,7 @@ where
     }
 
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
-        let cfg = self.broker.config.clone();
+        let cfg = &*self.broker.config;
         let v5 = self.v5();
         let failure = |code: u8| if v5 { code } else { reason::v3::SUBACK_FAILURE };
         let sub_id = s.properties.subscription_identifiers.first().copied();
@@ -762,7 +773,13 @@ where
                     self.send(&Packet::PubRel(PubResp::new(i.packet_id, reason::SUCCESS)))
                 }
                 _ => {
-                    self.encode_publish(&i.delivery, Some(i.packet_id), true, now);
+                    self.out.encode_publish(
+                        &i.delivery,
+                        Some(i.packet_id),
+                        true,
+                        now,
+                        &self.broker.stats,
+                    );
                 }
             }
         }
@@ -772,15 +789,13 @@ where
     /// window and the batch bounds.
     fn pump(&mut self) {
         let now = Instant::now();
-        let stats_broker = self.broker.clone();
-        let stats = &stats_broker.stats;
-        let session = self.session.clone();
-        let mut st = session.state.lock();
+        let stats = &self.broker.stats;
+        let mut st = self.session.state.lock();
         if st.epoch != self.epoch || st.ended {
             return;
         }
         let mut n = 0;
-        while n < PUMP_BATCH && self.wbuf.len() < WRITE_HIGH_WATER {
+        while n < PUMP_BATCH && self.out.wbuf.len() < WRITE_HIGH_WATER {
             let Some(front) = st.queue.front() else { break };
             if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.window {
                 break;
@@ -792,7 +807,7 @@ where
                 continue;
             }
             let pid = (d.qos != QoS::AtMostOnce).then(|| st.next_packet_id());
-            if !self.encode_publish(&d, pid, false, now) {
+            if !self.out.encode_publish(&d, pid, false, now, stats) {
                 stats.dropped(DropReason::TooLarge);
                 continue;
             }
@@ -819,7 +834,9 @@ where
             self.wake.notify_one();
         }
     }
+}
 
+impl Out {
     /// Encode one delivery; false if it exceeds the client's Maximum Packet
     /// Size, in which case nothing is written ([MQTT-3.1.2-25]).
     fn encode_publish(
@@ -828,6 +845,7 @@ where
         pid: Option<PacketId>,
         dup: bool,
         now: Instant,
+        stats: &Stats,
     ) -> bool {
         let m = &d.msg;
         let mut topic: &str = &m.topic;
@@ -870,8 +888,8 @@ where
             }
             return false;
         }
-        Stats::inc(&self.broker.stats.messages_sent);
-        Stats::inc(&self.broker.stats.publish_sent);
+        Stats::inc(&stats.messages_sent);
+        Stats::inc(&stats.publish_sent);
         true
     }
 }

@@ -163,3 +163,36 @@ async fn connect_timeout_closes_silent_sockets() {
     c.expect_closed().await;
     assert!(t.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn configuration_from_file_env_and_flags_in_that_order() {
+    // File says 3000, environment 4000, flag 5000: the flag wins.
+    let yaml = "limits:\n  max_packet_size: 3000\n  receive_maximum: 3\n";
+    let b = BrokerProcess::start_with_config(yaml, &[]);
+    let (_c, ack) = Client::connect(b.addr, Opts::v5("f")).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(3000));
+    assert_eq!(ack.properties.receive_maximum, Some(3));
+    let b = BrokerProcess::start_with_env(&[], &[("CIRRUS_MAX_PACKET_SIZE", "4000")]);
+    let (_c, ack) = Client::connect(b.addr, Opts::v5("e")).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(4000));
+    let b = BrokerProcess::start_with_env(
+        &["--max-packet-size", "5000"],
+        &[("CIRRUS_MAX_PACKET_SIZE", "4000")],
+    );
+    let (_c, ack) = Client::connect(b.addr, Opts::v5("a")).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(5000));
+}
+
+#[test]
+fn invalid_configuration_is_refused_at_start() {
+    let out = std::process::Command::new(cirrus_e2e::broker_bin())
+        .args(["--listen", "127.0.0.1:0", "--max-inflight", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_inflight"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
