@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::message::{Delivery, Message};
 use crate::retained::{RetainedStore, SetOutcome};
 use crate::router::{Match, Router, Subscriber};
-use crate::session::{Attachment, PendingWill, QueueLimits, Session, SubscriptionEntry};
+use crate::session::{Attachment, Enqueued, PendingWill, QueueLimits, Session, SubscriptionEntry};
 use crate::stats::Stats;
 
 /// What a connection asks for when its CONNECT is accepted.
@@ -45,12 +45,15 @@ pub struct Grant {
 }
 
 /// Result of routing one publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PublishOutcome {
     /// Sessions the message was queued for.
     pub delivered: usize,
     /// The retained store was full, so the message was not retained.
     pub retain_refused: bool,
+    /// A session whose queue is past half full: the publisher should wait
+    /// for it briefly (backpressure), see [`Session::wait_for_space`].
+    pub backlogged: Option<Arc<Session>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -377,6 +380,7 @@ impl Broker {
         }
         let limits = self.queue_limits();
         let mut delivered = 0;
+        let mut backlogged = None;
         let mut i = 0;
         while i < scratch.len() {
             let first = &scratch[i];
@@ -409,8 +413,15 @@ impl Broker {
                     retain,
                     sub_ids,
                 };
-                if first.session.enqueue(d, limits, &self.stats) {
-                    delivered += 1;
+                match first.session.enqueue(d, limits, &self.stats) {
+                    Enqueued::Queued => delivered += 1,
+                    Enqueued::Backlogged => {
+                        delivered += 1;
+                        if backlogged.is_none() {
+                            backlogged = Some(first.session.clone());
+                        }
+                    }
+                    Enqueued::Dropped => {}
                 }
             }
             i = j;
@@ -419,6 +430,7 @@ impl Broker {
         PublishOutcome {
             delivered,
             retain_refused,
+            backlogged,
         }
     }
 

@@ -34,6 +34,8 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Messages moved from the session queue per wake-up, so one busy session
 /// cannot starve reading its own socket.
 const PUMP_BATCH: usize = 256;
+/// Longest a publisher waits for a backlogged subscriber before reading on.
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
 
 /// Why a connection ends; decides the DISCONNECT sent and the will.
 #[derive(Debug)]
@@ -183,6 +185,8 @@ struct Conn<S> {
     /// Topic aliases the client set towards us (index = alias).
     alias_in: Vec<Option<ByteString>>,
     scratch: Vec<Match>,
+    /// A subscriber this connection's publishes are outrunning.
+    backlogged: Option<Arc<Session>>,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -319,6 +323,7 @@ where
         window,
         alias_in: Vec::new(),
         scratch: Vec::new(),
+        backlogged: None,
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -386,6 +391,9 @@ where
                         if let Err(c) = self.handle(p) {
                             return c;
                         }
+                        if self.backlogged.is_some() {
+                            break;
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -401,6 +409,18 @@ where
             }
             if let Err(c) = self.flush().await {
                 return c;
+            }
+            // Backpressure: read no more from this publisher until a
+            // subscriber it outran has drained, for a bounded time.
+            // Frames still buffered are handled next, before any new read.
+            if let Some(s) = self.backlogged.take() {
+                tokio::select! {
+                    biased;
+                    _ = kick.cancelled() => return Close::TakenOver,
+                    _ = shutdown.cancelled() => return Close::Shutdown,
+                    _ = s.wait_for_space(BACKPRESSURE_WAIT) => {}
+                }
+                continue;
             }
             self.rbuf.reserve(4096);
             let ev = tokio::select! {
@@ -624,6 +644,9 @@ where
                 publisher: Some(self.client_id.clone()),
             });
             let outcome = self.broker.publish(msg, &mut self.scratch);
+            if outcome.backlogged.is_some() {
+                self.backlogged = outcome.backlogged;
+            }
             if outcome.retain_refused {
                 reason::QUOTA_EXCEEDED
             } else if outcome.delivered == 0 && self.v5() {
@@ -828,7 +851,11 @@ where
             .queue
             .front()
             .is_some_and(|f| f.qos == QoS::AtMostOnce || st.inflight.len() < self.window);
+        let queued = st.queue.len();
         drop(st);
+        if n > 0 {
+            self.session.drained(queued, self.broker.queue_limits());
+        }
         if more {
             // Batch bound reached: continue after this write.
             self.wake.notify_one();

@@ -89,6 +89,19 @@ pub struct Session {
     /// Mirrors `state.attached.is_some()` for the router's shared-subscription
     /// choice, which must not take the session lock of every member.
     online: AtomicBool,
+    /// Set when the queue passed its high-water mark; publishers that fed
+    /// it may wait on `space` until the connection drains it.
+    backlogged: AtomicBool,
+    space: Notify,
+}
+
+/// What happened to a delivery offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// Queued, but the queue is past half full: the publisher should slow down.
+    Backlogged,
+    Dropped,
 }
 
 /// The limits a session enforces when messages are queued.
@@ -117,6 +130,8 @@ impl Session {
                 ended: false,
             }),
             online: AtomicBool::new(false),
+            backlogged: AtomicBool::new(false),
+            space: Notify::new(),
         })
     }
 
@@ -130,26 +145,53 @@ impl Session {
 
     /// Queue a delivery. Bounded: a full queue drops the new message, and a
     /// QoS 0 message for an offline session is dropped; both are counted.
-    pub fn enqueue(&self, d: Delivery, limits: QueueLimits, stats: &Stats) -> bool {
+    pub fn enqueue(&self, d: Delivery, limits: QueueLimits, stats: &Stats) -> Enqueued {
         let mut st = self.state.lock();
         if st.ended {
-            return false;
+            return Enqueued::Dropped;
         }
         if st.attached.is_none() && d.qos == QoS::AtMostOnce {
             drop(st);
             stats.dropped(DropReason::Offline);
-            return false;
+            return Enqueued::Dropped;
         }
         if st.queue.len() >= limits.max_queued {
             drop(st);
             stats.dropped(DropReason::QueueFull);
-            return false;
+            return Enqueued::Dropped;
         }
         st.queue.push_back(d);
-        if let Some(a) = &st.attached {
-            a.wake.notify_one();
+        let Some(a) = &st.attached else {
+            return Enqueued::Queued;
+        };
+        a.wake.notify_one();
+        if st.queue.len() > limits.max_queued / 2 {
+            self.backlogged.store(true, Ordering::Relaxed);
+            return Enqueued::Backlogged;
         }
-        true
+        Enqueued::Queued
+    }
+
+    /// Called by the serving connection after it drained the queue: wake
+    /// publishers waiting for space once it is back under half full.
+    pub fn drained(&self, queue_len: usize, limits: QueueLimits) {
+        if self.backlogged.load(Ordering::Relaxed) && queue_len <= limits.max_queued / 2 {
+            self.backlogged.store(false, Ordering::Relaxed);
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Wait until the queue is under half full, or `max` has passed.
+    /// Bounded, so a client that stopped reading costs its publishers at
+    /// most this much before its queue fills and further messages drop.
+    pub async fn wait_for_space(&self, max: std::time::Duration) {
+        let notified = self.space.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.backlogged.load(Ordering::Relaxed) {
+            return;
+        }
+        let _ = tokio::time::timeout(max, notified).await;
     }
 }
 

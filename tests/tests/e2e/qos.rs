@@ -130,3 +130,43 @@ async fn order_is_kept_per_topic() {
         assert_eq!(&m.payload[..], &i.to_be_bytes());
     }
 }
+
+#[tokio::test]
+async fn fan_in_to_a_reading_subscriber_loses_nothing_at_qos0() {
+    // Publishers outpace the one subscriber's connection; backpressure
+    // (not drops) must keep them in step while it keeps reading.
+    let b = BrokerProcess::start(&["--max-queued-messages", "200"]);
+    let mut sub = Client::connect_ok(b.addr, Opts::v311("sink")).await;
+    sub.subscribe("fan/+", QoS::AtMostOnce).await;
+    let per = 5000u32;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let addr = b.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut p = Client::connect_ok(addr, Opts::v311(&format!("src{i}"))).await;
+            for n in 0..per {
+                p.send(Packet::Publish(publish_packet(
+                    &format!("fan/{i}"),
+                    &n.to_be_bytes(),
+                    QoS::AtMostOnce,
+                    false,
+                    None,
+                )))
+                .await;
+            }
+            p.ping().await;
+            p
+        }));
+    }
+    let mut next = [0u32; 4];
+    for _ in 0..4 * per {
+        let m = sub.recv_publish().await;
+        let i = usize::from(m.topic.as_bytes()[4] - b'0');
+        let n = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+        assert_eq!(n, next[i], "in order and without gaps from publisher {i}");
+        next[i] += 1;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
