@@ -5,7 +5,7 @@
 //! the same way SIGTERM does.
 //!
 //! ## Layout
-//! - [`config`]: the YAML file, with defaults for every field.
+//! - [`config`]: the YAML file (from `cirrus-config`), defaults for every field.
 //! - [`listener`]: accept loops, connection cap.
 //! - [`connection`]: one task per client, the protocol state machine.
 //! - [`broker`]: shared state and the operations a connection performs —
@@ -17,7 +17,8 @@
 //! - [`stats`]: counters, for `$SYS` and metrics.
 
 pub mod broker;
-pub mod config;
+/// The configuration file format, defined in `cirrus-config` (shared with the operator).
+pub use cirrus_config::broker as config;
 pub mod connection;
 pub mod listener;
 pub mod message;
