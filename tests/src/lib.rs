@@ -4,12 +4,14 @@
 //! `cirrus-broker` binary on a free loopback port, [`Client`] is a small MQTT
 //! client on the project's codec, and [`tool`] finds the Debian clients
 //! (`mosquitto_pub`, `mosquitto_sub`, Python with paho) the suite also uses.
+//! [`k8s`] gives the operator tests a real Kubernetes API server.
 //!
 //! Tests talk to the broker's address only, never to its internals, so the
 //! same tests run against any store the broker is started with.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod k8s;
 pub mod process;
 
 pub use client::{Client, Next, Opts};

@@ -31,8 +31,8 @@ pub struct MqttBrokerSpec {
     /// Container image of the broker.
     #[serde(default = "default_image")]
     pub image: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_pull_policy: Option<PullPolicy>,
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
     /// Pods when autoscaling is off.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 1000))]
@@ -81,9 +81,12 @@ fn default_max_unavailable() -> i32 {
     1
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+/// A plain enum rather than an `Option`: schemars renders an optional enum
+/// with `null` among its values, which Kubernetes 1.20 refuses in a CRD.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum PullPolicy {
     Always,
+    #[default]
     IfNotPresent,
     Never,
 }

@@ -1,0 +1,296 @@
+//! The MqttBroker controller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cirrus_config::auth::{AuthFile, User};
+use cirrus_operator_api::{set_condition, MqttBroker, MqttBrokerStatus, MqttUser};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::resources::{self, AUTH_KEY};
+use crate::{auth, Context, Error, FIELD_MANAGER};
+
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let cfg = watcher::Config::default();
+    Controller::new(ctx.scoped::<MqttBroker>(), cfg.clone())
+        .owns(ctx.scoped::<Deployment>(), cfg.clone())
+        .owns(ctx.scoped::<ConfigMap>(), cfg.clone())
+        .owns(ctx.scoped::<Service>(), cfg.clone())
+        .watches(ctx.scoped::<MqttUser>(), cfg, |u| {
+            u.namespace()
+                .map(|ns| ObjectRef::<MqttBroker>::new(&u.spec.broker_ref).within(&ns))
+        })
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "broker reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(b: Arc<MqttBroker>, e: &Error, ctx: Arc<Context>) -> Action {
+    warn!(broker = %b.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
+    Action::requeue(ctx.resync.min(std::time::Duration::from_secs(30)))
+}
+
+pub(crate) async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+pub(crate) fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+async fn write_status(
+    api: &Api<MqttBroker>,
+    b: &MqttBroker,
+    status: MqttBrokerStatus,
+) -> Result<(), Error> {
+    if b.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "mqtt.cirrus.dev/v1alpha1",
+        "kind": "MqttBroker",
+        "status": status,
+    });
+    api.patch_status(
+        &b.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+#[instrument(skip_all, fields(broker = %b.name_any(), namespace = b.namespace().unwrap_or_default()))]
+pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = b.namespace().unwrap_or_default();
+    let name = b.name_any();
+    let api: Api<MqttBroker> = Api::namespaced(client.clone(), &ns);
+    let generation = b.metadata.generation;
+    let mut status = b.status.clone().unwrap_or_default();
+
+    if let Some(a) = &b.spec.autoscaling {
+        if a.min_replicas > a.max_replicas {
+            let msg = format!(
+                "autoscaling.minReplicas ({}) is above maxReplicas ({})",
+                a.min_replicas, a.max_replicas
+            );
+            if set_condition(
+                &mut status.conditions,
+                condition("Ready", false, "InvalidSpec", msg.clone(), generation),
+            ) {
+                publish(&ctx, &*b, EventType::Warning, "InvalidSpec", msg).await;
+            }
+            status.observed_generation = generation;
+            write_status(&api, &b, status).await?;
+            // Nothing to retry until the spec changes.
+            return Ok(Action::await_change());
+        }
+    }
+
+    let config_yaml = serde_yaml::to_string(&resources::broker_config(&b))
+        .map_err(|_| Error::Serialize("broker config".into()))?;
+    apply(client, &ns, &resources::config_map(&b, &config_yaml)).await?;
+
+    let auth_yaml = build_auth(&ctx, &b, &ns).await?;
+    apply(client, &ns, &resources::auth_secret(&b, &auth_yaml)).await?;
+
+    let deployment = apply(client, &ns, &resources::deployment(&b, &config_yaml)).await?;
+    apply(client, &ns, &resources::service(&b)).await?;
+    apply(client, &ns, &resources::pdb(&b)).await?;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    match resources::hpa(&b) {
+        Some(h) => {
+            apply(client, &ns, &h).await?;
+        }
+        None => {
+            // Autoscaling turned off: the HPA goes (404 is done).
+            if hpas.get_opt(&name).await?.is_some() {
+                let _ = hpas.delete(&name, &DeleteParams::default()).await;
+            }
+        }
+    }
+
+    // Honest readiness: ready pods as the Deployment reports them.
+    let ds = deployment.status.unwrap_or_default();
+    let desired = match (&b.spec.autoscaling, deployment.spec.replicas) {
+        (_, Some(r)) => r,
+        (Some(a), None) => a.min_replicas,
+        (None, None) => b.spec.replicas,
+    };
+    let available = ds.available_replicas.unwrap_or(0);
+    status.replicas = ds.replicas.unwrap_or(0);
+    status.ready_replicas = ds.ready_replicas.unwrap_or(0);
+    status.observed_generation = generation;
+    status.auth_secret = Some(resources::auth_secret_name(&b));
+    let host = format!("{name}.{ns}.svc");
+    status.endpoint = Some(format!("{host}:{}", b.spec.listeners.mqtt));
+    status.endpoints.clear();
+    status
+        .endpoints
+        .insert("mqtt".into(), format!("{host}:{}", b.spec.listeners.mqtt));
+    if let Some(p) = b.spec.listeners.mqtts {
+        status
+            .endpoints
+            .insert("mqtts".into(), format!("{host}:{p}"));
+    }
+    if let Some(p) = b.spec.listeners.websocket {
+        status
+            .endpoints
+            .insert("websocket".into(), format!("ws://{host}:{p}/mqtt"));
+    }
+    let ready = available > 0 && available >= desired.max(1);
+    let (reason, msg) = if ready {
+        (
+            "Available",
+            format!("{available} of {desired} pods available"),
+        )
+    } else {
+        (
+            "Unavailable",
+            format!("{available} of {desired} pods available"),
+        )
+    };
+    let was_ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    set_condition(
+        &mut status.conditions,
+        condition("Ready", ready, reason, msg, generation),
+    );
+    if ready && !was_ready {
+        publish(
+            &ctx,
+            &*b,
+            EventType::Normal,
+            "Ready",
+            format!("{available} pods available"),
+        )
+        .await;
+    }
+    write_status(&api, &b, status).await?;
+    info!("reconciled");
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// The auth file for `b`: every valid user that references it, first by
+/// creation time when two claim one user name. Hashes already in the
+/// current Secret are kept while the password still verifies.
+async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, Error> {
+    let client = &ctx.client;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let previous: HashMap<String, String> = secrets
+        .get_opt(&resources::auth_secret_name(b))
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(AUTH_KEY).cloned())
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .and_then(|t| AuthFile::from_yaml(&t).ok())
+        .map(|f| {
+            f.users
+                .into_iter()
+                .map(|u| (u.username, u.password_hash))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut users: Vec<MqttUser> = Api::<MqttUser>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|u| u.spec.broker_ref == b.name_any() && u.metadata.deletion_timestamp.is_none())
+        .collect();
+    users.sort_by(|a, b| {
+        (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+    });
+    let mut entries = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in &users {
+        let username = auth::username(u);
+        if auth::invalid_acl_filter(u).is_some() || !seen.insert(username.clone()) {
+            continue;
+        }
+        let Some(password) = crate::user::password(&secrets, u).await? else {
+            continue;
+        };
+        let hash = auth::hash_password(&password, previous.get(&username).map(String::as_str))
+            .map_err(|_| Error::Hash)?;
+        entries.push(User {
+            username,
+            password_hash: hash,
+            acl: auth::acl(u),
+        });
+    }
+    auth::auth_file(b.spec.allow_anonymous, entries)
+        .to_yaml()
+        .map_err(|_| Error::Serialize("auth file".into()))
+}
+
+pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let reference = obj.object_ref(&());
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        warn!(error = %e, "could not publish an event");
+    }
+}

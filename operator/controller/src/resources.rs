@@ -1,0 +1,586 @@
+//! Builders of the objects an `MqttBroker` owns. Pure functions of the
+//! resource (and of what the controller read), so they are unit-tested
+//! without a cluster and a re-reconcile produces byte-identical objects.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use cirrus_config::Config;
+use cirrus_operator_api::{MqttBroker, MqttUser, ServiceType};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+    MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+use kube::{Resource, ResourceExt};
+
+/// Seconds the broker may take to drain on SIGTERM (its `shutdown_timeout_secs`).
+pub const DRAIN_SECS: u64 = 20;
+pub const CONFIG_KEY: &str = "config.yaml";
+pub const AUTH_KEY: &str = "auth.yaml";
+pub const PASSWORD_KEY: &str = "password";
+pub const CONFIG_HASH_ANNOTATION: &str = "mqtt.cirrus.dev/config-hash";
+
+pub fn labels(broker: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "cirrus-broker".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), broker.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "cirrus-operator".to_string(),
+        ),
+    ])
+}
+
+fn selector(broker: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "cirrus-broker".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), broker.to_string()),
+    ])
+}
+
+pub fn config_map_name(b: &MqttBroker) -> String {
+    format!("{}-config", b.name_any())
+}
+pub fn auth_secret_name(b: &MqttBroker) -> String {
+    format!("{}-auth", b.name_any())
+}
+pub fn user_secret_name(u: &MqttUser) -> String {
+    format!("{}-mqtt-credentials", u.name_any())
+}
+
+/// Owner reference making `owner` the controller of a child.
+pub fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
+    owner.controller_owner_ref(&())
+}
+
+fn meta<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: owner.namespace(),
+        labels: Some(labels),
+        owner_references: owner_ref(owner).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// The broker configuration the pods read: the one format shared with the
+/// broker (`cirrus_config::Config`).
+pub fn broker_config(b: &MqttBroker) -> Config {
+    let mut c = Config::default();
+    let s = &b.spec;
+    c.listeners.tcp = Some(std::net::SocketAddr::from((
+        [0, 0, 0, 0],
+        s.listeners.mqtt as u16,
+    )));
+    c.shutdown_timeout_secs = DRAIN_SECS;
+    let l = &s.limits;
+    if let Some(v) = l.max_connections {
+        c.limits.max_connections = v as usize;
+    }
+    if let Some(v) = l.max_packet_size {
+        c.limits.max_packet_size = v;
+    }
+    if let Some(v) = l.max_inflight {
+        c.limits.max_inflight = v;
+    }
+    if let Some(v) = l.receive_maximum {
+        c.limits.receive_maximum = v;
+    }
+    if let Some(v) = l.max_queued_messages {
+        c.limits.max_queued_messages = v as usize;
+    }
+    if let Some(v) = l.max_keep_alive {
+        c.limits.max_keep_alive = v;
+    }
+    c
+}
+
+pub fn config_map(b: &MqttBroker, config_yaml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(b, config_map_name(b), labels(&b.name_any())),
+        data: Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            config_yaml.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+pub fn auth_secret(b: &MqttBroker, auth_yaml: &str) -> Secret {
+    Secret {
+        metadata: meta(b, auth_secret_name(b), labels(&b.name_any())),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            AUTH_KEY.to_string(),
+            ByteString(auth_yaml.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+pub fn user_secret(u: &MqttUser, username: &str, password: &str) -> Secret {
+    let mut l = BTreeMap::from([(
+        "app.kubernetes.io/managed-by".to_string(),
+        "cirrus-operator".to_string(),
+    )]);
+    l.insert("mqtt.cirrus.dev/user".to_string(), u.name_any());
+    Secret {
+        metadata: meta(u, user_secret_name(u), l),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                "username".to_string(),
+                ByteString(username.as_bytes().to_vec()),
+            ),
+            (
+                PASSWORD_KEY.to_string(),
+                ByteString(password.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// A stable hash of the configuration: in the pod template, so a config
+/// change rolls the pods while an auth or certificate change (reloaded by
+/// the broker) does not.
+pub fn config_hash(config_yaml: &str) -> String {
+    let mut h = DefaultHasher::new();
+    config_yaml.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn port(name: &str, p: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
+    let name = b.name_any();
+    let s = &b.spec;
+    let mut ports = vec![port("mqtt", s.listeners.mqtt)];
+    if let Some(p) = s.listeners.mqtts {
+        ports.push(port("mqtts", p));
+    }
+    if let Some(p) = s.listeners.websocket {
+        ports.push(port("websocket", p));
+    }
+    let mut env = Vec::new();
+    if let Some(e) = &s.telemetry.otlp_endpoint {
+        env.push(EnvVar {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            value: Some(e.clone()),
+            ..Default::default()
+        });
+    }
+    if let Some(r) = s.telemetry.sampling_ratio {
+        env.push(EnvVar {
+            name: "OTEL_TRACES_SAMPLER".into(),
+            value: Some("parentbased_traceidratio".into()),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "OTEL_TRACES_SAMPLER_ARG".into(),
+            value: Some(r.to_string()),
+            ..Default::default()
+        });
+    }
+    if let Some(url) = &s.redis.url {
+        env.push(EnvVar {
+            name: "CIRRUS_REDIS_URL".into(),
+            value: Some(url.clone()),
+            ..Default::default()
+        });
+    } else if let Some(r) = &s.redis.url_secret_ref {
+        env.push(EnvVar {
+            name: "CIRRUS_REDIS_URL".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let tcp_probe = |period: i32, failures: i32| Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("mqtt".into()),
+            host: None,
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: "/etc/cirrus".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "auth".into(),
+            mount_path: "/etc/cirrus/auth".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(b),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth_secret_name(b)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if s.tls.enabled {
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: "/etc/cirrus/tls".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(
+                    s.tls
+                        .secret_name
+                        .clone()
+                        .unwrap_or_else(|| format!("{name}-tls")),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: "broker".into(),
+        image: Some(s.image.clone()),
+        image_pull_policy: Some(format!("{:?}", s.image_pull_policy)),
+        args: Some(vec![
+            "--config".into(),
+            format!("/etc/cirrus/{CONFIG_KEY}"),
+            "--log-format".into(),
+            "json".into(),
+        ]),
+        ports: Some(ports),
+        env: (!env.is_empty()).then_some(env),
+        resources: s.resources.clone(),
+        readiness_probe: Some(tcp_probe(5, 2)),
+        liveness_probe: Some(tcp_probe(10, 3)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    let mut annotations = BTreeMap::new();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), config_hash(config_yaml));
+    Deployment {
+        metadata: meta(b, name.clone(), labels(&name)),
+        spec: DeploymentSpec {
+            // With autoscaling the HPA owns the replica count.
+            replicas: if s.autoscaling.is_some() {
+                None
+            } else {
+                Some(s.replicas)
+            },
+            selector: LabelSelector {
+                match_labels: Some(selector(&name)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    // Drain deadline plus the time to stop.
+                    termination_grace_period_seconds: Some(DRAIN_SECS as i64 + 10),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        ..Default::default()
+                    }),
+                    automount_service_account_token: Some(false),
+                    node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
+                    tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+                    affinity: s.affinity.clone(),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn service_port(name: &str, p: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+pub fn service(b: &MqttBroker) -> Service {
+    let name = b.name_any();
+    let s = &b.spec;
+    let mut ports = vec![service_port("mqtt", s.listeners.mqtt)];
+    if let Some(p) = s.listeners.mqtts {
+        ports.push(service_port("mqtts", p));
+    }
+    if let Some(p) = s.listeners.websocket {
+        ports.push(service_port("websocket", p));
+    }
+    let mut m = meta(b, name.clone(), labels(&name));
+    if !s.service.annotations.is_empty() {
+        m.annotations = Some(s.service.annotations.clone());
+    }
+    Service {
+        metadata: m,
+        spec: Some(ServiceSpec {
+            type_: Some(
+                match s.service.type_ {
+                    ServiceType::ClusterIP => "ClusterIP",
+                    ServiceType::NodePort => "NodePort",
+                    ServiceType::LoadBalancer => "LoadBalancer",
+                }
+                .into(),
+            ),
+            selector: Some(selector(&name)),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn pdb(b: &MqttBroker) -> PodDisruptionBudget {
+    let name = b.name_any();
+    PodDisruptionBudget {
+        metadata: meta(b, name.clone(), labels(&name)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(b.spec.max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(&name)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An integer quantity in the API server's canonical form (5000 → "5k"):
+/// server-side apply compares quantities as strings, so a non-canonical one
+/// would be rewritten on every apply.
+pub fn canonical_quantity(mut n: i64) -> Quantity {
+    let mut suffix = 0;
+    while n != 0 && n % 1000 == 0 && suffix < 6 {
+        n /= 1000;
+        suffix += 1;
+    }
+    Quantity(format!("{n}{}", ["", "k", "M", "G", "T", "P", "E"][suffix]))
+}
+
+/// None when autoscaling is off.
+pub fn hpa(b: &MqttBroker) -> Option<HorizontalPodAutoscaler> {
+    let a = b.spec.autoscaling.as_ref()?;
+    let name = b.name_any();
+    // Pods metrics before the CPU one: servers that store HPAs as
+    // autoscaling/v1 hand them back in that order, and a list that comes
+    // back reordered would be rewritten on every apply.
+    let mut metrics = Vec::new();
+    if let Some(c) = a.target_connections_per_pod {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: "cirrus_connections_current".into(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(canonical_quantity(c)),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    metrics.push(MetricSpec {
+        type_: "Resource".into(),
+        resource: Some(ResourceMetricSource {
+            name: "cpu".into(),
+            target: MetricTarget {
+                type_: "Utilization".into(),
+                average_utilization: Some(a.target_cpu_utilization),
+                ..Default::default()
+            },
+        }),
+        ..Default::default()
+    });
+    Some(HorizontalPodAutoscaler {
+        metadata: meta(b, name.clone(), labels(&name)),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name,
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(metrics),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(yaml: &str) -> MqttBroker {
+        let mut b: MqttBroker = serde_yaml::from_str(yaml).unwrap();
+        b.metadata.namespace = Some("ns".into());
+        b.metadata.uid = Some("uid-1".into());
+        b
+    }
+
+    #[test]
+    fn defaults_give_a_working_single_pod() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: dev}\nspec: {}\n");
+        let yaml = serde_yaml::to_string(&broker_config(&b)).unwrap();
+        let c = Config::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listeners.tcp.unwrap().port(), 1883);
+        let d = deployment(&b, &yaml);
+        let spec = d.spec;
+        assert_eq!(spec.replicas, Some(1));
+        let pod = spec.template.spec.unwrap();
+        let c0 = &pod.containers[0];
+        let sc = c0.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.run_as_non_root, sc.read_only_root_filesystem),
+            (Some(true), Some(true))
+        );
+        assert!(pod.termination_grace_period_seconds.unwrap() > DRAIN_SECS as i64);
+        assert!(hpa(&b).is_none());
+        let owner = d.metadata.owner_references.unwrap();
+        assert_eq!(owner[0].controller, Some(true));
+        assert_eq!(owner[0].kind, "MqttBroker");
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template_hash() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: x}\nspec: {limits: {maxInflight: 7}}\n");
+        let y1 = serde_yaml::to_string(&broker_config(&b)).unwrap();
+        assert!(y1.contains("max_inflight: 7"));
+        let mut b2 = b.clone();
+        b2.spec.limits.max_inflight = Some(8);
+        let y2 = serde_yaml::to_string(&broker_config(&b2)).unwrap();
+        let a = |d: Deployment| {
+            d.spec.template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone()
+        };
+        assert_ne!(a(deployment(&b, &y1)), a(deployment(&b2, &y2)));
+        assert_eq!(a(deployment(&b, &y1)), a(deployment(&b, &y1)));
+    }
+
+    #[test]
+    fn quantities_are_canonical() {
+        let q = |n| canonical_quantity(n).0;
+        assert_eq!(
+            (q(5000), q(1500), q(0), q(2_000_000), q(7)),
+            (
+                "5k".into(),
+                "1500".into(),
+                "0".into(),
+                "2M".into(),
+                "7".into()
+            )
+        );
+    }
+
+    #[test]
+    fn autoscaling_hands_replicas_to_the_hpa() {
+        let b = broker(
+            "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: p}\nspec:\n  autoscaling: {minReplicas: 2, maxReplicas: 5, targetConnectionsPerPod: 1000}\n  listeners: {mqtt: 1883, mqtts: 8883}\n",
+        );
+        assert_eq!(deployment(&b, "").spec.replicas, None);
+        let h = hpa(&b).unwrap().spec;
+        assert_eq!((h.min_replicas, h.max_replicas), (Some(2), 5));
+        assert_eq!(h.metrics.unwrap().len(), 2);
+        let ports = service(&b).spec.unwrap().ports.unwrap();
+        assert_eq!(
+            ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            vec![1883, 8883]
+        );
+        assert!(ports.iter().all(|p| p.protocol.as_deref() == Some("TCP")));
+    }
+}

@@ -1,0 +1,200 @@
+//! The MqttUser controller: the user's password Secret and status. The
+//! user's entry in the broker's auth file is written by the broker
+//! controller, which this resource's changes wake.
+
+use std::sync::Arc;
+
+use cirrus_operator_api::{set_condition, MqttBroker, MqttUser, MqttUserStatus};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::ResourceExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{instrument, warn};
+
+use crate::broker::{condition, publish};
+use crate::resources::{self, PASSWORD_KEY};
+use crate::{auth, Context, Error, FIELD_MANAGER};
+
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let cfg = watcher::Config::default();
+    Controller::new(ctx.scoped::<MqttUser>(), cfg.clone())
+        .owns(ctx.scoped::<Secret>(), cfg)
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "user reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(u: Arc<MqttUser>, e: &Error, ctx: Arc<Context>) -> Action {
+    warn!(user = %u.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
+    Action::requeue(ctx.resync.min(std::time::Duration::from_secs(30)))
+}
+
+/// The user's current password: from the referenced Secret, or the one the
+/// operator generated. `None` while it does not exist.
+pub async fn password(secrets: &Api<Secret>, u: &MqttUser) -> Result<Option<String>, Error> {
+    let (name, key) = match &u.spec.password_secret_ref {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (resources::user_secret_name(u), PASSWORD_KEY.to_string()),
+    };
+    Ok(secrets
+        .get_opt(&name)
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(&key).cloned())
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .filter(|p| !p.is_empty()))
+}
+
+async fn write_status(
+    api: &Api<MqttUser>,
+    u: &MqttUser,
+    status: MqttUserStatus,
+) -> Result<(), Error> {
+    if u.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"apiVersion": "mqtt.cirrus.dev/v1alpha1", "kind": "MqttUser", "status": status});
+    api.patch_status(
+        &u.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+#[instrument(skip_all, fields(user = %u.name_any(), namespace = u.namespace().unwrap_or_default()))]
+pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = u.namespace().unwrap_or_default();
+    let api: Api<MqttUser> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let generation = u.metadata.generation;
+    let mut status = u.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+
+    // Problems a person must fix: a condition and an event, no hot loop.
+    let problem = |reason: &'static str, msg: String| (reason, msg);
+    let mut issue = None;
+    if let Some(f) = auth::invalid_acl_filter(&u) {
+        issue = Some(problem(
+            "InvalidAcl",
+            format!("ACL topic {f:?} is not a valid MQTT topic filter"),
+        ));
+    } else if Api::<MqttBroker>::namespaced(client.clone(), &ns)
+        .get_opt(&u.spec.broker_ref)
+        .await?
+        .is_none()
+    {
+        issue = Some(problem(
+            "BrokerNotFound",
+            format!("MqttBroker {:?} does not exist in {ns}", u.spec.broker_ref),
+        ));
+    } else {
+        let username = auth::username(&u);
+        let older = Api::<MqttUser>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|o| {
+                o.spec.broker_ref == u.spec.broker_ref
+                    && auth::username(o) == username
+                    && o.uid() != u.uid()
+            })
+            .any(|o| {
+                (o.creation_timestamp(), o.name_any()) < (u.creation_timestamp(), u.name_any())
+            });
+        if older {
+            issue = Some(problem(
+                "DuplicateUsername",
+                format!(
+                    "user name {username:?} is already used on broker {:?}",
+                    u.spec.broker_ref
+                ),
+            ));
+        }
+    }
+    if issue.is_none() {
+        match &u.spec.password_secret_ref {
+            Some(r) => {
+                if password(&secrets, &u).await?.is_none() {
+                    issue = Some(problem(
+                        "SecretNotFound",
+                        format!("Secret {:?} with key {:?} not found", r.name, r.key),
+                    ));
+                } else {
+                    status.secret_name = Some(r.name.clone());
+                }
+            }
+            None => {
+                let name = resources::user_secret_name(&u);
+                if secrets.get_opt(&name).await?.is_none() {
+                    // Generated once; never replaced while it exists, so the
+                    // password is stable across operator restarts.
+                    let s =
+                        resources::user_secret(&u, &auth::username(&u), &auth::generate_password());
+                    match secrets.create(&PostParams::default(), &s).await {
+                        Ok(_) => {
+                            publish(
+                                &ctx,
+                                &*u,
+                                EventType::Normal,
+                                "PasswordGenerated",
+                                format!("password stored in Secret {name}"),
+                            )
+                            .await
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                status.secret_name = Some(name);
+            }
+        }
+    }
+    let requeue = match issue {
+        Some((reason, msg)) => {
+            if set_condition(
+                &mut status.conditions,
+                condition("Ready", false, reason, msg.clone(), generation),
+            ) {
+                publish(&ctx, &*u, EventType::Warning, reason, msg).await;
+            }
+            // A missing broker or Secret may appear: look again, slowly.
+            if reason == "InvalidAcl" {
+                Action::await_change()
+            } else {
+                Action::requeue(ctx.resync)
+            }
+        }
+        None => {
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    "Ready",
+                    true,
+                    "Configured",
+                    format!(
+                        "user {:?} on broker {:?}",
+                        auth::username(&u),
+                        u.spec.broker_ref
+                    ),
+                    generation,
+                ),
+            );
+            Action::requeue(ctx.resync)
+        }
+    };
+    write_status(&api, &u, status).await?;
+    Ok(requeue)
+}

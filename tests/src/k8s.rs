@@ -1,0 +1,108 @@
+//! A real Kubernetes API server for the operator tests.
+//!
+//! `.ci/run` starts one for the whole run and exports
+//! `CIRRUS_TEST_KUBECONFIG`. Without it, the first test to need one starts
+//! it with `scripts/k8s-apiserver.sh` in `target/k8s-test-env` (under a
+//! file lock, so parallel test processes share it) and leaves it running
+//! for the next tests; stop it with
+//! `scripts/k8s-apiserver.sh stop target/k8s-test-env`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Path of a kubeconfig for a running test API server (started if needed).
+pub fn kubeconfig() -> PathBuf {
+    if let Ok(p) = std::env::var("CIRRUS_TEST_KUBECONFIG") {
+        return PathBuf::from(p);
+    }
+    let run = workspace().join("target/k8s-test-env");
+    std::fs::create_dir_all(&run).expect("run dir");
+    let lock = std::fs::File::create(run.with_extension("lock")).expect("lock file");
+    lock.lock().expect("lock");
+    let kc = run.join("kubeconfig");
+    let up = kc.exists()
+        && std::fs::read_to_string(run.join("apiserver.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    if !up {
+        let crds = run.with_extension("crds");
+        std::fs::create_dir_all(&crds).expect("crd dir");
+        for crd in cirrus_operator_api::crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            std::fs::write(
+                crds.join(format!("{name}.json")),
+                serde_json::to_vec(&crd).unwrap(),
+            )
+            .unwrap();
+        }
+        let out = Command::new("bash")
+            .arg(workspace().join("scripts/k8s-apiserver.sh"))
+            .arg("start")
+            .arg(&run)
+            .env("CIRRUS_K8S_CRDS_JSON", &crds)
+            .output()
+            .expect("run scripts/k8s-apiserver.sh");
+        assert!(
+            out.status.success(),
+            "starting the API server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    kc
+}
+
+pub async fn client() -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+static NS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh namespace for one test.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let n = NS_SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}-{}-{n}", std::process::id());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    name
+}
+
+/// Poll `f` until it returns `Some`, at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

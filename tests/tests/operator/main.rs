@@ -1,0 +1,585 @@
+//! The operator against a real kube-apiserver (with etcd and the garbage
+//! collector): each test runs the controllers in-process, scoped to a fresh
+//! namespace, and checks the objects they write.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use cirrus_config::auth::{Access, AuthFile, Permission};
+use cirrus_e2e::k8s::{client, eventually, namespace};
+use cirrus_operator_api::{MqttBroker, MqttUser};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// The controllers, running until dropped.
+struct Operator(CancellationToken, Option<tokio::task::JoinHandle<()>>);
+
+impl Operator {
+    fn start(client: &Client, ns: &str) -> Operator {
+        let token = CancellationToken::new();
+        let h = tokio::spawn(cirrus_operator::run(
+            client.clone(),
+            RESYNC,
+            Some(ns.to_string()),
+            token.clone(),
+        ));
+        Operator(token, Some(h))
+    }
+
+    async fn stop(mut self) {
+        self.0.cancel();
+        if let Some(h) = self.1.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn create<K>(client: &Client, ns: &str, yaml: &str) -> K
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj: K = serde_yaml::from_str(yaml).unwrap();
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap()
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Option<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+fn ready(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Option<(String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn broker_ready(client: &Client, ns: &str, name: &str, want: (&str, &str)) -> MqttBroker {
+    eventually(WAIT, &format!("broker {name} Ready={want:?}"), || async {
+        let b: MqttBroker = get(client, ns, name).await?;
+        let r = ready(&b.status.as_ref()?.conditions)?;
+        (r.0 == want.0 && r.1 == want.1).then_some(b)
+    })
+    .await
+}
+
+async fn user_ready(client: &Client, ns: &str, name: &str, want: (&str, &str)) -> MqttUser {
+    eventually(WAIT, &format!("user {name} Ready={want:?}"), || async {
+        let u: MqttUser = get(client, ns, name).await?;
+        let r = ready(&u.status.as_ref()?.conditions)?;
+        (r.0 == want.0 && r.1 == want.1).then_some(u)
+    })
+    .await
+}
+
+async fn auth_file(client: &Client, ns: &str, broker: &str) -> AuthFile {
+    let s: Secret = get(client, ns, &format!("{broker}-auth"))
+        .await
+        .expect("auth secret");
+    let text = String::from_utf8(s.data.unwrap()["auth.yaml"].0.clone()).unwrap();
+    AuthFile::from_yaml(&text).unwrap()
+}
+
+async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> String {
+    let s: Secret = get(client, ns, name).await.expect("secret");
+    String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
+}
+
+fn verifies(hash: &str, password: &str) -> bool {
+    Argon2::default()
+        .verify_password(password.as_bytes(), &PasswordHash::new(hash).unwrap())
+        .is_ok()
+}
+
+const BROKER: &str = r#"
+apiVersion: mqtt.cirrus.dev/v1alpha1
+kind: MqttBroker
+metadata: {name: main}
+spec:
+  autoscaling: {minReplicas: 2, maxReplicas: 6, targetCpuUtilization: 60, targetConnectionsPerPod: 5000}
+  listeners: {mqtt: 1883, mqtts: 8883}
+  service: {type: LoadBalancer, annotations: {example.com/lb: internal}}
+  limits: {maxPacketSize: 65536, maxInflight: 50}
+  maxUnavailable: 1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_children_status_and_updates() {
+    let c = client().await;
+    let ns = namespace(&c, "op-children").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, BROKER).await;
+
+    // Every child, with its content.
+    let cm: ConfigMap = eventually(WAIT, "ConfigMap", || get(&c, &ns, "main-config")).await;
+    let cfg = cirrus_config::Config::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(
+        (cfg.limits.max_packet_size, cfg.limits.max_inflight),
+        (65536, 50)
+    );
+    let _: Deployment = eventually(WAIT, "Deployment", || get(&c, &ns, "main")).await;
+    // The HPA owns the replica count: one it set survives the operator's resyncs.
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    deployments
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(RESYNC * 3).await;
+    let d: Deployment = get(&c, &ns, "main").await.unwrap();
+    assert_eq!(
+        d.spec.replicas,
+        Some(4),
+        "the operator must not fight the HPA"
+    );
+    let pod = d.spec.template.spec.clone().unwrap();
+    let sc = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(
+        (sc.run_as_non_root, sc.read_only_root_filesystem),
+        (Some(true), Some(true))
+    );
+    assert!(
+        pod.containers[0].readiness_probe.is_some() && pod.containers[0].liveness_probe.is_some()
+    );
+    assert!(pod.termination_grace_period_seconds.unwrap() >= 20);
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("MqttBroker", Some(true))
+    );
+    let svc: Service = eventually(WAIT, "Service", || get(&c, &ns, "main")).await;
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.ports
+            .unwrap()
+            .iter()
+            .map(|p| p.port)
+            .collect::<Vec<_>>(),
+        vec![1883, 8883]
+    );
+    assert_eq!(
+        svc.metadata.annotations.unwrap()["example.com/lb"],
+        "internal"
+    );
+    let hpa: HorizontalPodAutoscaler = eventually(WAIT, "HPA", || get(&c, &ns, "main")).await;
+    assert_eq!((hpa.spec.min_replicas, hpa.spec.max_replicas), (Some(2), 6));
+    assert_eq!(hpa.spec.metrics.unwrap().len(), 2);
+    let pdb: PodDisruptionBudget = eventually(WAIT, "PDB", || get(&c, &ns, "main")).await;
+    assert_eq!(
+        pdb.spec.unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert!(auth_file(&c, &ns, "main").await.users.is_empty());
+
+    // No pod is running: honestly not Ready.
+    let b = broker_ready(&c, &ns, "main", ("False", "Unavailable")).await;
+    let st = b.status.unwrap();
+    assert_eq!(st.observed_generation, b.metadata.generation);
+    assert_eq!(
+        st.endpoint.as_deref(),
+        Some(format!("main.{ns}.svc:1883").as_str())
+    );
+    assert_eq!(st.endpoints["mqtts"], format!("main.{ns}.svc:8883"));
+
+    // Pods become available (no kubelet here: the test plays the Deployment controller).
+    let status = DeploymentStatus {
+        replicas: Some(4),
+        ready_replicas: Some(4),
+        available_replicas: Some(4),
+        ..Default::default()
+    };
+    deployments
+        .patch_status(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+    let b = broker_ready(&c, &ns, "main", ("True", "Available")).await;
+    assert_eq!(b.status.unwrap().ready_replicas, 4);
+
+    // A config change rolls the pods (new template hash); a new user does not.
+    let hash = |d: &Deployment| {
+        d.spec
+            .template
+            .metadata
+            .clone()
+            .unwrap()
+            .annotations
+            .unwrap()["mqtt.cirrus.dev/config-hash"]
+            .clone()
+    };
+    let before = hash(&d);
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: u1}\nspec: {brokerRef: main}\n").await;
+    eventually(WAIT, "user in auth file", || async {
+        (auth_file(&c, &ns, "main").await.users.len() == 1).then_some(())
+    })
+    .await;
+    let d: Deployment = get(&c, &ns, "main").await.unwrap();
+    assert_eq!(hash(&d), before, "an auth change does not roll the pods");
+    let brokers: Api<MqttBroker> = Api::namespaced(c.clone(), &ns);
+    brokers
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"limits": {"maxInflight": 10}}})),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "ConfigMap update", || async {
+        let cm: ConfigMap = get(&c, &ns, "main-config").await?;
+        cm.data?["config.yaml"]
+            .contains("max_inflight: 10")
+            .then_some(())
+    })
+    .await;
+    let d: Deployment = eventually(WAIT, "rolled template", || async {
+        let d: Deployment = get(&c, &ns, "main").await?;
+        (hash(&d) != before).then_some(d)
+    })
+    .await;
+    assert_ne!(hash(&d), before);
+
+    // Autoscaling off: fixed replicas, and the HPA goes.
+    brokers
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": null, "replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "HPA deleted and replicas set", || async {
+        let d: Deployment = get(&c, &ns, "main").await?;
+        let hpa: Option<HorizontalPodAutoscaler> = get(&c, &ns, "main").await;
+        (hpa.is_none() && d.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_passwords_and_auth_entries() {
+    let c = client().await;
+    let ns = namespace(&c, "op-users").await;
+    let op = Operator::start(&c, &ns);
+    create::<MqttBroker>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: b}\nspec: {}\n",
+    )
+    .await;
+    create::<MqttUser>(
+        &c,
+        &ns,
+        r##"
+apiVersion: mqtt.cirrus.dev/v1alpha1
+kind: MqttUser
+metadata: {name: sensor}
+spec:
+  brokerRef: b
+  username: sensor-1
+  acl:
+    - {topic: "sensors/%u/#", access: publish}
+    - {topic: "#", access: all, permission: deny}
+"##,
+    )
+    .await;
+    let u = user_ready(&c, &ns, "sensor", ("True", "Configured")).await;
+    let secret_name = u.status.unwrap().secret_name.unwrap();
+    assert_eq!(secret_name, "sensor-mqtt-credentials");
+    let password = secret_value(&c, &ns, &secret_name, "password").await;
+    assert_eq!(
+        secret_value(&c, &ns, &secret_name, "username").await,
+        "sensor-1"
+    );
+    assert!(password.len() >= 24);
+    let entry = eventually(WAIT, "auth entry", || async {
+        auth_file(&c, &ns, "b")
+            .await
+            .users
+            .into_iter()
+            .find(|u| u.username == "sensor-1")
+    })
+    .await;
+    assert!(entry.password_hash.starts_with("$argon2id$"));
+    assert!(verifies(&entry.password_hash, &password));
+    assert_eq!(entry.acl.len(), 2);
+    assert_eq!(
+        (entry.acl[0].access, entry.acl[0].permission),
+        (Access::Publish, Permission::Allow)
+    );
+    assert_eq!(
+        (entry.acl[1].access, entry.acl[1].permission),
+        (Access::All, Permission::Deny)
+    );
+    // The password and hash never appear in the ConfigMap.
+    let cm: ConfigMap = get(&c, &ns, "b-config").await.unwrap();
+    let cm_text = serde_json::to_string(&cm).unwrap();
+    assert!(!cm_text.contains(&password) && !cm_text.contains(&entry.password_hash));
+
+    // A restarted operator keeps the password and the hash.
+    op.stop().await;
+    let op = Operator::start(&c, &ns);
+    tokio::time::sleep(RESYNC * 3).await;
+    assert_eq!(
+        secret_value(&c, &ns, &secret_name, "password").await,
+        password
+    );
+    let again = auth_file(&c, &ns, "b").await;
+    assert_eq!(again.users[0].password_hash, entry.password_hash);
+
+    // A user with its own Secret; changing it changes the hash.
+    let own = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("own-pw".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "pw".to_string(),
+            ByteString(b"first-password".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    secrets.create(&PostParams::default(), &own).await.unwrap();
+    create::<MqttUser>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: own}\nspec: {brokerRef: b, passwordSecretRef: {name: own-pw, key: pw}}\n",
+    )
+    .await;
+    let u = user_ready(&c, &ns, "own", ("True", "Configured")).await;
+    assert_eq!(u.status.unwrap().secret_name.as_deref(), Some("own-pw"));
+    eventually(WAIT, "own user's hash", || async {
+        let f = auth_file(&c, &ns, "b").await;
+        f.users
+            .iter()
+            .find(|u| u.username == "own")
+            .filter(|u| verifies(&u.password_hash, "first-password"))
+            .map(|_| ())
+    })
+    .await;
+    secrets
+        .patch(
+            "own-pw",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"pw": "second-password"}})),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "hash of the changed password", || async {
+        let f = auth_file(&c, &ns, "b").await;
+        f.users
+            .iter()
+            .find(|u| u.username == "own")
+            .filter(|u| verifies(&u.password_hash, "second-password"))
+            .map(|_| ())
+    })
+    .await;
+
+    // Deleting a user removes its entry.
+    Api::<MqttUser>::namespaced(c.clone(), &ns)
+        .delete("sensor", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(WAIT, "entry removed", || async {
+        let f = auth_file(&c, &ns, "b").await;
+        (f.users.iter().all(|u| u.username != "sensor-1")).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_reconcile_writes_nothing() {
+    let c = client().await;
+    let ns = namespace(&c, "op-idem").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, BROKER).await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: u}\nspec: {brokerRef: main, acl: [{topic: 'a/#', access: subscribe}]}\n").await;
+    user_ready(&c, &ns, "u", ("True", "Configured")).await;
+    broker_ready(&c, &ns, "main", ("False", "Unavailable")).await;
+    eventually(WAIT, "auth entry", || async {
+        (!auth_file(&c, &ns, "main").await.users.is_empty()).then_some(())
+    })
+    .await;
+    async fn versions(c: &Client, ns: &str) -> Vec<String> {
+        let rv = |m: &kube::api::ObjectMeta| m.resource_version.clone().unwrap_or_default();
+        vec![
+            rv(&get::<MqttBroker>(c, ns, "main").await.unwrap().metadata),
+            rv(&get::<MqttUser>(c, ns, "u").await.unwrap().metadata),
+            rv(&get::<ConfigMap>(c, ns, "main-config")
+                .await
+                .unwrap()
+                .metadata),
+            rv(&get::<Secret>(c, ns, "main-auth").await.unwrap().metadata),
+            rv(&get::<Secret>(c, ns, "u-mqtt-credentials")
+                .await
+                .unwrap()
+                .metadata),
+            rv(&get::<Deployment>(c, ns, "main").await.unwrap().metadata),
+            rv(&get::<Service>(c, ns, "main").await.unwrap().metadata),
+            rv(&get::<PodDisruptionBudget>(c, ns, "main")
+                .await
+                .unwrap()
+                .metadata),
+            rv(&get::<HorizontalPodAutoscaler>(c, ns, "main")
+                .await
+                .unwrap()
+                .metadata),
+        ]
+    }
+    // Let the first reconciles settle, then several resyncs must change nothing.
+    tokio::time::sleep(RESYNC * 3).await;
+    let first = versions(&c, &ns).await;
+    tokio::time::sleep(RESYNC * 5).await;
+    assert_eq!(
+        versions(&c, &ns).await,
+        first,
+        "resourceVersions moved without a change"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_get_conditions_not_crashes() {
+    let c = client().await;
+    let ns = namespace(&c, "op-bad").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: inverted}\nspec: {autoscaling: {minReplicas: 5, maxReplicas: 2}}\n").await;
+    broker_ready(&c, &ns, "inverted", ("False", "InvalidSpec")).await;
+    assert!(
+        get::<Deployment>(&c, &ns, "inverted").await.is_none(),
+        "nothing is deployed from an invalid spec"
+    );
+
+    create::<MqttBroker>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: ok}\nspec: {}\n",
+    )
+    .await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: badacl}\nspec: {brokerRef: ok, acl: [{topic: 'a/#/b', access: publish}]}\n").await;
+    user_ready(&c, &ns, "badacl", ("False", "InvalidAcl")).await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: orphan}\nspec: {brokerRef: nowhere}\n").await;
+    user_ready(&c, &ns, "orphan", ("False", "BrokerNotFound")).await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: nosecret}\nspec: {brokerRef: ok, passwordSecretRef: {name: missing, key: pw}}\n").await;
+    user_ready(&c, &ns, "nosecret", ("False", "SecretNotFound")).await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: first}\nspec: {brokerRef: ok, username: same}\n").await;
+    user_ready(&c, &ns, "first", ("True", "Configured")).await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: second}\nspec: {brokerRef: ok, username: same}\n").await;
+    user_ready(&c, &ns, "second", ("False", "DuplicateUsername")).await;
+    // Only valid, unique users reach the auth file.
+    let f = auth_file(&c, &ns, "ok").await;
+    assert_eq!(
+        f.users
+            .iter()
+            .map(|u| u.username.as_str())
+            .collect::<Vec<_>>(),
+        vec!["same"]
+    );
+    // The schema refuses out-of-range values before the operator sees them.
+    let bad: MqttBroker = serde_yaml::from_str("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: zero}\nspec: {replicas: 0}\n").unwrap();
+    let err = Api::<MqttBroker>::namespaced(c.clone(), &ns)
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("replicas"), "{err}");
+    // Fixing the spec recovers.
+    Api::<MqttBroker>::namespaced(c.clone(), &ns)
+        .patch(
+            "inverted",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {"minReplicas": 1}}})),
+        )
+        .await
+        .unwrap();
+    broker_ready(&c, &ns, "inverted", ("False", "Unavailable")).await;
+    assert!(get::<Deployment>(&c, &ns, "inverted").await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_broker_collects_its_children() {
+    let c = client().await;
+    let ns = namespace(&c, "op-gc").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, BROKER).await;
+    eventually(WAIT, "children", || async {
+        let d: Option<Deployment> = get(&c, &ns, "main").await;
+        let s: Option<Secret> = get(&c, &ns, "main-auth").await;
+        (d.is_some() && s.is_some()).then_some(())
+    })
+    .await;
+    Api::<MqttBroker>::namespaced(c.clone(), &ns)
+        .delete("main", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "garbage collection", || async {
+        let d: Option<Deployment> = get(&c, &ns, "main").await;
+        let s: Option<Service> = get(&c, &ns, "main").await;
+        let cm: Option<ConfigMap> = get(&c, &ns, "main-config").await;
+        let a: Option<Secret> = get(&c, &ns, "main-auth").await;
+        (d.is_none() && s.is_none() && cm.is_none() && a.is_none()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_the_configmap_runs_a_real_broker() {
+    use cirrus_e2e::{BrokerProcess, Client as Mqtt, Opts};
+    let c = client().await;
+    let ns = namespace(&c, "op-contract").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: real}\nspec: {limits: {maxPacketSize: 4096, receiveMaximum: 9}}\n").await;
+    let cm: ConfigMap = eventually(WAIT, "ConfigMap", || get(&c, &ns, "real-config")).await;
+    let yaml = cm.data.unwrap()["config.yaml"].clone();
+    // The file the pods would mount, fed to the real binary (on loopback).
+    let b = BrokerProcess::start_with_config(&yaml, &[]);
+    let (_m, ack) = Mqtt::connect(b.addr, Opts::v5("contract")).await;
+    assert_eq!(ack.reason_code, 0);
+    assert_eq!(ack.properties.maximum_packet_size, Some(4096));
+    assert_eq!(ack.properties.receive_maximum, Some(9));
+    assert_eq!(
+        get::<MqttBroker>(&c, &ns, "real").await.unwrap().name_any(),
+        "real"
+    );
+}
