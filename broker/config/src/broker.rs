@@ -19,6 +19,9 @@ pub struct Config {
     pub sys_interval_secs: u64,
     /// Seconds that a SIGTERM drain may take before connections are dropped.
     pub shutdown_timeout_secs: u64,
+    /// The auth file (users, password hashes, ACLs; see `cirrus_config::auth`).
+    /// Without one every client is allowed everything.
+    pub auth_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -56,6 +59,9 @@ pub struct Limits {
     pub max_subscriptions_per_session: usize,
     /// Seconds a write to a client may block before the client is dropped.
     pub write_timeout_secs: u64,
+    /// Failed logins allowed per client address per minute; beyond it the
+    /// address is refused (0x9F) until the minute is over.
+    pub max_failed_logins_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,6 +82,7 @@ impl Default for Config {
             mqtt: MqttOptions::default(),
             sys_interval_secs: 10,
             shutdown_timeout_secs: 10,
+            auth_file: None,
         }
     }
 }
@@ -102,6 +109,7 @@ impl Default for Limits {
             connect_timeout_secs: 10,
             max_subscriptions_per_session: 1000,
             write_timeout_secs: 30,
+            max_failed_logins_per_minute: 30,
         }
     }
 }

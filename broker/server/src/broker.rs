@@ -79,6 +79,7 @@ struct Timer {
 pub struct Broker {
     pub config: Arc<Config>,
     pub stats: Stats,
+    pub auth: crate::auth::Auth,
     router: Router,
     retained: RetainedStore,
     /// Client id → session. Taken on connect and disconnect only, never on
@@ -92,13 +93,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Arc<Config>) -> Arc<Broker> {
+    pub fn new(config: Arc<Config>, auth: crate::auth::Auth) -> Arc<Broker> {
         let salt = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Arc::new(Broker {
             config,
             stats: Stats::default(),
+            auth,
             router: Router::new(),
             retained: RetainedStore::new(),
             sessions: Mutex::new(HashMap::new()),

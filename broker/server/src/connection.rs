@@ -23,11 +23,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::auth::{Identity, LoginError};
 use crate::broker::{Broker, ConnectRequest, SubscribeError};
 use crate::message::{Delivery, Message};
 use crate::router::Match;
 use crate::session::{Inflight, OutState, Session};
 use crate::stats::{DropReason, Stats};
+use cirrus_config::auth::Access;
 
 /// Flush the write buffer once it holds this much.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
@@ -187,6 +189,10 @@ struct Conn<S> {
     scratch: Vec<Match>,
     /// A subscriber this connection's publishes are outrunning.
     backlogged: Option<Arc<Session>>,
+    identity: Identity,
+    /// Publish decisions by topic, for the policy generation they were made
+    /// under: no ACL evaluation (or allocation) per message.
+    acl_cache: std::collections::HashMap<ByteString, bool>,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -219,6 +225,35 @@ where
         // Enhanced authentication is not offered.
         ack.reason_code = refuse(reason::BAD_AUTHENTICATION_METHOD);
     }
+    let mut identity = None;
+    if ack.reason_code == 0 {
+        if broker.auth.blocked(peer.ip()) {
+            ack.reason_code = refuse(reason::CONNECTION_RATE_EXCEEDED);
+        } else {
+            match broker
+                .auth
+                .login(peer.ip(), c.username.as_deref(), c.password.as_deref())
+                .await
+            {
+                Ok(id) => identity = Some(id),
+                // One answer for an unknown user and a wrong password.
+                Err(LoginError::BadCredentials) => {
+                    ack.reason_code = refuse(reason::BAD_USER_NAME_OR_PASSWORD)
+                }
+                Err(LoginError::AnonymousNotAllowed) => {
+                    ack.reason_code = refuse(reason::NOT_AUTHORIZED)
+                }
+            }
+        }
+    }
+    if let (Some(w), Some(id)) = (&c.will, &identity) {
+        if ack.reason_code == 0
+            && broker.auth.enabled()
+            && !id.allowed(&client_id, Access::Publish, &w.topic)
+        {
+            ack.reason_code = refuse(reason::NOT_AUTHORIZED);
+        }
+    }
     if let Some(w) = &c.will {
         if ack.reason_code == 0 && w.qos.as_u8() > cfg.mqtt.maximum_qos {
             ack.reason_code = refuse(reason::QOS_NOT_SUPPORTED);
@@ -236,11 +271,13 @@ where
     if ack.reason_code != 0 {
         Stats::inc(&broker.stats.connections_refused);
         let mut buf = BytesMut::new();
+        let code = ack.reason_code;
         cirrus_codec::encode(&Packet::ConnAck(ack), c.protocol, &mut buf);
         let _ = tokio::time::timeout(cfg.write_timeout(), io.write_all(&buf)).await;
-        info!(%peer, client_id = %c.client_id, "connection refused");
+        info!(%peer, client_id = %c.client_id, reason_code = code, "connection refused");
         return None;
     }
+    let identity = identity?;
 
     // Session expiry: MQTT 5 asks for it; 3.x Clean Session 0 means "never".
     let asked_expiry = if v5 {
@@ -324,6 +361,8 @@ where
         alias_in: Vec::new(),
         scratch: Vec::new(),
         backlogged: None,
+        identity,
+        acl_cache: std::collections::HashMap::new(),
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -337,8 +376,12 @@ where
 enum Event {
     Read(std::io::Result<usize>),
     Wake,
+    AuthChanged,
     Close(Close),
 }
+
+/// Publish decisions remembered per connection; cleared when full.
+const ACL_CACHE_MAX: usize = 1024;
 
 impl<S> Conn<S>
 where
@@ -382,6 +425,7 @@ where
         tokio::pin!(keepalive);
         let wake = self.wake.clone();
         let kick = self.kick.clone();
+        let mut auth_changes = self.broker.auth.subscribe_changes();
         loop {
             // Answer every complete frame already buffered.
             loop {
@@ -430,6 +474,7 @@ where
                 _ = &mut keepalive => Event::Close(Close::KeepAlive),
                 r = self.io.read_buf(&mut self.rbuf) => Event::Read(r),
                 _ = wake.notified() => Event::Wake,
+                Ok(()) = auth_changes.changed() => Event::AuthChanged,
             };
             match ev {
                 Event::Close(c) => return c,
@@ -439,6 +484,21 @@ where
                     keepalive.as_mut().reset(tokio::time::Instant::now() + ka);
                 }
                 Event::Wake => self.pump(),
+                Event::AuthChanged => {
+                    // Users still allowed keep their connection with the new
+                    // rules; revoked or re-keyed ones are let go.
+                    let policy = self.broker.auth.policy();
+                    if let Some(p) = policy.as_ref() {
+                        if !p.still_valid(&self.identity) {
+                            return Close::Violation(
+                                reason::NOT_AUTHORIZED,
+                                "credentials no longer valid after an auth file reload",
+                            );
+                        }
+                        self.identity = p.refresh(&self.identity);
+                    }
+                    self.acl_cache.clear();
+                }
             }
         }
     }
@@ -625,6 +685,9 @@ where
 
         let code = if p.topic.starts_with("$SYS") {
             reason::NOT_AUTHORIZED
+        } else if !self.may_publish(&p.topic) {
+            Stats::inc(&self.broker.stats.acl_denied);
+            reason::NOT_AUTHORIZED
         } else if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
@@ -666,6 +729,24 @@ where
             _ => {}
         }
         Ok(())
+    }
+
+    /// The ACL's answer for publishing to `topic`, cached per connection.
+    fn may_publish(&mut self, topic: &ByteString) -> bool {
+        if !self.broker.auth.enabled() {
+            return true;
+        }
+        if let Some(&ok) = self.acl_cache.get(topic) {
+            return ok;
+        }
+        let ok = self
+            .identity
+            .allowed(&self.client_id, Access::Publish, topic);
+        if self.acl_cache.len() >= ACL_CACHE_MAX {
+            self.acl_cache.clear();
+        }
+        self.acl_cache.insert(topic.clone(), ok);
+        ok
     }
 
     fn on_pubrec(&mut self, r: PubResp) {
@@ -726,6 +807,17 @@ where
         for (filter, options) in &s.filters {
             let code = match parse_filter(filter) {
                 Err(_) => failure(reason::TOPIC_FILTER_INVALID),
+                Ok(fr)
+                    if self.broker.auth.enabled()
+                        && !self.identity.allowed(
+                            &self.client_id,
+                            Access::Subscribe,
+                            fr.filter,
+                        ) =>
+                {
+                    Stats::inc(&self.broker.stats.acl_denied);
+                    failure(reason::NOT_AUTHORIZED)
+                }
                 Ok(fr) => {
                     if fr.share_group.is_some() && options.no_local {
                         return Err(Close::Violation(

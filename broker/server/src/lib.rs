@@ -8,6 +8,7 @@
 //! - [`config`]: the YAML file (from `cirrus-config`), defaults for every field.
 //! - [`listener`]: accept loops, connection cap.
 //! - [`connection`]: one task per client, the protocol state machine.
+//! - [`auth`]: the auth file: logins (argon2), ACLs, reloads.
 //! - [`broker`]: shared state and the operations a connection performs —
 //!   the boundary behind which a store lives.
 //! - [`session`]: what outlives a connection, each behind its own lock.
@@ -16,6 +17,7 @@
 //! - [`message`]: a message shared by `Arc` with every subscriber.
 //! - [`stats`]: counters, for `$SYS` and metrics.
 
+pub mod auth;
 pub mod broker;
 /// The configuration file format, defined in `cirrus-config` (shared with the operator).
 pub use cirrus_config::broker as config;
@@ -48,7 +50,11 @@ pub struct Bound {
 /// Validate the configuration and bind every listener.
 pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     config.validate()?;
-    let broker = Broker::new(Arc::new(config));
+    let auth = auth::Auth::new(
+        config.auth_file.clone(),
+        config.limits.max_failed_logins_per_minute,
+    )?;
+    let broker = Broker::new(Arc::new(config), auth);
     let tcp = match broker.config.listeners.tcp {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -81,6 +87,9 @@ impl Bound {
         tracker.spawn(run_timers(broker.clone(), shutdown.clone()));
         if broker.config.sys_interval_secs > 0 {
             tracker.spawn(run_sys(broker.clone(), shutdown.clone()));
+        }
+        if broker.auth.enabled() {
+            tracker.spawn(run_auth_reload(broker.clone(), shutdown.clone()));
         }
         shutdown.cancelled().await;
         info!("shutting down");
@@ -117,6 +126,22 @@ async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+        }
+    }
+}
+
+/// Kubernetes updates a mounted Secret by swapping a symlink, which file
+/// watchers see unreliably; polling the content every second is simple and
+/// sure.
+async fn run_auth_reload(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {
+                let b = broker.clone();
+                let _ = tokio::task::spawn_blocking(move || b.auth.reload_if_changed()).await;
+            }
         }
     }
 }

@@ -47,6 +47,9 @@ struct Args {
     /// Seconds between $SYS updates (0 = off).
     #[arg(long, env = "CIRRUS_SYS_INTERVAL")]
     sys_interval: Option<u64>,
+    /// Auth file (users, password hashes, ACLs); reloaded when it changes.
+    #[arg(long, env = "CIRRUS_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -82,6 +85,9 @@ impl Args {
         }
         if let Some(v) = self.sys_interval {
             c.sys_interval_secs = v;
+        }
+        if let Some(p) = &self.auth_file {
+            c.auth_file = Some(p.clone());
         }
         c.validate()?;
         Ok(c)

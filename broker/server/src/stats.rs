@@ -32,6 +32,8 @@ pub struct Stats {
     pub dropped_too_large: AtomicU64,
     pub dropped_offline: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// Publishes and subscriptions refused by the ACL.
+    pub acl_denied: AtomicU64,
     pub subscriptions: AtomicUsize,
 }
 

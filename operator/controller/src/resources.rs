@@ -98,6 +98,8 @@ pub fn broker_config(b: &MqttBroker) -> Config {
         s.listeners.mqtt as u16,
     )));
     c.shutdown_timeout_secs = DRAIN_SECS;
+    // The auth Secret's mount (see `deployment`).
+    c.auth_file = Some(format!("/etc/cirrus/auth/{AUTH_KEY}").into());
     let l = &s.limits;
     if let Some(v) = l.max_connections {
         c.limits.max_connections = v as usize;

@@ -6,6 +6,7 @@
     clippy::field_reassign_with_default
 )]
 
+mod auth;
 mod connect;
 mod interop;
 mod limits;

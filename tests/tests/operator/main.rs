@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -564,22 +564,60 @@ async fn deleting_a_broker_collects_its_children() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn contract_the_configmap_runs_a_real_broker() {
+async fn contract_the_configmap_and_auth_secret_run_a_real_broker() {
+    use cirrus_codec::{reason, QoS};
     use cirrus_e2e::{BrokerProcess, Client as Mqtt, Opts};
     let c = client().await;
     let ns = namespace(&c, "op-contract").await;
     let _op = Operator::start(&c, &ns);
     create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: real}\nspec: {limits: {maxPacketSize: 4096, receiveMaximum: 9}}\n").await;
-    let cm: ConfigMap = eventually(WAIT, "ConfigMap", || get(&c, &ns, "real-config")).await;
+    create::<MqttUser>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: dev}\nspec: {brokerRef: real, acl: [{topic: 'devices/%u/#', access: all}, {topic: '#', access: all, permission: deny}]}\n",
+    )
+    .await;
+    user_ready(&c, &ns, "dev", ("True", "Configured")).await;
+    eventually(WAIT, "user in auth file", || async {
+        (!auth_file(&c, &ns, "real").await.users.is_empty()).then_some(())
+    })
+    .await;
+    let cm: ConfigMap = get(&c, &ns, "real-config").await.unwrap();
     let yaml = cm.data.unwrap()["config.yaml"].clone();
-    // The file the pods would mount, fed to the real binary (on loopback).
-    let b = BrokerProcess::start_with_config(&yaml, &[]);
-    let (_m, ack) = Mqtt::connect(b.addr, Opts::v5("contract")).await;
+    let auth: Secret = get(&c, &ns, "real-auth").await.unwrap();
+    let password = secret_value(&c, &ns, "dev-mqtt-credentials", "password").await;
+    // The files the pods would mount, fed to the real binary on loopback
+    // (the auth file's mount path replaced by a temporary file).
+    let auth_path =
+        std::env::temp_dir().join(format!("cirrus-contract-{}.yaml", std::process::id()));
+    std::fs::write(&auth_path, &auth.data.unwrap()["auth.yaml"].0).unwrap();
+    let b = BrokerProcess::start_with_config(&yaml, &["--auth-file", auth_path.to_str().unwrap()]);
+    let creds = |id: &str, pw: &str| {
+        let mut o = Opts::v5(id);
+        o.username = Some("dev".into());
+        o.password = Some(pw.as_bytes().to_vec());
+        o
+    };
+    let (mut m, ack) = Mqtt::connect(b.addr, creds("contract", &password)).await;
     assert_eq!(ack.reason_code, 0);
     assert_eq!(ack.properties.maximum_packet_size, Some(4096));
     assert_eq!(ack.properties.receive_maximum, Some(9));
+    // Its ACL holds; a wrong password and anonymous clients are refused.
+    assert_eq!(m.subscribe("devices/dev/#", QoS::AtLeastOnce).await, 1);
     assert_eq!(
-        get::<MqttBroker>(&c, &ns, "real").await.unwrap().name_any(),
-        "real"
+        m.publish("devices/dev/t", b"1", QoS::AtLeastOnce, false)
+            .await,
+        0
     );
+    assert_eq!(m.recv_ack().await.payload[..], b"1"[..]);
+    assert_eq!(
+        m.publish("devices/other/t", b"2", QoS::AtLeastOnce, false)
+            .await,
+        reason::NOT_AUTHORIZED
+    );
+    let (_x, ack) = Mqtt::connect(b.addr, creds("contract-2", "not-the-password")).await;
+    assert_eq!(ack.reason_code, reason::BAD_USER_NAME_OR_PASSWORD);
+    let (_x, ack) = Mqtt::connect(b.addr, Opts::v5("anonymous")).await;
+    assert_eq!(ack.reason_code, reason::NOT_AUTHORIZED);
+    let _ = std::fs::remove_file(&auth_path);
 }

@@ -1,0 +1,410 @@
+//! Authentication and authorization from the auth file
+//! (`cirrus_config::auth`, the contract with the operator).
+//!
+//! The file is compiled into an immutable [`Policy`] behind an `ArcSwap`:
+//! connections read it without a lock, and a reload swaps in a new one with
+//! a higher generation. A reload that fails to parse keeps the last good
+//! policy, logs why and counts it. Passwords are verified with argon2 on the
+//! blocking pool; an unknown user name costs the same verification, so the
+//! answer (and its timing) never tells whether a user exists. No password,
+//! hash or file content is ever logged.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use cirrus_config::auth::{Access, AclRule, AuthFile, Permission};
+use parking_lot::Mutex;
+use tracing::{error, info};
+
+/// A verified client: who it is and the rules that apply to it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub username: Option<String>,
+    /// The user's hash when it logged in: a reload that changes or removes
+    /// it ends the connection.
+    hash: Option<String>,
+    rules: Arc<[AclRule]>,
+    default: Permission,
+}
+
+/// Why a login failed. One variant for unknown user and wrong password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginError {
+    BadCredentials,
+    /// No user name, and anonymous clients are not allowed.
+    AnonymousNotAllowed,
+}
+
+/// The compiled auth file.
+#[derive(Debug)]
+pub struct Policy {
+    pub generation: u64,
+    users: HashMap<String, (String, Arc<[AclRule]>)>,
+    allow_anonymous: bool,
+    anonymous: Arc<[AclRule]>,
+    default: Permission,
+}
+
+/// A hash of a random password, made at start-up, so that an unknown user
+/// name costs a real verification too.
+fn dummy_hash() -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    let mut secret = [0u8; 32];
+    argon2::password_hash::rand_core::RngCore::fill_bytes(&mut OsRng, &mut secret);
+    Argon2::default()
+        .hash_password(&secret, &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+impl Policy {
+    fn compile(f: AuthFile, generation: u64) -> Policy {
+        Policy {
+            generation,
+            users: f
+                .users
+                .into_iter()
+                .map(|u| (u.username, (u.password_hash, u.acl.into())))
+                .collect(),
+            allow_anonymous: f.allow_anonymous,
+            anonymous: f.anonymous_acl.into(),
+            default: f.default,
+        }
+    }
+
+    /// Whether a client logged in as `id` may stay after this policy came in.
+    pub fn still_valid(&self, id: &Identity) -> bool {
+        match (&id.username, &id.hash) {
+            (Some(u), Some(h)) => self.users.get(u).is_some_and(|(hash, _)| hash == h),
+            (None, _) => self.allow_anonymous,
+            _ => false,
+        }
+    }
+
+    /// The identity for a client already logged in, with this policy's rules.
+    pub fn refresh(&self, id: &Identity) -> Identity {
+        let rules = match &id.username {
+            Some(u) => self
+                .users
+                .get(u)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_else(|| Arc::from(Vec::new())),
+            None => self.anonymous.clone(),
+        };
+        Identity {
+            username: id.username.clone(),
+            hash: id.hash.clone(),
+            rules,
+            default: self.default,
+        }
+    }
+}
+
+pub struct Auth {
+    path: Option<PathBuf>,
+    policy: ArcSwap<Option<Policy>>,
+    generation: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub login_failures: AtomicU64,
+    failed: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    max_failed_per_minute: u32,
+    last_seen: Mutex<Option<Vec<u8>>>,
+    dummy: String,
+    /// Tells connections that a new policy is in force.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthLoadError {
+    #[error("cannot read the auth file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid auth file {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: cirrus_config::auth::AuthFileError,
+    },
+}
+
+fn load(path: &Path) -> Result<(AuthFile, Vec<u8>), AuthLoadError> {
+    let bytes = std::fs::read(path).map_err(|source| AuthLoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let f = AuthFile::from_yaml(&text).map_err(|source| AuthLoadError::Invalid {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((f, bytes))
+}
+
+impl Auth {
+    /// Without a path everything is allowed. With one, the file must load
+    /// now: a broker does not start with an auth file it cannot read.
+    pub fn new(path: Option<PathBuf>, max_failed_per_minute: u32) -> Result<Auth, AuthLoadError> {
+        let auth = Auth {
+            path: path.clone(),
+            policy: ArcSwap::from_pointee(None),
+            generation: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            login_failures: AtomicU64::new(0),
+            failed: Mutex::new(HashMap::new()),
+            max_failed_per_minute,
+            last_seen: Mutex::new(None),
+            dummy: if path.is_some() {
+                dummy_hash()
+            } else {
+                String::new()
+            },
+            changed: tokio::sync::watch::channel(0).0,
+        };
+        if let Some(p) = &path {
+            let (f, bytes) = load(p)?;
+            info!(path = %p.display(), users = f.users.len(), "auth file loaded");
+            auth.install(f, bytes);
+        }
+        Ok(auth)
+    }
+
+    fn install(&self, f: AuthFile, bytes: Vec<u8>) {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.policy
+            .store(Arc::new(Some(Policy::compile(f, generation))));
+        *self.last_seen.lock() = Some(bytes);
+        self.changed.send_replace(generation);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Resolves each time a new policy is installed.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Option<Policy>>> {
+        self.policy.load()
+    }
+
+    /// Re-read the file if its content changed. Returns true when a new
+    /// policy was installed.
+    pub fn reload_if_changed(&self) -> bool {
+        let Some(path) = &self.path else { return false };
+        let Ok(bytes) = std::fs::read(path) else {
+            // Mid-swap of a mounted Secret, or gone: keep the last good one.
+            return false;
+        };
+        if self.last_seen.lock().as_deref() == Some(&bytes[..]) {
+            return false;
+        }
+        match load(path) {
+            Ok((f, bytes)) => {
+                let users = f.users.len();
+                self.install(f, bytes);
+                info!(path = %path.display(), users, generation = self.generation(), "auth file reloaded");
+                true
+            }
+            Err(e) => {
+                // Remember the bad content so it is reported once, not every poll.
+                *self.last_seen.lock() = Some(bytes);
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "auth file reload failed; keeping the last good one");
+                false
+            }
+        }
+    }
+
+    /// Whether `addr` has used up its failed logins for this minute.
+    pub fn blocked(&self, addr: IpAddr) -> bool {
+        let mut failed = self.failed.lock();
+        match failed.get(&addr) {
+            Some(&(n, since)) if since.elapsed() < Duration::from_secs(60) => {
+                n >= self.max_failed_per_minute
+            }
+            Some(_) => {
+                failed.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn record_failure(&self, addr: IpAddr) {
+        self.login_failures.fetch_add(1, Ordering::Relaxed);
+        let mut failed = self.failed.lock();
+        // Bounded: forget expired windows when the table grows.
+        if failed.len() > 100_000 {
+            failed.retain(|_, (_, since)| since.elapsed() < Duration::from_secs(60));
+        }
+        let e = failed.entry(addr).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= Duration::from_secs(60) {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+
+    /// Check a CONNECT's credentials.
+    pub async fn login(
+        &self,
+        addr: IpAddr,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Identity, LoginError> {
+        let guard = self.policy.load_full();
+        let Some(policy) = guard.as_ref() else {
+            return Ok(Identity {
+                username: username.map(str::to_owned),
+                hash: None,
+                rules: Arc::from(Vec::new()),
+                default: Permission::Allow,
+            });
+        };
+        let Some(username) = username else {
+            if policy.allow_anonymous {
+                return Ok(Identity {
+                    username: None,
+                    hash: None,
+                    rules: policy.anonymous.clone(),
+                    default: policy.default,
+                });
+            }
+            self.record_failure(addr);
+            return Err(LoginError::AnonymousNotAllowed);
+        };
+        let entry = policy.users.get(username).cloned();
+        let hash = entry
+            .as_ref()
+            .map_or_else(|| self.dummy.clone(), |(h, _)| h.clone());
+        let password = password.unwrap_or_default().to_vec();
+        let ok = tokio::task::spawn_blocking(move || match PasswordHash::new(&hash) {
+            Ok(parsed) => Argon2::default()
+                .verify_password(&password, &parsed)
+                .is_ok(),
+            Err(_) => false,
+        })
+        .await
+        .unwrap_or(false);
+        match entry {
+            Some((hash, rules)) if ok => Ok(Identity {
+                username: Some(username.to_owned()),
+                hash: Some(hash),
+                rules,
+                default: policy.default,
+            }),
+            _ => {
+                self.record_failure(addr);
+                Err(LoginError::BadCredentials)
+            }
+        }
+    }
+}
+
+/// Substitute `%u` and `%c` in a rule's filter.
+fn expand(filter: &str, username: Option<&str>, client_id: &str) -> String {
+    filter
+        .replace("%u", username.unwrap_or(""))
+        .replace("%c", client_id)
+}
+
+/// Whether the rule filter `rule` covers every topic the filter `sub` can
+/// match (so subscribing to `sub` is within the rule).
+fn covers(rule: &str, sub: &str) -> bool {
+    let mut r = rule.split('/');
+    let mut s = sub.split('/');
+    loop {
+        match (r.next(), s.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Identity {
+    /// May this client publish to `topic` / subscribe to `filter`? The first
+    /// rule that matches decides; otherwise the file's default.
+    pub fn allowed(&self, client_id: &str, access: Access, topic_or_filter: &str) -> bool {
+        for rule in self.rules.iter() {
+            if rule.access != access && rule.access != Access::All {
+                continue;
+            }
+            let f = expand(&rule.topic, self.username.as_deref(), client_id);
+            let hit = match access {
+                Access::Publish => cirrus_codec::topic::matches(&f, topic_or_filter),
+                _ => covers(&f, topic_or_filter),
+            };
+            if hit {
+                return rule.permission == Permission::Allow;
+            }
+        }
+        self.default == Permission::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(rules: Vec<(&str, Access, Permission)>) -> Identity {
+        Identity {
+            username: Some("alice".into()),
+            hash: None,
+            rules: rules
+                .into_iter()
+                .map(|(t, a, p)| AclRule {
+                    topic: t.into(),
+                    access: a,
+                    permission: p,
+                })
+                .collect::<Vec<_>>()
+                .into(),
+            default: Permission::Deny,
+        }
+    }
+
+    #[test]
+    fn first_match_decides_and_placeholders_expand() {
+        let i = id(vec![
+            ("sensors/%u/private/#", Access::Publish, Permission::Deny),
+            ("sensors/%u/#", Access::Publish, Permission::Allow),
+            ("clients/%c/#", Access::All, Permission::Allow),
+            ("public/#", Access::Subscribe, Permission::Allow),
+        ]);
+        assert!(i.allowed("c1", Access::Publish, "sensors/alice/temp"));
+        assert!(!i.allowed("c1", Access::Publish, "sensors/alice/private/x"));
+        assert!(!i.allowed("c1", Access::Publish, "sensors/bob/temp"));
+        assert!(i.allowed("c1", Access::Publish, "clients/c1/x"));
+        assert!(!i.allowed("c2x", Access::Publish, "clients/c1/x"));
+        assert!(i.allowed("c1", Access::Subscribe, "public/+/news"));
+        assert!(i.allowed("c1", Access::Subscribe, "public/#"));
+        assert!(!i.allowed("c1", Access::Subscribe, "#"));
+        assert!(!i.allowed("c1", Access::Subscribe, "+/x"));
+        assert!(!i.allowed("c1", Access::Publish, "public/x"));
+    }
+
+    #[test]
+    fn covers_filters() {
+        assert!(covers("a/#", "a/b/+"));
+        assert!(covers("a/+", "a/b"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(covers("#", "#"));
+    }
+}
