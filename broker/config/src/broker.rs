@@ -62,6 +62,12 @@ pub struct Limits {
     /// Failed logins allowed per client address per minute; beyond it the
     /// address is refused (0x9F) until the minute is over.
     pub max_failed_logins_per_minute: u32,
+    /// PUBLISH packets per second one client may send (0 = no limit). A
+    /// faster client is slowed down (its socket is read later), not cut off.
+    pub max_publish_rate: u32,
+    /// New connections per second per listener (0 = no limit); beyond it
+    /// a client gets CONNACK 0x9F Connection rate exceeded.
+    pub max_connection_rate: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,6 +116,8 @@ impl Default for Limits {
             max_subscriptions_per_session: 1000,
             write_timeout_secs: 30,
             max_failed_logins_per_minute: 30,
+            max_publish_rate: 0,
+            max_connection_rate: 0,
         }
     }
 }

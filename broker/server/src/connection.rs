@@ -193,6 +193,9 @@ struct Conn<S> {
     /// Publish decisions by topic, for the policy generation they were made
     /// under: no ACL evaluation (or allocation) per message.
     acl_cache: std::collections::HashMap<ByteString, bool>,
+    publish_rate: Option<crate::stats::RateLimit>,
+    /// Set when the publish rate is exceeded: read nothing more until then.
+    throttle_until: Option<tokio::time::Instant>,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -363,6 +366,8 @@ where
         backlogged: None,
         identity,
         acl_cache: std::collections::HashMap::new(),
+        publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate),
+        throttle_until: None,
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -435,7 +440,7 @@ where
                         if let Err(c) = self.handle(p) {
                             return c;
                         }
-                        if self.backlogged.is_some() {
+                        if self.backlogged.is_some() || self.throttle_until.is_some() {
                             break;
                         }
                     }
@@ -463,6 +468,16 @@ where
                     _ = kick.cancelled() => return Close::TakenOver,
                     _ = shutdown.cancelled() => return Close::Shutdown,
                     _ = s.wait_for_space(BACKPRESSURE_WAIT) => {}
+                }
+                continue;
+            }
+            // Rate limit: the client is slowed down by reading it later.
+            if let Some(until) = self.throttle_until.take() {
+                tokio::select! {
+                    biased;
+                    _ = kick.cancelled() => return Close::TakenOver,
+                    _ = shutdown.cancelled() => return Close::Shutdown,
+                    _ = tokio::time::sleep_until(until) => {}
                 }
                 continue;
             }
@@ -616,6 +631,12 @@ where
     fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
         let cfg = &*self.broker.config;
         Stats::inc(&self.broker.stats.publish_received);
+        if let Some(r) = &mut self.publish_rate {
+            let wait = r.take_or_wait(Instant::now());
+            if !wait.is_zero() {
+                self.throttle_until = Some(tokio::time::Instant::now() + wait);
+            }
+        }
         if let Some(alias) = p.properties.topic_alias.take() {
             if alias == 0 || alias > cfg.limits.topic_alias_maximum {
                 return Err(Close::Violation(

@@ -27,6 +27,7 @@ pub async fn serve_tcp(
 ) {
     let permits = Arc::new(Semaphore::new(broker.config.limits.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
+    let mut rate = crate::stats::RateLimit::new(broker.config.limits.max_connection_rate);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -43,22 +44,33 @@ pub async fn serve_tcp(
         };
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
+        let rate_ok = rate
+            .as_mut()
+            .is_none_or(|r| r.try_take(std::time::Instant::now()));
         match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
+            Ok(permit) if rate_ok => {
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
                     crate::connection::serve(broker, stream, peer, shutdown).await;
                     drop(permit);
                 });
             }
-            Err(_) => {
+            _ => {
                 Stats::inc(&broker.stats.connections_refused);
                 let Ok(permit) = refusals.clone().try_acquire_owned() else {
                     debug!(%peer, "connection limit reached; closing");
                     continue;
                 };
+                let (v5, v3) = if rate_ok {
+                    (reason::SERVER_BUSY, reason::v3::SERVER_UNAVAILABLE)
+                } else {
+                    (
+                        reason::CONNECTION_RATE_EXCEEDED,
+                        reason::v3::SERVER_UNAVAILABLE,
+                    )
+                };
                 tracker.spawn(async move {
-                    refuse_busy(broker, stream).await;
+                    refuse(broker, stream, v5, v3).await;
                     drop(permit);
                 });
             }
@@ -66,8 +78,8 @@ pub async fn serve_tcp(
     }
 }
 
-/// Read the CONNECT (briefly) and answer "Server busy" in the client's version.
-async fn refuse_busy(broker: Arc<Broker>, mut stream: tokio::net::TcpStream) {
+/// Read the CONNECT (briefly) and answer with a refusal in the client's version.
+async fn refuse(broker: Arc<Broker>, mut stream: tokio::net::TcpStream, v5_code: u8, v3_code: u8) {
     let mut buf = bytes::BytesMut::with_capacity(512);
     let max = broker.config.limits.max_packet_size as usize;
     let read = tokio::time::timeout(Duration::from_secs(2), async {
@@ -85,11 +97,7 @@ async fn refuse_busy(broker: Arc<Broker>, mut stream: tokio::net::TcpStream) {
     })
     .await;
     if let Ok(Some(protocol)) = read {
-        let code = if protocol.is_v5() {
-            reason::SERVER_BUSY
-        } else {
-            reason::v3::SERVER_UNAVAILABLE
-        };
+        let code = if protocol.is_v5() { v5_code } else { v3_code };
         let mut out = bytes::BytesMut::new();
         cirrus_codec::encode(
             &Packet::ConnAck(ConnAck {

@@ -66,3 +66,73 @@ impl Stats {
             + Stats::get(&self.dropped_offline)
     }
 }
+
+/// A token bucket: `rate` tokens a second, bursts up to one second's worth.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimit {
+    /// `None` for a rate of 0 (no limit).
+    pub fn new(per_second: u32) -> Option<RateLimit> {
+        (per_second > 0).then(|| RateLimit {
+            rate: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: std::time::Instant::now(),
+        })
+    }
+
+    fn refill(&mut self, now: std::time::Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate);
+        self.last = now;
+    }
+
+    /// Take a token if there is one.
+    pub fn try_take(&mut self, now: std::time::Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Take a token now, going into debt; returns how long until the debt is paid.
+    pub fn take_or_wait(&mut self, now: std::time::Instant) -> std::time::Duration {
+        self.refill(now);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bucket() {
+        let t = Instant::now();
+        let mut r = RateLimit::new(10).unwrap();
+        for _ in 0..10 {
+            assert!(r.try_take(t));
+        }
+        assert!(!r.try_take(t));
+        assert!(r.try_take(t + Duration::from_millis(150)));
+        let wait = r.take_or_wait(t + Duration::from_millis(150));
+        assert!(
+            wait >= Duration::from_millis(45) && wait <= Duration::from_millis(55),
+            "{wait:?}"
+        );
+        assert!(RateLimit::new(0).is_none());
+    }
+}

@@ -159,3 +159,56 @@ async fn connection_limit_answers_server_busy() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     Client::connect_ok(b.addr, Opts::v5("e")).await.ping().await;
 }
+
+#[tokio::test]
+async fn publish_rate_limit_slows_a_client_without_losing_messages() {
+    let b = BrokerProcess::start_with_config("limits:\n  max_publish_rate: 100\n", &[]);
+    let mut sub = Client::connect_ok(b.addr, Opts::v5("rate-sub")).await;
+    sub.subscribe("rate", QoS::AtMostOnce).await;
+    let mut p = Client::connect_ok(b.addr, Opts::v5("rate-pub")).await;
+    let t = std::time::Instant::now();
+    // 100 burst + 150 more at 100/s: at least ~1.5 s.
+    for i in 0..250u32 {
+        p.send(Packet::Publish(publish_packet(
+            "rate",
+            &i.to_be_bytes(),
+            QoS::AtMostOnce,
+            false,
+            None,
+        )))
+        .await;
+    }
+    for i in 0..250u32 {
+        let m = sub.recv_publish().await;
+        assert_eq!(m.payload[..], i.to_be_bytes()[..]);
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1300),
+        "not throttled: {took:?}"
+    );
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    p.ping().await;
+}
+
+#[tokio::test]
+async fn connection_rate_limit_answers_0x9f() {
+    let b = BrokerProcess::start_with_config("limits:\n  max_connection_rate: 5\n", &[]);
+    let mut codes = Vec::new();
+    for i in 0..15 {
+        let (_c, ack) = Client::connect(b.addr, Opts::v5(&format!("burst{i}"))).await;
+        codes.push(ack.reason_code);
+    }
+    let accepted = codes.iter().filter(|&&c| c == 0).count();
+    let limited = codes
+        .iter()
+        .filter(|&&c| c == reason::CONNECTION_RATE_EXCEEDED)
+        .count();
+    assert!((5..=8).contains(&accepted), "{codes:?}");
+    assert_eq!(accepted + limited, 15, "{codes:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Client::connect_ok(b.addr, Opts::v5("later"))
+        .await
+        .ping()
+        .await;
+}
