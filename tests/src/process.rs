@@ -64,7 +64,10 @@ static CONFIG_SEQ: AtomicU32 = AtomicU32::new(0);
 /// A running `cirrus-broker`. Killed on drop.
 pub struct BrokerProcess {
     child: Child,
+    /// The MQTT (TCP) listener.
     pub addr: SocketAddr,
+    /// Every listener by kind (`mqtt`, `mqtts`, ...).
+    pub addrs: std::collections::HashMap<String, SocketAddr>,
     log: Arc<Mutex<String>>,
     config_file: Option<PathBuf>,
 }
@@ -116,14 +119,26 @@ impl BrokerProcess {
         // Drain stderr for the whole life of the process (a full pipe would
         // block the broker), and report the bound address once.
         std::thread::spawn(move || {
+            let mut addrs = std::collections::HashMap::new();
+            let mut reported = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") && line.contains("mqtt") {
-                    if let Some(addr) = line
-                        .split("addr=")
-                        .nth(1)
-                        .and_then(|s| s.split_whitespace().next())
-                    {
-                        let _ = tx.send(addr.trim_matches('"').to_string());
+                if !reported {
+                    if line.contains("listening") {
+                        let field = |name: &str| {
+                            line.split(&format!("{name}="))
+                                .nth(1)
+                                .and_then(|s| s.split_whitespace().next())
+                                .map(|s| s.trim_matches('"').to_string())
+                        };
+                        if let (Some(kind), Some(addr)) = (field("kind"), field("addr")) {
+                            if let Ok(a) = addr.parse::<SocketAddr>() {
+                                addrs.insert(kind, a);
+                            }
+                        }
+                    }
+                    if line.contains("accepting connections") {
+                        let _ = tx.send(std::mem::take(&mut addrs));
+                        reported = true;
                     }
                 }
                 let mut l = log2.lock().unwrap();
@@ -131,16 +146,22 @@ impl BrokerProcess {
                 l.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().expect("listen address"),
+        let addrs = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
                 panic!("broker did not start; log:\n{}", log.lock().unwrap());
             }
         };
+        let addr = addrs
+            .get("mqtt")
+            .or_else(|| addrs.values().next())
+            .copied()
+            .expect("a listener");
         BrokerProcess {
             child,
             addr,
+            addrs,
             log,
             config_file,
         }

@@ -22,6 +22,7 @@ pub struct Config {
     /// The auth file (users, password hashes, ACLs; see `cirrus_config::auth`).
     /// Without one every client is allowed everything.
     pub auth_file: Option<PathBuf>,
+    pub tls: Tls,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,6 +30,22 @@ pub struct Config {
 pub struct Listeners {
     /// MQTT over TCP.
     pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS (needs `tls`).
+    pub tls: Option<SocketAddr>,
+}
+
+/// Certificates for the TLS listener, PEM files re-read when they change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Verify client certificates against this CA bundle; clients without
+    /// a valid certificate are refused during the handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// Use the client certificate's Common Name as the MQTT user name (the
+    /// certificate then stands for the password).
+    pub cert_as_username: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +106,7 @@ impl Default for Config {
             sys_interval_secs: 10,
             shutdown_timeout_secs: 10,
             auth_file: None,
+            tls: Tls::default(),
         }
     }
 }
@@ -97,6 +115,7 @@ impl Default for Listeners {
     fn default() -> Self {
         Listeners {
             tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            tls: None,
         }
     }
 }
@@ -190,8 +209,16 @@ impl Config {
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");
         }
-        if self.listeners.tcp.is_none() {
+        if self.listeners.tcp.is_none() && self.listeners.tls.is_none() {
             return bad("no listener is configured");
+        }
+        if self.listeners.tls.is_some()
+            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
+        {
+            return bad("the TLS listener needs tls.cert_file and tls.key_file");
+        }
+        if self.tls.cert_as_username && self.tls.client_ca_file.is_none() {
+            return bad("tls.cert_as_username needs tls.client_ca_file");
         }
         Ok(())
     }

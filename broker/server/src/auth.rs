@@ -31,6 +31,8 @@ pub struct Identity {
     hash: Option<String>,
     rules: Arc<[AclRule]>,
     default: Permission,
+    /// Authenticated by a client certificate rather than a password.
+    certified: bool,
 }
 
 /// Why a login failed. One variant for unknown user and wrong password.
@@ -81,6 +83,9 @@ impl Policy {
 
     /// Whether a client logged in as `id` may stay after this policy came in.
     pub fn still_valid(&self, id: &Identity) -> bool {
+        if id.certified {
+            return true;
+        }
         match (&id.username, &id.hash) {
             (Some(u), Some(h)) => self.users.get(u).is_some_and(|(hash, _)| hash == h),
             (None, _) => self.allow_anonymous,
@@ -103,6 +108,7 @@ impl Policy {
             hash: id.hash.clone(),
             rules,
             default: self.default,
+            certified: id.certified,
         }
     }
 }
@@ -258,6 +264,25 @@ impl Auth {
         e.0 += 1;
     }
 
+    /// A client whose certificate (verified by the TLS layer) names `user`.
+    pub fn login_certified(&self, user: &str) -> Result<Identity, LoginError> {
+        let guard = self.policy.load_full();
+        let (hash, rules, default) = match guard.as_ref() {
+            None => (None, Arc::from(Vec::new()), Permission::Allow),
+            Some(p) => match p.users.get(user) {
+                Some((h, r)) => (Some(h.clone()), r.clone(), p.default),
+                None => (None, Arc::from(Vec::new()), p.default),
+            },
+        };
+        Ok(Identity {
+            username: Some(user.to_owned()),
+            hash,
+            rules,
+            default,
+            certified: true,
+        })
+    }
+
     /// Check a CONNECT's credentials.
     pub async fn login(
         &self,
@@ -272,6 +297,7 @@ impl Auth {
                 hash: None,
                 rules: Arc::from(Vec::new()),
                 default: Permission::Allow,
+                certified: false,
             });
         };
         let Some(username) = username else {
@@ -281,6 +307,7 @@ impl Auth {
                     hash: None,
                     rules: policy.anonymous.clone(),
                     default: policy.default,
+                    certified: false,
                 });
             }
             self.record_failure(addr);
@@ -305,6 +332,7 @@ impl Auth {
                 hash: Some(hash),
                 rules,
                 default: policy.default,
+                certified: false,
             }),
             _ => {
                 self.record_failure(addr);
@@ -376,6 +404,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into(),
             default: Permission::Deny,
+            certified: false,
         }
     }
 

@@ -67,9 +67,15 @@ impl From<DecodeError> for Close {
     }
 }
 
-/// Serve one client connection until it ends.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, shutdown: CancellationToken)
-where
+/// Serve one client connection until it ends. `cert_user` is the user name
+/// a verified client certificate stands for (`tls.cert_as_username`).
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    cert_user: Option<String>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut io = stream;
@@ -81,7 +87,7 @@ where
             return;
         }
     };
-    let Some(mut conn) = accept(broker.clone(), io, rbuf, peer, *connect).await else {
+    let Some(mut conn) = accept(broker.clone(), io, rbuf, peer, *connect, cert_user).await else {
         return;
     };
     broker
@@ -205,6 +211,7 @@ async fn accept<S>(
     rbuf: BytesMut,
     peer: SocketAddr,
     c: Connect,
+    cert_user: Option<String>,
 ) -> Option<Conn<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -233,11 +240,15 @@ where
         if broker.auth.blocked(peer.ip()) {
             ack.reason_code = refuse(reason::CONNECTION_RATE_EXCEEDED);
         } else {
-            match broker
-                .auth
-                .login(peer.ip(), c.username.as_deref(), c.password.as_deref())
-                .await
-            {
+            let login = match &cert_user {
+                // The verified certificate stands for the credentials.
+                Some(user) => broker.auth.login_certified(user),
+                None => {
+                    let (u, p) = (c.username.as_deref(), c.password.as_deref());
+                    broker.auth.login(peer.ip(), u, p).await
+                }
+            };
+            match login {
                 Ok(id) => identity = Some(id),
                 // One answer for an unknown user and a wrong password.
                 Err(LoginError::BadCredentials) => {

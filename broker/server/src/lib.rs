@@ -15,7 +15,8 @@
 //! - [`router`]: subscriptions in a persistent trie, read without locks.
 //! - [`retained`]: retained messages in a trie.
 //! - [`message`]: a message shared by `Arc` with every subscriber.
-//! - [`stats`]: counters, for `$SYS` and metrics.
+//! - [`stats`]: counters, for `$SYS` and metrics; rate limits.
+//! - [`tls`]: the TLS listener's certificates, reloaded when they change.
 
 pub mod auth;
 pub mod broker;
@@ -28,6 +29,7 @@ pub mod retained;
 pub mod router;
 pub mod session;
 pub mod stats;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +47,15 @@ pub use config::Config;
 pub struct Bound {
     pub broker: Arc<Broker>,
     pub tcp: Option<(TcpListener, SocketAddr)>,
+    pub tls: Option<(TcpListener, SocketAddr, Arc<tls::TlsState>)>,
+}
+
+async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = l.local_addr()?;
+    Ok((l, local))
 }
 
 /// Validate the configuration and bind every listener.
@@ -56,16 +67,18 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     )?;
     let broker = Broker::new(Arc::new(config), auth);
     let tcp = match broker.config.listeners.tcp {
+        Some(addr) => Some(listen(addr).await?),
+        None => None,
+    };
+    let tls = match broker.config.listeners.tls {
         Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-            let local = l.local_addr()?;
-            Some((l, local))
+            let state = Arc::new(tls::TlsState::new(&broker.config.tls)?);
+            let (l, a) = listen(addr).await?;
+            Some((l, a, state))
         }
         None => None,
     };
-    Ok(Bound { broker, tcp })
+    Ok(Bound { broker, tcp, tls })
 }
 
 impl Bound {
@@ -75,15 +88,36 @@ impl Bound {
     pub async fn serve(self, shutdown: CancellationToken) {
         let broker = self.broker;
         let tracker = TaskTracker::new();
+        // One connection cap for all listeners.
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            broker.config.limits.max_connections,
+        ));
         if let Some((listener, addr)) = self.tcp {
             info!(kind = "mqtt", %addr, "listening");
-            tracker.spawn(listener::serve_tcp(
+            let l = listener::serve_listener(
                 broker.clone(),
                 listener,
+                listener::Kind::Tcp,
+                permits.clone(),
                 shutdown.clone(),
                 tracker.clone(),
-            ));
+            );
+            tracker.spawn(l);
         }
+        if let Some((listener, addr, state)) = self.tls {
+            info!(kind = "mqtts", %addr, "listening");
+            tracker.spawn(run_tls_reload(state.clone(), shutdown.clone()));
+            let l = listener::serve_listener(
+                broker.clone(),
+                listener,
+                listener::Kind::Tls(state),
+                permits,
+                shutdown.clone(),
+                tracker.clone(),
+            );
+            tracker.spawn(l);
+        }
+        info!("accepting connections");
         tracker.spawn(run_timers(broker.clone(), shutdown.clone()));
         if broker.config.sys_interval_secs > 0 {
             tracker.spawn(run_sys(broker.clone(), shutdown.clone()));
@@ -141,6 +175,19 @@ async fn run_auth_reload(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = every.tick() => {
                 let b = broker.clone();
                 let _ = tokio::task::spawn_blocking(move || b.auth.reload_if_changed()).await;
+            }
+        }
+    }
+}
+
+async fn run_tls_reload(state: Arc<tls::TlsState>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {
+                let s = state.clone();
+                let _ = tokio::task::spawn_blocking(move || s.reload_if_changed()).await;
             }
         }
     }

@@ -1,13 +1,15 @@
-//! Accept loops. Connections are capped by a semaphore; a client over the
-//! cap gets a CONNACK "Server busy" from a small, separately capped pool of
+//! Accept loops. Connections are capped by a semaphore (shared by all
+//! listeners) and optionally rate limited per listener; a client over a
+//! limit gets a CONNACK refusal from a small, separately capped pool of
 //! refusal tasks, and beyond that its socket is simply closed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cirrus_codec::{reason, ConnAck, Packet};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,17 +17,28 @@ use tracing::{debug, warn};
 
 use crate::broker::Broker;
 use crate::stats::Stats;
+use crate::tls::TlsState;
 
 /// Refusals answered at once; more are closed without a word.
 const MAX_PENDING_REFUSALS: usize = 64;
+/// Time a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve_tcp(
+/// What a listener speaks.
+#[derive(Clone)]
+pub enum Kind {
+    Tcp,
+    Tls(Arc<TlsState>),
+}
+
+pub async fn serve_listener(
     broker: Arc<Broker>,
     listener: TcpListener,
+    kind: Kind,
+    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(broker.config.limits.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
     let mut rate = crate::stats::RateLimit::new(broker.config.limits.max_connection_rate);
     loop {
@@ -44,6 +57,7 @@ pub async fn serve_tcp(
         };
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
+        let kind = kind.clone();
         let rate_ok = rate
             .as_mut()
             .is_none_or(|r| r.try_take(std::time::Instant::now()));
@@ -51,7 +65,12 @@ pub async fn serve_tcp(
             Ok(permit) if rate_ok => {
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
-                    crate::connection::serve(broker, stream, peer, shutdown).await;
+                    match kind {
+                        Kind::Tcp => {
+                            crate::connection::serve(broker, stream, peer, None, shutdown).await
+                        }
+                        Kind::Tls(tls) => serve_tls(broker, stream, peer, &tls, shutdown).await,
+                    }
                     drop(permit);
                 });
             }
@@ -61,16 +80,25 @@ pub async fn serve_tcp(
                     debug!(%peer, "connection limit reached; closing");
                     continue;
                 };
-                let (v5, v3) = if rate_ok {
-                    (reason::SERVER_BUSY, reason::v3::SERVER_UNAVAILABLE)
+                let code = if rate_ok {
+                    reason::SERVER_BUSY
                 } else {
-                    (
-                        reason::CONNECTION_RATE_EXCEEDED,
-                        reason::v3::SERVER_UNAVAILABLE,
-                    )
+                    reason::CONNECTION_RATE_EXCEEDED
                 };
                 tracker.spawn(async move {
-                    refuse(broker, stream, v5, v3).await;
+                    match kind {
+                        Kind::Tcp => refuse(broker, stream, code).await,
+                        Kind::Tls(tls) => {
+                            if let Ok(Ok(s)) = tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                tls.acceptor().accept(stream),
+                            )
+                            .await
+                            {
+                                refuse(broker, s, code).await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -78,8 +106,45 @@ pub async fn serve_tcp(
     }
 }
 
-/// Read the CONNECT (briefly) and answer with a refusal in the client's version.
-async fn refuse(broker: Arc<Broker>, mut stream: tokio::net::TcpStream, v5_code: u8, v3_code: u8) {
+async fn serve_tls(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: &TlsState,
+    shutdown: CancellationToken,
+) {
+    let handshake =
+        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            Stats::inc(&broker.stats.connections_refused);
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cert_user = if tls.cert_as_username {
+        let (_, conn) = stream.get_ref();
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::tls::common_name(c))
+    } else {
+        None
+    };
+    crate::connection::serve(broker, stream, peer, cert_user, shutdown).await;
+}
+
+/// Read the CONNECT (briefly) and answer with a refusal in the client's
+/// version (MQTT 3.x gets "Server unavailable").
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: Arc<Broker>,
+    mut stream: S,
+    v5_code: u8,
+) {
     let mut buf = bytes::BytesMut::with_capacity(512);
     let max = broker.config.limits.max_packet_size as usize;
     let read = tokio::time::timeout(Duration::from_secs(2), async {
@@ -97,7 +162,11 @@ async fn refuse(broker: Arc<Broker>, mut stream: tokio::net::TcpStream, v5_code:
     })
     .await;
     if let Ok(Some(protocol)) = read {
-        let code = if protocol.is_v5() { v5_code } else { v3_code };
+        let code = if protocol.is_v5() {
+            v5_code
+        } else {
+            reason::v3::SERVER_UNAVAILABLE
+        };
         let mut out = bytes::BytesMut::new();
         cirrus_codec::encode(
             &Packet::ConnAck(ConnAck {
@@ -108,6 +177,10 @@ async fn refuse(broker: Arc<Broker>, mut stream: tokio::net::TcpStream, v5_code:
             protocol,
             &mut out,
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+        })
+        .await;
     }
 }

@@ -47,6 +47,18 @@ struct Args {
     /// Seconds between $SYS updates (0 = off).
     #[arg(long, env = "CIRRUS_SYS_INTERVAL")]
     sys_interval: Option<u64>,
+    /// MQTT over TLS listen address (e.g. 0.0.0.0:8883); needs --tls-cert and --tls-key.
+    #[arg(long, env = "CIRRUS_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM); reloaded when it changes.
+    #[arg(long, env = "CIRRUS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM); reloaded when it changes.
+    #[arg(long, env = "CIRRUS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA bundle (PEM).
+    #[arg(long, env = "CIRRUS_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Auth file (users, password hashes, ACLs); reloaded when it changes.
     #[arg(long, env = "CIRRUS_AUTH_FILE")]
     auth_file: Option<PathBuf>,
@@ -88,6 +100,18 @@ impl Args {
         }
         if let Some(p) = &self.auth_file {
             c.auth_file = Some(p.clone());
+        }
+        if let Some(v) = self.tls_listen {
+            c.listeners.tls = Some(v);
+        }
+        if let Some(p) = &self.tls_cert {
+            c.tls.cert_file = Some(p.clone());
+        }
+        if let Some(p) = &self.tls_key {
+            c.tls.key_file = Some(p.clone());
+        }
+        if let Some(p) = &self.tls_client_ca {
+            c.tls.client_ca_file = Some(p.clone());
         }
         c.validate()?;
         Ok(c)

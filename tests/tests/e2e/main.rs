@@ -14,4 +14,5 @@ mod qos;
 mod retain;
 mod session;
 mod shutdown;
+mod tls;
 mod v5;
