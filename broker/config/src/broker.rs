@@ -32,6 +32,10 @@ pub struct Listeners {
     pub tcp: Option<SocketAddr>,
     /// MQTT over TLS (needs `tls`).
     pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
+    pub ws: Option<SocketAddr>,
+    /// MQTT over secure WebSocket, with the TLS listener's certificates.
+    pub wss: Option<SocketAddr>,
 }
 
 /// Certificates for the TLS listener, PEM files re-read when they change.
@@ -116,6 +120,8 @@ impl Default for Listeners {
         Listeners {
             tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
             tls: None,
+            ws: None,
+            wss: None,
         }
     }
 }
@@ -209,13 +215,15 @@ impl Config {
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");
         }
-        if self.listeners.tcp.is_none() && self.listeners.tls.is_none() {
+        let ls = &self.listeners;
+        if ls.tcp.is_none() && ls.tls.is_none() && ls.ws.is_none() && ls.wss.is_none() {
             return bad("no listener is configured");
         }
-        if self.listeners.tls.is_some()
-            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
-        {
-            return bad("the TLS listener needs tls.cert_file and tls.key_file");
+        let tls_files = self.tls.cert_file.is_some() && self.tls.key_file.is_some();
+        if (ls.tls.is_some() || ls.wss.is_some()) && !tls_files {
+            return bad(
+                "the TLS and secure WebSocket listeners need tls.cert_file and tls.key_file",
+            );
         }
         if self.tls.cert_as_username && self.tls.client_ca_file.is_none() {
             return bad("tls.cert_as_username needs tls.client_ca_file");

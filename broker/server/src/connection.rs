@@ -417,12 +417,12 @@ where
             return Ok(());
         }
         let n = self.out.wbuf.len();
-        match tokio::time::timeout(
-            self.broker.config.write_timeout(),
-            self.io.write_all(&self.out.wbuf),
-        )
-        .await
-        {
+        // flush() matters for framed transports (WebSocket); on TCP it is free.
+        let write = async {
+            self.io.write_all(&self.out.wbuf).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.broker.config.write_timeout(), write).await {
             Ok(Ok(())) => {
                 Stats::add(&self.broker.stats.bytes_sent, n as u64);
                 self.out.wbuf.clear();

@@ -17,6 +17,7 @@
 //! - [`message`]: a message shared by `Arc` with every subscriber.
 //! - [`stats`]: counters, for `$SYS` and metrics; rate limits.
 //! - [`tls`]: the TLS listener's certificates, reloaded when they change.
+//! - [`websocket`]: MQTT over WebSocket as a byte stream.
 
 pub mod auth;
 pub mod broker;
@@ -30,6 +31,7 @@ pub mod router;
 pub mod session;
 pub mod stats;
 pub mod tls;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub struct Bound {
     pub broker: Arc<Broker>,
     pub tcp: Option<(TcpListener, SocketAddr)>,
     pub tls: Option<(TcpListener, SocketAddr, Arc<tls::TlsState>)>,
+    pub ws: Option<(TcpListener, SocketAddr)>,
+    pub wss: Option<(TcpListener, SocketAddr, Arc<tls::TlsState>)>,
 }
 
 async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -70,15 +74,32 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         Some(addr) => Some(listen(addr).await?),
         None => None,
     };
-    let tls = match broker.config.listeners.tls {
-        Some(addr) => {
-            let state = Arc::new(tls::TlsState::new(&broker.config.tls)?);
-            let (l, a) = listen(addr).await?;
-            Some((l, a, state))
-        }
+    let ls = &broker.config.listeners;
+    // One certificate state for TLS and secure WebSocket.
+    let tls_state = match ls.tls.is_some() || ls.wss.is_some() {
+        true => Some(Arc::new(tls::TlsState::new(&broker.config.tls)?)),
+        false => None,
+    };
+    let with_tls = |l: (TcpListener, SocketAddr)| tls_state.clone().map(|s| (l.0, l.1, s));
+    let tls = match ls.tls {
+        Some(addr) => with_tls(listen(addr).await?),
         None => None,
     };
-    Ok(Bound { broker, tcp, tls })
+    let ws = match ls.ws {
+        Some(addr) => Some(listen(addr).await?),
+        None => None,
+    };
+    let wss = match ls.wss {
+        Some(addr) => with_tls(listen(addr).await?),
+        None => None,
+    };
+    Ok(Bound {
+        broker,
+        tcp,
+        tls,
+        ws,
+        wss,
+    })
 }
 
 impl Bound {
@@ -104,18 +125,50 @@ impl Bound {
             );
             tracker.spawn(l);
         }
+        let mut reloading = None;
         if let Some((listener, addr, state)) = self.tls {
             info!(kind = "mqtts", %addr, "listening");
-            tracker.spawn(run_tls_reload(state.clone(), shutdown.clone()));
+            reloading = Some(state.clone());
+            let k = listener::Kind::Tls(state);
             let l = listener::serve_listener(
                 broker.clone(),
                 listener,
-                listener::Kind::Tls(state),
-                permits,
+                k,
+                permits.clone(),
                 shutdown.clone(),
                 tracker.clone(),
             );
             tracker.spawn(l);
+        }
+        if let Some((listener, addr)) = self.ws {
+            info!(kind = "ws", %addr, "listening");
+            let k = listener::Kind::Ws;
+            let l = listener::serve_listener(
+                broker.clone(),
+                listener,
+                k,
+                permits.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            );
+            tracker.spawn(l);
+        }
+        if let Some((listener, addr, state)) = self.wss {
+            info!(kind = "wss", %addr, "listening");
+            reloading = Some(state.clone());
+            let k = listener::Kind::Wss(state);
+            let l = listener::serve_listener(
+                broker.clone(),
+                listener,
+                k,
+                permits.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            );
+            tracker.spawn(l);
+        }
+        if let Some(state) = reloading {
+            tracker.spawn(run_tls_reload(state, shutdown.clone()));
         }
         info!("accepting connections");
         tracker.spawn(run_timers(broker.clone(), shutdown.clone()));

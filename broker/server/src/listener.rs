@@ -29,6 +29,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Kind {
     Tcp,
     Tls(Arc<TlsState>),
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss(Arc<TlsState>),
 }
 
 pub async fn serve_listener(
@@ -69,7 +73,21 @@ pub async fn serve_listener(
                         Kind::Tcp => {
                             crate::connection::serve(broker, stream, peer, None, shutdown).await
                         }
-                        Kind::Tls(tls) => serve_tls(broker, stream, peer, &tls, shutdown).await,
+                        Kind::Tls(tls) => {
+                            if let Some((s, user)) =
+                                tls_handshake(&broker, stream, peer, &tls).await
+                            {
+                                crate::connection::serve(broker, s, peer, user, shutdown).await;
+                            }
+                        }
+                        Kind::Ws => serve_ws(broker, stream, peer, None, shutdown).await,
+                        Kind::Wss(tls) => {
+                            if let Some((s, user)) =
+                                tls_handshake(&broker, stream, peer, &tls).await
+                            {
+                                serve_ws(broker, s, peer, user, shutdown).await;
+                            }
+                        }
                     }
                     drop(permit);
                 });
@@ -98,6 +116,8 @@ pub async fn serve_listener(
                                 refuse(broker, s, code).await;
                             }
                         }
+                        // Over WebSocket the refusal is the closed socket.
+                        Kind::Ws | Kind::Wss(_) => drop(stream),
                     }
                     drop(permit);
                 });
@@ -106,13 +126,13 @@ pub async fn serve_listener(
     }
 }
 
-async fn serve_tls(
-    broker: Arc<Broker>,
+/// The TLS handshake, and the user name a client certificate stands for.
+async fn tls_handshake(
+    broker: &Broker,
     stream: TcpStream,
     peer: SocketAddr,
     tls: &TlsState,
-    shutdown: CancellationToken,
-) {
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>)> {
     let handshake =
         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await;
     let stream = match handshake {
@@ -120,11 +140,11 @@ async fn serve_tls(
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake failed");
             Stats::inc(&broker.stats.connections_refused);
-            return;
+            return None;
         }
         Err(_) => {
             debug!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let cert_user = if tls.cert_as_username {
@@ -135,7 +155,25 @@ async fn serve_tls(
     } else {
         None
     };
-    crate::connection::serve(broker, stream, peer, cert_user, shutdown).await;
+    Some((stream, cert_user))
+}
+
+async fn serve_ws<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    cert_user: Option<String>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // A WebSocket message carries at least one whole MQTT packet.
+    let max = broker.config.limits.max_packet_size as usize + 16;
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::websocket::accept(stream, max)).await {
+        Ok(Ok(ws)) => crate::connection::serve(broker, ws, peer, cert_user, shutdown).await,
+        Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
+        Err(_) => debug!(%peer, "WebSocket upgrade timed out"),
+    }
 }
 
 /// Read the CONNECT (briefly) and answer with a refusal in the client's

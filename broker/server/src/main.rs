@@ -59,6 +59,12 @@ struct Args {
     /// Require client certificates signed by this CA bundle (PEM).
     #[arg(long, env = "CIRRUS_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// MQTT over WebSocket listen address (path /mqtt).
+    #[arg(long, env = "CIRRUS_WS_LISTEN")]
+    ws_listen: Option<SocketAddr>,
+    /// MQTT over secure WebSocket listen address (the TLS certificates).
+    #[arg(long, env = "CIRRUS_WSS_LISTEN")]
+    wss_listen: Option<SocketAddr>,
     /// Auth file (users, password hashes, ACLs); reloaded when it changes.
     #[arg(long, env = "CIRRUS_AUTH_FILE")]
     auth_file: Option<PathBuf>,
@@ -103,6 +109,12 @@ impl Args {
         }
         if let Some(v) = self.tls_listen {
             c.listeners.tls = Some(v);
+        }
+        if let Some(v) = self.ws_listen {
+            c.listeners.ws = Some(v);
+        }
+        if let Some(v) = self.wss_listen {
+            c.listeners.wss = Some(v);
         }
         if let Some(p) = &self.tls_cert {
             c.tls.cert_file = Some(p.clone());

@@ -16,3 +16,4 @@ mod session;
 mod shutdown;
 mod tls;
 mod v5;
+mod websocket;
