@@ -25,6 +25,8 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The signature is tungstenite's `Callback`; its error type is theirs.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let refuse = |code: StatusCode| {
             let mut r = ErrorResponse::new(None);
