@@ -15,7 +15,7 @@ pub mod k8s;
 pub mod process;
 
 pub use client::{Client, Next, Opts};
-pub use process::{broker_bin, tool, BrokerProcess};
+pub use process::{broker_bin, run_python, tool, BrokerProcess};
 
 /// How long any single wait in a test may take.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -223,3 +223,26 @@ impl Drop for BrokerProcess {
         }
     }
 }
+
+/// Run a Python script (Debian's python3, which has paho) with arguments,
+/// at most 30 s; fails the test with its output unless it exits 0.
+pub async fn run_python(script: &str, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(tool("python3"))
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("python script timed out")
+    .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "python script failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -48,10 +48,27 @@ pub use config::Config;
 /// A broker whose listeners are bound; [`Bound::serve`] runs it.
 pub struct Bound {
     pub broker: Arc<Broker>,
-    pub tcp: Option<(TcpListener, SocketAddr)>,
-    pub tls: Option<(TcpListener, SocketAddr, Arc<tls::TlsState>)>,
-    pub ws: Option<(TcpListener, SocketAddr)>,
-    pub wss: Option<(TcpListener, SocketAddr, Arc<tls::TlsState>)>,
+    pub listeners: Vec<BoundListener>,
+    /// The certificates shared by the TLS and secure WebSocket listeners.
+    tls: Option<Arc<tls::TlsState>>,
+}
+
+pub struct BoundListener {
+    /// `mqtt`, `mqtts`, `ws` or `wss`, as logged.
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    listener: TcpListener,
+    kind: listener::Kind,
+}
+
+impl Bound {
+    /// The address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
 }
 
 async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -70,35 +87,34 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         config.limits.max_failed_logins_per_minute,
     )?;
     let broker = Broker::new(Arc::new(config), auth);
-    let tcp = match broker.config.listeners.tcp {
-        Some(addr) => Some(listen(addr).await?),
-        None => None,
-    };
-    let ls = &broker.config.listeners;
+    let ls = broker.config.listeners.clone();
     // One certificate state for TLS and secure WebSocket.
     let tls_state = match ls.tls.is_some() || ls.wss.is_some() {
         true => Some(Arc::new(tls::TlsState::new(&broker.config.tls)?)),
         false => None,
     };
-    let with_tls = |l: (TcpListener, SocketAddr)| tls_state.clone().map(|s| (l.0, l.1, s));
-    let tls = match ls.tls {
-        Some(addr) => with_tls(listen(addr).await?),
-        None => None,
-    };
-    let ws = match ls.ws {
-        Some(addr) => Some(listen(addr).await?),
-        None => None,
-    };
-    let wss = match ls.wss {
-        Some(addr) => with_tls(listen(addr).await?),
-        None => None,
-    };
+    let mut listeners = Vec::new();
+    let wanted = [
+        ("mqtt", ls.tcp, Some(listener::Kind::Tcp)),
+        ("mqtts", ls.tls, tls_state.clone().map(listener::Kind::Tls)),
+        ("ws", ls.ws, Some(listener::Kind::Ws)),
+        ("wss", ls.wss, tls_state.clone().map(listener::Kind::Wss)),
+    ];
+    for (name, addr, kind) in wanted {
+        if let (Some(addr), Some(kind)) = (addr, kind) {
+            let (listener, addr) = listen(addr).await?;
+            listeners.push(BoundListener {
+                name,
+                addr,
+                listener,
+                kind,
+            });
+        }
+    }
     Ok(Bound {
         broker,
-        tcp,
-        tls,
-        ws,
-        wss,
+        listeners,
+        tls: tls_state,
     })
 }
 
@@ -113,61 +129,19 @@ impl Bound {
         let permits = Arc::new(tokio::sync::Semaphore::new(
             broker.config.limits.max_connections,
         ));
-        if let Some((listener, addr)) = self.tcp {
-            info!(kind = "mqtt", %addr, "listening");
-            let l = listener::serve_listener(
+        for l in self.listeners {
+            info!(kind = l.name, addr = %l.addr, "listening");
+            let serve = listener::serve_listener(
                 broker.clone(),
-                listener,
-                listener::Kind::Tcp,
+                l.listener,
+                l.kind,
                 permits.clone(),
                 shutdown.clone(),
                 tracker.clone(),
             );
-            tracker.spawn(l);
+            tracker.spawn(serve);
         }
-        let mut reloading = None;
-        if let Some((listener, addr, state)) = self.tls {
-            info!(kind = "mqtts", %addr, "listening");
-            reloading = Some(state.clone());
-            let k = listener::Kind::Tls(state);
-            let l = listener::serve_listener(
-                broker.clone(),
-                listener,
-                k,
-                permits.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            );
-            tracker.spawn(l);
-        }
-        if let Some((listener, addr)) = self.ws {
-            info!(kind = "ws", %addr, "listening");
-            let k = listener::Kind::Ws;
-            let l = listener::serve_listener(
-                broker.clone(),
-                listener,
-                k,
-                permits.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            );
-            tracker.spawn(l);
-        }
-        if let Some((listener, addr, state)) = self.wss {
-            info!(kind = "wss", %addr, "listening");
-            reloading = Some(state.clone());
-            let k = listener::Kind::Wss(state);
-            let l = listener::serve_listener(
-                broker.clone(),
-                listener,
-                k,
-                permits.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            );
-            tracker.spawn(l);
-        }
-        if let Some(state) = reloading {
+        if let Some(state) = self.tls {
             tracker.spawn(run_tls_reload(state, shutdown.clone()));
         }
         info!("accepting connections");

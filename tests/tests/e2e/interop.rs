@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cirrus_codec::{reason, QoS};
-use cirrus_e2e::{tool, BrokerProcess, Client, Opts};
+use cirrus_e2e::{run_python, tool, BrokerProcess, Client, Opts};
 
 /// Wait until someone is subscribed to `topic`: a QoS 1 probe is answered
 /// 0x10 while nobody is.
@@ -173,23 +173,8 @@ pub.disconnect(); sub.disconnect()
 pub.loop_stop(); sub.loop_stop()
 print("ok")
 "#;
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(tool("python3"))
-            .arg("-c")
-            .arg(script)
-            .arg(b.addr.port().to_string())
-            .output(),
-    )
-    .await
-    .expect("paho script timed out")
-    .expect("run python3");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
-        "paho failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_python(script, &[&b.addr.port().to_string()]).await;
+    assert!(out.contains("ok"), "{out}");
 }
 
 #[tokio::test]
@@ -228,21 +213,6 @@ assert flags.get("session present") == 1, flags
 c.disconnect(); c.loop_stop()
 print("ok")
 "#;
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(tool("python3"))
-            .arg("-c")
-            .arg(script)
-            .arg(b.addr.port().to_string())
-            .output(),
-    )
-    .await
-    .expect("paho script timed out")
-    .expect("run python3");
-    assert!(
-        out.status.success(),
-        "paho failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_python(script, &[&b.addr.port().to_string()]).await;
+    assert!(out.contains("ok"), "{out}");
 }

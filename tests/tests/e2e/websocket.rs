@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use cirrus_codec::QoS;
-use cirrus_e2e::{tool, BrokerProcess, Client, Opts};
+use cirrus_e2e::{run_python, BrokerProcess, Client, Opts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PAHO_WS: &str = r#"
@@ -30,21 +30,8 @@ print("ok")
 "#;
 
 async fn paho(port: u16, topic: &str, cafile: &str) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(tool("python3"))
-            .args(["-c", PAHO_WS, &port.to_string(), topic, cafile])
-            .output(),
-    )
-    .await
-    .expect("paho timed out")
-    .expect("python3");
-    assert!(
-        out.status.success(),
-        "paho over WebSocket failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_python(PAHO_WS, &[&port.to_string(), topic, cafile]).await;
+    assert!(out.contains("ok"), "{out}");
 }
 
 #[tokio::test]
