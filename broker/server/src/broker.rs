@@ -345,20 +345,17 @@ impl Broker {
     }
 
     fn publish_will(&self, will: LastWill, client_id: &ByteString) {
-        let now = Instant::now();
         let mut properties = will.properties;
         properties.will_delay_interval = None;
-        let expires_at =
-            Message::expiry_from_interval(properties.message_expiry_interval.take(), now);
-        let msg = Arc::new(Message {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
+        let publisher = Some(client_id.clone());
+        let msg = Arc::new(Message::from_wire(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
             properties,
-            expires_at,
-            publisher: Some(client_id.clone()),
-        });
+            publisher,
+        ));
         let mut scratch = Vec::new();
         self.publish(msg, &mut scratch);
     }

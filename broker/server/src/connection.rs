@@ -725,19 +725,10 @@ where
         {
             reason::PAYLOAD_FORMAT_INVALID
         } else {
-            let now = Instant::now();
-            let mut properties = p.properties;
-            let expires_at =
-                Message::expiry_from_interval(properties.message_expiry_interval.take(), now);
-            let msg = Arc::new(Message {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos,
-                retain: p.retain,
-                properties,
-                expires_at,
-                publisher: Some(self.client_id.clone()),
-            });
+            let publisher = Some(self.client_id.clone());
+            let msg =
+                Message::from_wire(p.topic, p.payload, p.qos, p.retain, p.properties, publisher);
+            let msg = Arc::new(msg);
             let outcome = self.broker.publish(msg, &mut self.scratch);
             if outcome.backlogged.is_some() {
                 self.backlogged = outcome.backlogged;

@@ -23,6 +23,31 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message from what a client sent (a PUBLISH or a will): its Message
+    /// Expiry Interval becomes a deadline, the rest passes through.
+    pub fn from_wire(
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: Properties,
+        publisher: Option<ByteString>,
+    ) -> Message {
+        let expires_at = Message::expiry_from_interval(
+            properties.message_expiry_interval.take(),
+            Instant::now(),
+        );
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            publisher,
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
