@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cirrus_config::auth::{AuthFile, User};
-use cirrus_operator_api::{set_condition, MqttBroker, MqttBrokerStatus, MqttUser};
+use cirrus_operator_api::{set_condition, MqttBroker, MqttUser};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -47,7 +47,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 fn error_policy(b: Arc<MqttBroker>, e: &Error, ctx: Arc<Context>) -> Action {
     warn!(broker = %b.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
-    Action::requeue(ctx.resync.min(std::time::Duration::from_secs(30)))
+    Action::requeue(ctx.retry_delay())
 }
 
 pub(crate) async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
@@ -86,28 +86,6 @@ pub(crate) fn condition(
     }
 }
 
-async fn write_status(
-    api: &Api<MqttBroker>,
-    b: &MqttBroker,
-    status: MqttBrokerStatus,
-) -> Result<(), Error> {
-    if b.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "mqtt.cirrus.dev/v1alpha1",
-        "kind": "MqttBroker",
-        "status": status,
-    });
-    api.patch_status(
-        &b.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
 #[instrument(skip_all, fields(broker = %b.name_any(), namespace = b.namespace().unwrap_or_default()))]
 pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, Error> {
     let client = &ctx.client;
@@ -130,7 +108,7 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
                 publish(&ctx, &*b, EventType::Warning, "InvalidSpec", msg).await;
             }
             status.observed_generation = generation;
-            write_status(&api, &b, status).await?;
+            crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
             // Nothing to retry until the spec changes.
             return Ok(Action::await_change());
         }
@@ -217,7 +195,7 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
         )
         .await;
     }
-    write_status(&api, &b, status).await?;
+    crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
     info!("reconciled");
     Ok(Action::requeue(ctx.resync))
 }

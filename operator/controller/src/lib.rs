@@ -92,6 +92,41 @@ impl Context {
     }
 }
 
+impl Context {
+    /// How soon a failed reconcile is tried again.
+    pub fn retry_delay(&self) -> Duration {
+        self.resync.min(Duration::from_secs(30))
+    }
+}
+
+/// Write `status` to `obj`'s status subresource by server-side apply, unless
+/// it is what the object already has (a reconcile that changes nothing
+/// writes nothing).
+pub(crate) async fn write_status<K, S>(
+    api: &kube::Api<K>,
+    obj: &K,
+    current: Option<&S>,
+    status: S,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if current == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let pp = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&name, &pp, &kube::api::Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
 /// Run both controllers until `shutdown` is cancelled.
 pub async fn run(
     client: Client,

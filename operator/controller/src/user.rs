@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use cirrus_operator_api::{set_condition, MqttBroker, MqttUser, MqttUserStatus};
+use cirrus_operator_api::{set_condition, MqttBroker, MqttUser};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -17,7 +17,7 @@ use tracing::{instrument, warn};
 
 use crate::broker::{condition, publish};
 use crate::resources::{self, PASSWORD_KEY};
-use crate::{auth, Context, Error, FIELD_MANAGER};
+use crate::{auth, Context, Error};
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
@@ -35,7 +35,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 fn error_policy(u: Arc<MqttUser>, e: &Error, ctx: Arc<Context>) -> Action {
     warn!(user = %u.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
-    Action::requeue(ctx.resync.min(std::time::Duration::from_secs(30)))
+    Action::requeue(ctx.retry_delay())
 }
 
 /// The user's current password: from the referenced Secret, or the one the
@@ -52,24 +52,6 @@ pub async fn password(secrets: &Api<Secret>, u: &MqttUser) -> Result<Option<Stri
         .and_then(|d| d.get(&key).cloned())
         .and_then(|v| String::from_utf8(v.0).ok())
         .filter(|p| !p.is_empty()))
-}
-
-async fn write_status(
-    api: &Api<MqttUser>,
-    u: &MqttUser,
-    status: MqttUserStatus,
-) -> Result<(), Error> {
-    if u.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({"apiVersion": "mqtt.cirrus.dev/v1alpha1", "kind": "MqttUser", "status": status});
-    api.patch_status(
-        &u.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }
 
 #[instrument(skip_all, fields(user = %u.name_any(), namespace = u.namespace().unwrap_or_default()))]
@@ -195,6 +177,6 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
             Action::requeue(ctx.resync)
         }
     };
-    write_status(&api, &u, status).await?;
+    crate::write_status(&api, &*u, u.status.as_ref(), status).await?;
     Ok(requeue)
 }
