@@ -7,15 +7,19 @@
 //! [`k8s`] gives the operator tests a real Kubernetes API server.
 //!
 //! Tests talk to the broker's address only, never to its internals, so the
-//! same tests run against any store the broker is started with.
+//! same tests run against any store the broker is started with: with
+//! `CIRRUS_TEST_STORE=redis` every [`BrokerProcess`] gets its own real
+//! `redis-server` ([`RedisServer`]) and runs on the Redis store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
 pub mod k8s;
 pub mod process;
+pub mod redis;
 
 pub use client::{Client, Next, Opts};
 pub use process::{broker_bin, run_python, tool, BrokerProcess};
+pub use redis::{redis_store_wanted, RedisServer};
 
 /// How long any single wait in a test may take.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -70,6 +70,8 @@ pub struct BrokerProcess {
     pub addrs: std::collections::HashMap<String, SocketAddr>,
     log: Arc<Mutex<String>>,
     config_file: Option<PathBuf>,
+    /// The Redis this broker owns (`CIRRUS_TEST_STORE=redis`).
+    pub redis: Option<crate::redis::RedisServer>,
 }
 
 impl BrokerProcess {
@@ -92,9 +94,22 @@ impl BrokerProcess {
         Self::spawn(args, Some(path), &[])
     }
 
+    /// Start one pod of a cluster on the given Redis.
+    pub fn start_on_redis(redis_url: &str, args: &[&str]) -> BrokerProcess {
+        let mut all = vec!["--redis", redis_url, "--node-timeout-ms", "1000"];
+        all.extend_from_slice(args);
+        Self::spawn(&all, None, &[])
+    }
+
     fn spawn(args: &[&str], config_file: Option<PathBuf>, env: &[(&str, &str)]) -> BrokerProcess {
         let mut cmd = Command::new(broker_bin());
         cmd.args(["--listen", "127.0.0.1:0"]);
+        let mut redis = None;
+        if crate::redis::redis_store_wanted() && !args.contains(&"--redis") {
+            let r = crate::redis::RedisServer::start();
+            cmd.args(["--redis", &r.url()]);
+            redis = Some(r);
+        }
         if !args.contains(&"--sys-interval") {
             cmd.args(["--sys-interval", "0"]);
         }
@@ -164,6 +179,7 @@ impl BrokerProcess {
             addrs,
             log,
             config_file,
+            redis,
         }
     }
 

@@ -23,6 +23,40 @@ pub struct Config {
     /// Without one every client is allowed everything.
     pub auth_file: Option<PathBuf>,
     pub tls: Tls,
+    /// The Redis store; without a URL the broker keeps state in memory.
+    pub redis: Redis,
+}
+
+/// Where the cluster's shared state lives. The URL may carry a password:
+/// the operator passes it in an environment variable from a Secret, never
+/// in the ConfigMap.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Redis {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://...` (TLS).
+    pub url: Option<String>,
+    /// A pod silent for this long is dead: its routes are dropped and its
+    /// clients' wills published by a survivor.
+    pub node_timeout_ms: u64,
+}
+
+impl Default for Redis {
+    fn default() -> Self {
+        Redis {
+            url: None,
+            node_timeout_ms: 5000,
+        }
+    }
+}
+
+impl std::fmt::Debug for Redis {
+    // The URL may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("node_timeout_ms", &self.node_timeout_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +145,7 @@ impl Default for Config {
             shutdown_timeout_secs: 10,
             auth_file: None,
             tls: Tls::default(),
+            redis: Redis::default(),
         }
     }
 }
@@ -214,6 +249,14 @@ impl Config {
         }
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");
+        }
+        if let Some(u) = &self.redis.url {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return bad("redis.url must start with redis:// or rediss://");
+            }
+        }
+        if self.redis.node_timeout_ms < 1000 {
+            return bad("redis.node_timeout_ms must be at least 1000");
         }
         let ls = &self.listeners;
         if ls.tcp.is_none() && ls.tls.is_none() && ls.ws.is_none() && ls.wss.is_none() {

@@ -8,22 +8,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cirrus_codec::topic::FilterRef;
+use cirrus_codec::topic::{parse_filter, FilterRef};
 use cirrus_codec::{
-    ByteString, Bytes, LastWill, Properties, Protocol, QoS, RetainHandling, SubscriptionOptions,
+    reason, ByteString, Bytes, LastWill, PacketId, Properties, Protocol, QoS, RetainHandling,
+    SubscriptionOptions,
 };
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Cluster, Pending};
 use crate::config::Config;
 use crate::message::{Delivery, Message};
 use crate::retained::{RetainedStore, SetOutcome};
 use crate::router::{Match, Router, Subscriber};
-use crate::session::{Attachment, Enqueued, PendingWill, QueueLimits, Session, SubscriptionEntry};
+use crate::session::{
+    Attachment, Enqueued, Inflight, OutState, PendingWill, QueueLimits, Session, SubscriptionEntry,
+};
 use crate::stats::Stats;
 
 /// What a connection asks for when its CONNECT is accepted.
@@ -45,7 +49,6 @@ pub struct Grant {
 }
 
 /// Result of routing one publish.
-#[derive(Debug, Clone)]
 pub struct PublishOutcome {
     /// Sessions the message was queued for.
     pub delivered: usize,
@@ -54,6 +57,21 @@ pub struct PublishOutcome {
     /// A session whose queue is past half full: the publisher should wait
     /// for it briefly (backpressure), see [`Session::wait_for_space`].
     pub backlogged: Option<Arc<Session>>,
+    /// Redis store: the message on its way to other pods and persistent
+    /// sessions; a QoS 1/2 message is acknowledged once this finishes.
+    pub remote: Option<Pending>,
+}
+
+impl PublishOutcome {
+    /// For publishes nobody acknowledges (wills): make sure the remote
+    /// part is still sent.
+    fn detach(self) {
+        if let Some(p) = self.remote {
+            if p.must_wait() {
+                tokio::spawn(p.finish());
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +108,8 @@ pub struct Broker {
     timers: Mutex<BTreeMap<(Instant, u64), Timer>>,
     started: Instant,
     id_salt: u64,
+    /// The Redis store, when configured.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl Broker {
@@ -108,7 +128,21 @@ impl Broker {
             timers: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
             id_salt: salt,
+            cluster: OnceLock::new(),
         })
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    pub fn set_cluster(&self, c: Arc<Cluster>) {
+        let _ = self.cluster.set(c);
+    }
+
+    /// Whether the store can take new work (always, for memory).
+    pub fn store_ready(&self) -> bool {
+        self.cluster().is_none_or(|c| c.is_ready())
     }
 
     fn next_id(&self) -> u64 {
@@ -141,9 +175,78 @@ impl Broker {
 
     /// Attach a new connection to the client's session, creating or
     /// replacing it as Clean Start says, and kick any connection that held
-    /// it ([MQTT-3.1.4-3]).
-    pub fn connect(&self, req: ConnectRequest) -> Grant {
+    /// it ([MQTT-3.1.4-3]) — on this pod or, with the Redis store, on
+    /// another. `Err` is the CONNACK reason code (the store is unavailable).
+    pub async fn connect(&self, req: ConnectRequest, will: Option<&LastWill>) -> Result<Grant, u8> {
         let epoch = self.next_id();
+        let Some(cluster) = self.cluster() else {
+            return Ok(self.attach(req, epoch).0);
+        };
+        let claim = cluster
+            .claim(
+                &req.client_id,
+                req.clean_start,
+                req.expiry_interval,
+                will,
+                epoch,
+            )
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "session claim failed");
+                reason::SERVER_UNAVAILABLE
+            })?;
+        let persistent = req.expiry_interval > 0;
+        let (mut grant, local_present) = self.attach(req, epoch);
+        let session = grant.session.clone();
+        session.set_stream_fed(persistent);
+        if claim.present && !local_present {
+            for (full, o, id) in &claim.subs {
+                let Ok(fr) = parse_filter(full) else { continue };
+                if let Ok(existed) = self.subscribe_inner(&session, full, fr, *o, *id, false) {
+                    if cluster
+                        .subscribed(&session, full, *o, *id, existed, false)
+                        .await
+                        .is_err()
+                    {
+                        return Err(reason::SERVER_UNAVAILABLE);
+                    }
+                }
+            }
+            let mut st = session.state.lock();
+            for pid in claim.rel.iter().filter_map(|&p| PacketId::new(p)) {
+                if st.find_inflight(pid).is_none() {
+                    st.inflight.push_back(Inflight {
+                        packet_id: pid,
+                        state: OutState::AwaitComp,
+                        delivery: Delivery {
+                            msg: Arc::new(Message::from_wire(
+                                ByteString::new(),
+                                Bytes::new(),
+                                QoS::ExactlyOnce,
+                                false,
+                                Properties::default(),
+                                None,
+                            )),
+                            qos: QoS::ExactlyOnce,
+                            retain: false,
+                            sub_ids: Vec::new(),
+                            ack: None,
+                            dup: false,
+                        },
+                    });
+                }
+            }
+        }
+        grant.session_present = claim.present || local_present;
+        if persistent {
+            cluster.start_puller(session, epoch, claim.hw);
+        }
+        Ok(grant)
+    }
+
+    /// The local half of a connect; returns whether the local session was
+    /// there already.
+    fn attach(&self, req: ConnectRequest, epoch: u64) -> (Grant, bool) {
         let wake = Arc::new(Notify::new());
         let kick = CancellationToken::new();
         let mut ended = None;
@@ -184,13 +287,16 @@ impl Broker {
         if let Some(old) = ended {
             self.end_session(&old, true);
         }
-        Grant {
-            session,
+        (
+            Grant {
+                session,
+                session_present,
+                epoch,
+                wake,
+                kick,
+            },
             session_present,
-            epoch,
-            wake,
-            kick,
-        }
+        )
     }
 
     /// A connection ended. `will` is the will to publish (it already knows
@@ -226,6 +332,34 @@ impl Broker {
                 st.expiry_interval = e;
             }
             let expiry = st.expiry_interval;
+            if let Some(cluster) = self.cluster() {
+                // The pod forgets the session; Redis keeps what outlives
+                // the connection, and whoever serves the client next
+                // resumes from there.
+                let rel: Vec<u16> = st
+                    .inflight
+                    .iter()
+                    .filter(|i| i.state == OutState::AwaitComp)
+                    .map(|i| i.packet_id.get())
+                    .collect();
+                let hw = st.stream_hw.clone();
+                drop(st);
+                let c = cluster.clone();
+                let cid = session.client_id.clone();
+                tokio::spawn(
+                    async move { c.release(&cid, epoch, expiry, &rel, hw.as_deref()).await },
+                );
+                if let Some(w) = will {
+                    let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
+                    if delay == 0 {
+                        self.publish_will(w, &session.client_id);
+                    } else {
+                        self.delayed_will(cluster, w, session.client_id.clone(), delay);
+                    }
+                }
+                self.end_session(session, false);
+                return;
+            }
             if expiry == 0 {
                 end_now = true;
                 publish_now = will;
@@ -252,6 +386,27 @@ impl Broker {
         if end_now {
             self.end_session(session, false);
         }
+    }
+
+    /// Redis store: a will with a delay goes out when the delay passed and
+    /// the client has not come back to any pod.
+    fn delayed_will(
+        &self,
+        cluster: &Arc<Cluster>,
+        will: LastWill,
+        client_id: ByteString,
+        delay: u32,
+    ) {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            if cluster.is_connected(&client_id).await {
+                return;
+            }
+            if let Some(b) = cluster.broker() {
+                b.publish_will(will, &client_id);
+            }
+        });
     }
 
     fn add_timer(&self, due: Instant, session: &Arc<Session>, epoch: u64, kind: TimerKind) {
@@ -297,6 +452,11 @@ impl Broker {
             )
         };
         session.set_online(false);
+        if let Some(c) = self.cluster() {
+            c.stop_puller(&session.client_id);
+            let filters: Vec<ByteString> = subs.keys().cloned().collect();
+            c.dropped_local(&filters);
+        }
         for filter in subs.keys() {
             if let Ok(fr) = cirrus_codec::topic::parse_filter(filter) {
                 if self
@@ -344,7 +504,7 @@ impl Broker {
         }
     }
 
-    fn publish_will(&self, will: LastWill, client_id: &ByteString) {
+    pub fn publish_will(&self, will: LastWill, client_id: &ByteString) {
         let mut properties = will.properties;
         properties.will_delay_interval = None;
         let publisher = Some(client_id.clone());
@@ -356,8 +516,13 @@ impl Broker {
             properties,
             publisher,
         ));
+        self.publish_message(msg);
+    }
+
+    /// Publish a message nobody waits for (wills).
+    pub fn publish_message(&self, msg: Arc<Message>) {
         let mut scratch = Vec::new();
-        self.publish(msg, &mut scratch);
+        self.publish(msg, &mut scratch).detach();
     }
 
     /// Route a message to every matching session. `scratch` is the caller's
@@ -369,7 +534,40 @@ impl Broker {
                 .retained
                 .set(msg.clone(), self.config.mqtt.max_retained_messages)
                 == SetOutcome::Full;
+            if let (false, Some(c)) = (retain_refused, self.cluster()) {
+                c.retain(&msg);
+            }
         }
+        let (mut delivered, backlogged) = self.route_local(&msg, scratch);
+        let mut remote = None;
+        if let Some(c) = self.cluster() {
+            let (n, pending) = c.forward(&msg);
+            delivered += n;
+            remote = pending;
+        }
+        PublishOutcome {
+            delivered,
+            retain_refused,
+            backlogged,
+            remote,
+        }
+    }
+
+    /// A message from another pod's publish: local subscribers only.
+    pub fn deliver_remote(&self, msg: Arc<Message>) {
+        let mut scratch = Vec::new();
+        self.route_local(&msg, &mut scratch);
+    }
+
+    /// Deliver to the subscribers on this pod. With the Redis store, shared
+    /// groups and the QoS 1/2 messages of persistent sessions are not served
+    /// here: they travel through their Redis streams.
+    fn route_local(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Match>,
+    ) -> (usize, Option<Arc<Session>>) {
+        let clustered = self.cluster().is_some();
         scratch.clear();
         self.router.matches(&msg.topic, scratch);
         // Overlapping subscriptions of one session become one delivery with
@@ -384,6 +582,10 @@ impl Broker {
         while i < scratch.len() {
             let first = &scratch[i];
             let mut j = i + 1;
+            if clustered && first.shared {
+                i = j;
+                continue;
+            }
             if !first.shared {
                 while j < scratch.len()
                     && !scratch[j].shared
@@ -406,11 +608,18 @@ impl Broker {
                 }
             }
             if let Some(q) = qos {
+                let q = q.min(msg.qos);
+                if clustered && q != QoS::AtMostOnce && first.session.is_stream_fed() {
+                    i = j;
+                    continue;
+                }
                 let d = Delivery {
                     msg: msg.clone(),
-                    qos: q.min(msg.qos),
+                    qos: q,
                     retain,
                     sub_ids,
+                    ack: None,
+                    dup: false,
                 };
                 match first.session.enqueue(d, limits, &self.stats) {
                     Enqueued::Queued => delivered += 1,
@@ -426,11 +635,89 @@ impl Broker {
             i = j;
         }
         scratch.clear();
-        PublishOutcome {
-            delivered,
-            retain_refused,
-            backlogged,
+        (delivered, backlogged)
+    }
+
+    /// Redis store: a message of a shared group's stream, for one member
+    /// on this pod.
+    pub fn deliver_shared(&self, full: &str, msg: Arc<Message>) -> bool {
+        let Ok(fr) = parse_filter(full) else {
+            return false;
+        };
+        let Some(group) = fr.share_group else {
+            return false;
+        };
+        let Some(m) = self.router.pick_shared(group, fr.filter) else {
+            self.stats.dropped(crate::stats::DropReason::Offline);
+            return false;
+        };
+        let d = Delivery {
+            qos: m.options.qos.min(msg.qos),
+            msg,
+            retain: false,
+            sub_ids: m.sub_id.into_iter().collect(),
+            ack: None,
+            dup: false,
+        };
+        m.session.enqueue(d, self.queue_limits(), &self.stats) != Enqueued::Dropped
+    }
+
+    /// Redis store: a message read from a persistent session's stream.
+    /// False when it was not queued (the caller acknowledges it then).
+    pub fn deliver_stored(
+        &self,
+        session: &Arc<Session>,
+        msg: Arc<Message>,
+        id: ByteString,
+        dup: bool,
+    ) -> bool {
+        let d = {
+            let st = session.state.lock();
+            crate::cluster::delivery_for(&st.subscriptions, msg)
+        };
+        let Some(mut d) = d else { return false };
+        if d.qos == QoS::AtMostOnce {
+            session.enqueue(d, self.queue_limits(), &self.stats);
+            return false;
         }
+        d.ack = Some(id);
+        d.dup = dup;
+        session.enqueue(d, self.queue_limits(), &self.stats) != Enqueued::Dropped
+    }
+
+    /// Redis store: another pod took this client over.
+    pub fn kick_local(&self, client_id: &str) {
+        let s = self.sessions.lock().get(client_id).cloned();
+        if let Some(s) = s {
+            if let Some(a) = &s.state.lock().attached {
+                a.kick.cancel();
+            }
+        }
+    }
+
+    /// Redis store: a retained message set on another pod.
+    pub fn mirror_retained(&self, msg: Arc<Message>) {
+        self.retained
+            .set(msg, self.config.mqtt.max_retained_messages);
+    }
+
+    pub fn replace_retained(&self, msgs: Vec<Arc<Message>>) {
+        self.retained
+            .replace(msgs, self.config.mqtt.max_retained_messages);
+    }
+
+    /// Sessions with a connection on this pod: (session, epoch, expiry).
+    pub fn local_sessions(&self) -> Vec<(Arc<Session>, u64, u32)> {
+        let all: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        all.into_iter()
+            .filter_map(|s| {
+                let (online, epoch, expiry) = {
+                    let st = s.state.lock();
+                    (st.attached.is_some(), st.epoch, st.expiry_interval)
+                };
+                online.then_some((s, epoch, expiry))
+            })
+            .collect()
     }
 
     /// Add or replace a subscription and queue the retained messages it
@@ -442,6 +729,18 @@ impl Broker {
         filter: FilterRef<'_>,
         options: SubscriptionOptions,
         sub_id: Option<u32>,
+    ) -> Result<bool, SubscribeError> {
+        self.subscribe_inner(session, full_filter, filter, options, sub_id, true)
+    }
+
+    fn subscribe_inner(
+        &self,
+        session: &Arc<Session>,
+        full_filter: &ByteString,
+        filter: FilterRef<'_>,
+        options: SubscriptionOptions,
+        sub_id: Option<u32>,
+        send_retained: bool,
     ) -> Result<bool, SubscribeError> {
         let existed = {
             let mut st = session.state.lock();
@@ -471,11 +770,12 @@ impl Broker {
             self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
         // Retained messages are not sent to shared subscriptions.
-        let wants_retained = match options.retain_handling {
-            RetainHandling::SendAlways => true,
-            RetainHandling::SendIfNew => !existed,
-            RetainHandling::DoNotSend => false,
-        };
+        let wants_retained = send_retained
+            && match options.retain_handling {
+                RetainHandling::SendAlways => true,
+                RetainHandling::SendIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
         if filter.share_group.is_none() && wants_retained && self.config.mqtt.retain_available {
             let mut msgs = Vec::new();
             self.retained.matching(filter.filter, &mut msgs);
@@ -490,6 +790,8 @@ impl Broker {
                     msg: m,
                     retain: true,
                     sub_ids: sub_id.into_iter().collect(),
+                    ack: None,
+                    dup: false,
                 };
                 session.enqueue(d, limits, &self.stats);
             }
@@ -573,7 +875,10 @@ impl Broker {
                 expires_at: None,
                 publisher: None,
             });
-            self.publish(msg, &mut scratch);
+            // Per pod: never shared through the Redis store.
+            self.retained
+                .set(msg.clone(), self.config.mqtt.max_retained_messages);
+            self.route_local(&msg, &mut scratch);
         }
     }
 }

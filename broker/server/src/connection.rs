@@ -7,7 +7,9 @@
 //! A client that does not read is not buffered for: its session queue is
 //! bounded, and a write that blocks longer than the write timeout ends it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use cirrus_codec::{
     reason, ByteString, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, PacketId,
     Properties, Protocol, PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +28,7 @@ use tracing::{debug, info};
 
 use crate::auth::{Identity, LoginError};
 use crate::broker::{Broker, ConnectRequest, SubscribeError};
+use crate::cluster::Pending;
 use crate::message::{Delivery, Message};
 use crate::router::Match;
 use crate::session::{Inflight, OutState, Session};
@@ -38,6 +42,13 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 const PUMP_BATCH: usize = 256;
 /// Longest a publisher waits for a backlogged subscriber before reading on.
 const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
+/// Redis store: QoS 1/2 publishes whose acknowledgement waits for Redis;
+/// past this many the connection reads nothing more until the oldest lands.
+const MAX_PENDING_ACKS: usize = 256;
+
+/// An acknowledgement that goes out once Redis holds the message:
+/// (stored, QoS, packet id, reason code).
+type AckFuture = Pin<Box<dyn Future<Output = (bool, QoS, PacketId, u8)> + Send>>;
 
 /// Why a connection ends; decides the DISCONNECT sent and the will.
 #[derive(Debug)]
@@ -202,6 +213,10 @@ struct Conn<S> {
     publish_rate: Option<crate::stats::RateLimit>,
     /// Set when the publish rate is exceeded: read nothing more until then.
     throttle_until: Option<tokio::time::Instant>,
+    /// Redis store: a QoS 0 publish waiting for room in the store's queue.
+    blocked: Option<Pending>,
+    /// Redis store: PUBACK/PUBREC waiting for Redis, in arrival order.
+    acks: FuturesOrdered<AckFuture>,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -230,6 +245,9 @@ where
         } else {
             ack.reason_code = refuse(reason::CLIENT_IDENTIFIER_NOT_VALID);
         }
+    }
+    if !broker.store_ready() {
+        ack.reason_code = refuse(reason::SERVER_UNAVAILABLE);
     }
     if ack.reason_code == 0 && c.properties.authentication_method.is_some() {
         // Enhanced authentication is not offered.
@@ -283,12 +301,7 @@ where
         }
     }
     if ack.reason_code != 0 {
-        Stats::inc(&broker.stats.connections_refused);
-        let mut buf = BytesMut::new();
-        let code = ack.reason_code;
-        cirrus_codec::encode(&Packet::ConnAck(ack), c.protocol, &mut buf);
-        let _ = tokio::time::timeout(cfg.write_timeout(), io.write_all(&buf)).await;
-        info!(%peer, client_id = %c.client_id, reason_code = code, "connection refused");
+        refuse_connect(&broker, &mut io, ack, c.protocol, peer, &c.client_id).await;
         return None;
     }
     let identity = identity?;
@@ -328,12 +341,21 @@ where
         }
     }
 
-    let grant = broker.connect(ConnectRequest {
+    let req = ConnectRequest {
         client_id: client_id.clone(),
         clean_start: c.clean_start,
         expiry_interval: expiry,
         protocol: c.protocol,
-    });
+    };
+    let grant = match broker.connect(req, c.will.as_ref()).await {
+        Ok(g) => g,
+        Err(code) => {
+            ack.reason_code = refuse(code);
+            ack.properties = Properties::default();
+            refuse_connect(&broker, &mut io, ack, c.protocol, peer, &c.client_id).await;
+            return None;
+        }
+    };
     ack.session_present = grant.session_present;
 
     let window = usize::from(
@@ -379,6 +401,8 @@ where
         acl_cache: std::collections::HashMap::new(),
         publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate),
         throttle_until: None,
+        blocked: None,
+        acks: FuturesOrdered::new(),
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -389,8 +413,28 @@ where
     Some(conn)
 }
 
+/// Answer a refused CONNECT and close.
+async fn refuse_connect<S>(
+    broker: &Broker,
+    io: &mut S,
+    ack: ConnAck,
+    protocol: Protocol,
+    peer: SocketAddr,
+    client_id: &ByteString,
+) where
+    S: AsyncWrite + Unpin,
+{
+    Stats::inc(&broker.stats.connections_refused);
+    let mut buf = BytesMut::new();
+    let code = ack.reason_code;
+    cirrus_codec::encode(&Packet::ConnAck(ack), protocol, &mut buf);
+    let _ = tokio::time::timeout(broker.config.write_timeout(), io.write_all(&buf)).await;
+    info!(%peer, %client_id, reason_code = code, "connection refused");
+}
+
 enum Event {
     Read(std::io::Result<usize>),
+    Acked((bool, QoS, PacketId, u8)),
     Wake,
     AuthChanged,
     Close(Close),
@@ -448,10 +492,14 @@ where
                 match cirrus_codec::decode(&mut self.rbuf, self.protocol, max_in) {
                     Ok(Some(p)) => {
                         Stats::inc(&self.broker.stats.messages_received);
-                        if let Err(c) = self.handle(p) {
+                        if let Err(c) = self.handle(p).await {
                             return c;
                         }
-                        if self.backlogged.is_some() || self.throttle_until.is_some() {
+                        if self.backlogged.is_some()
+                            || self.throttle_until.is_some()
+                            || self.blocked.is_some()
+                            || self.acks.len() >= MAX_PENDING_ACKS
+                        {
                             break;
                         }
                     }
@@ -482,6 +530,31 @@ where
                 }
                 continue;
             }
+            // Redis store: the store's queue is full, or too many
+            // acknowledgements wait for it: read on once it caught up.
+            if let Some(p) = self.blocked.take() {
+                tokio::select! {
+                    biased;
+                    _ = kick.cancelled() => return Close::TakenOver,
+                    _ = shutdown.cancelled() => return Close::Shutdown,
+                    _ = p.finish() => {}
+                }
+                continue;
+            }
+            if self.acks.len() >= MAX_PENDING_ACKS {
+                let r = tokio::select! {
+                    biased;
+                    _ = kick.cancelled() => return Close::TakenOver,
+                    _ = shutdown.cancelled() => return Close::Shutdown,
+                    r = self.acks.next() => r,
+                };
+                if let Some(r) = r {
+                    if let Err(c) = self.on_stored(r) {
+                        return c;
+                    }
+                }
+                continue;
+            }
             // Rate limit: the client is slowed down by reading it later.
             if let Some(until) = self.throttle_until.take() {
                 tokio::select! {
@@ -500,6 +573,7 @@ where
                 _ = &mut keepalive => Event::Close(Close::KeepAlive),
                 r = self.io.read_buf(&mut self.rbuf) => Event::Read(r),
                 _ = wake.notified() => Event::Wake,
+                Some(r) = self.acks.next(), if !self.acks.is_empty() => Event::Acked(r),
                 Ok(()) = auth_changes.changed() => Event::AuthChanged,
             };
             match ev {
@@ -510,6 +584,11 @@ where
                     keepalive.as_mut().reset(tokio::time::Instant::now() + ka);
                 }
                 Event::Wake => self.pump(),
+                Event::Acked(r) => {
+                    if let Err(c) = self.on_stored(r) {
+                        return c;
+                    }
+                }
                 Event::AuthChanged => {
                     // Users still allowed keep their connection with the new
                     // rules; revoked or re-keyed ones are let go.
@@ -568,7 +647,7 @@ where
         debug!(peer = %self.peer, client_id = %self.client_id, "client disconnected");
     }
 
-    fn handle(&mut self, p: Packet) -> Result<(), Close> {
+    async fn handle(&mut self, p: Packet) -> Result<(), Close> {
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
@@ -598,9 +677,9 @@ where
                 self.complete(r.packet_id, OutState::AwaitComp);
                 Ok(())
             }
-            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => {
-                self.on_unsubscribe(u);
+                self.on_unsubscribe(u).await;
                 Ok(())
             }
             Packet::PingReq => {
@@ -715,6 +794,7 @@ where
             }
         }
 
+        let mut remote = None;
         let code = if p.topic.starts_with("$SYS") {
             reason::NOT_AUTHORIZED
         } else if !self.may_publish(&p.topic) {
@@ -733,6 +813,7 @@ where
             if outcome.backlogged.is_some() {
                 self.backlogged = outcome.backlogged;
             }
+            remote = outcome.remote.filter(Pending::must_wait);
             if outcome.retain_refused {
                 reason::QUOTA_EXCEEDED
             } else if outcome.delivered == 0 && self.v5() {
@@ -741,7 +822,48 @@ where
                 reason::SUCCESS
             }
         };
-        match (p.qos, p.packet_id) {
+        let Some(id) = p.packet_id else {
+            // QoS 0: nothing to acknowledge; wait only for room in the queue.
+            self.blocked = remote;
+            return Ok(());
+        };
+        if remote.is_some() || !self.acks.is_empty() {
+            // Acknowledge once Redis holds it, and in order.
+            let qos = p.qos;
+            self.acks.push_back(Box::pin(async move {
+                let stored = match remote {
+                    Some(r) => r.finish().await,
+                    None => true,
+                };
+                (stored, qos, id, code)
+            }));
+            return Ok(());
+        }
+        self.on_stored((true, p.qos, id, code))
+    }
+
+    /// A publish is stored (or failed to be): acknowledge it.
+    fn on_stored(
+        &mut self,
+        (stored, qos, id, code): (bool, QoS, PacketId, u8),
+    ) -> Result<(), Close> {
+        if !stored {
+            if !self.v5() {
+                // 3.1.1 has no way to say it failed: the client resends
+                // after reconnecting.
+                return Err(Close::Violation(
+                    reason::UNSPECIFIED_ERROR,
+                    "the store did not take the message",
+                ));
+            }
+            let p = PubResp::new(id, reason::UNSPECIFIED_ERROR);
+            match qos {
+                QoS::ExactlyOnce => self.send(&Packet::PubRec(p)),
+                _ => self.send(&Packet::PubAck(p)),
+            }
+            return Ok(());
+        }
+        match (qos, Some(id)) {
             (QoS::AtLeastOnce, Some(id)) => self.send(&Packet::PubAck(PubResp::new(id, code))),
             (QoS::ExactlyOnce, Some(id)) => {
                 if code < 0x80 {
@@ -783,13 +905,17 @@ where
         match found {
             Some(i) if r.reason_code >= 0x80 => {
                 // The receiver refused the message: it is done.
-                st.inflight.remove(i);
+                let done = st.inflight.remove(i);
                 drop(st);
+                self.stream_ack(done.and_then(|d| d.delivery.ack));
                 self.pump();
             }
             Some(i) => {
                 st.inflight[i].state = OutState::AwaitComp;
+                // The receiver has it: its stream entry is done.
+                let ack = st.inflight[i].delivery.ack.take();
                 drop(st);
+                self.stream_ack(ack);
                 self.send(&Packet::PubRel(PubResp::new(r.packet_id, reason::SUCCESS)));
             }
             None => {
@@ -812,16 +938,24 @@ where
                 return;
             }
             match st.find_inflight(pid) {
-                Some(i) if st.inflight[i].state == expect => st.inflight.remove(i).is_some(),
-                _ => false,
+                Some(i) if st.inflight[i].state == expect => st.inflight.remove(i),
+                _ => None,
             }
         };
-        if removed {
+        if let Some(done) = removed {
+            self.stream_ack(done.delivery.ack);
             self.pump();
         }
     }
 
-    fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+    /// Redis store: the client has a message of its session stream.
+    fn stream_ack(&self, id: Option<ByteString>) {
+        if let (Some(id), Some(c)) = (id, self.broker.cluster()) {
+            c.ack(&self.client_id, &id);
+        }
+    }
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
         let cfg = &*self.broker.config;
         let v5 = self.v5();
         let failure = |code: u8| if v5 { code } else { reason::v3::SUBACK_FAILURE };
@@ -853,7 +987,24 @@ where
                         o.qos = QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or_default();
                     }
                     match self.broker.subscribe(&self.session, filter, fr, o, sub_id) {
-                        Ok(_) => o.qos.as_u8(),
+                        Ok(existed) => match self.broker.cluster() {
+                            None => o.qos.as_u8(),
+                            Some(c) => {
+                                let c = c.clone();
+                                match c
+                                    .subscribed(&self.session, filter, o, sub_id, existed, true)
+                                    .await
+                                {
+                                    Ok(()) => o.qos.as_u8(),
+                                    Err(_) => {
+                                        if !existed {
+                                            self.broker.unsubscribe(&self.session, filter, fr);
+                                        }
+                                        failure(reason::UNSPECIFIED_ERROR)
+                                    }
+                                }
+                            }
+                        },
                         Err(SubscribeError::TooMany) => failure(reason::QUOTA_EXCEEDED),
                         Err(SubscribeError::Ended) => failure(reason::UNSPECIFIED_ERROR),
                     }
@@ -871,21 +1022,23 @@ where
         Ok(())
     }
 
-    fn on_unsubscribe(&mut self, u: Unsubscribe) {
-        let codes = u
-            .filters
-            .iter()
-            .map(|f| match parse_filter(f) {
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            codes.push(match parse_filter(f) {
                 Err(_) => reason::TOPIC_FILTER_INVALID,
                 Ok(fr) => {
                     if self.broker.unsubscribe(&self.session, f, fr) {
+                        if let Some(c) = self.broker.cluster().cloned() {
+                            c.unsubscribed(&self.session, f).await;
+                        }
                         reason::SUCCESS
                     } else {
                         reason::NO_SUBSCRIPTION_EXISTED
                     }
                 }
-            })
-            .collect();
+            });
+        }
         self.send(&Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             properties: Properties::default(),
@@ -942,12 +1095,17 @@ where
             n += 1;
             if d.msg.is_expired(now) {
                 stats.dropped(DropReason::Expired);
+                self.stream_ack(d.ack);
                 continue;
             }
             let pid = (d.qos != QoS::AtMostOnce).then(|| st.next_packet_id());
-            if !self.out.encode_publish(&d, pid, false, now, stats) {
+            if !self.out.encode_publish(&d, pid, d.dup, now, stats) {
                 stats.dropped(DropReason::TooLarge);
+                self.stream_ack(d.ack);
                 continue;
+            }
+            if let Some(id) = &d.ack {
+                st.stream_hw = Some(id.clone());
             }
             if let Some(packet_id) = pid {
                 let state = if d.qos == QoS::AtLeastOnce {

@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 /// The configuration file format, defined in `cirrus-config` (shared with the operator).
 pub use cirrus_config::broker as config;
 pub mod connection;
@@ -51,6 +52,8 @@ pub struct Bound {
     pub listeners: Vec<BoundListener>,
     /// The certificates shared by the TLS and secure WebSocket listeners.
     tls: Option<Arc<tls::TlsState>>,
+    /// Stops the Redis store's tasks once connections have drained.
+    store_stop: CancellationToken,
 }
 
 pub struct BoundListener {
@@ -87,6 +90,17 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         config.limits.max_failed_logins_per_minute,
     )?;
     let broker = Broker::new(Arc::new(config), auth);
+    let store_stop = CancellationToken::new();
+    if let Some(url) = broker.config.redis.url.clone() {
+        let cfg = cluster::ClusterConfig {
+            url,
+            node_timeout: Duration::from_millis(broker.config.redis.node_timeout_ms),
+            node_id: node_id(),
+        };
+        let c = cluster::Cluster::start(cfg, &broker, store_stop.clone()).await?;
+        info!(node = %c.node, "state in Redis");
+        broker.set_cluster(c);
+    }
     let ls = broker.config.listeners.clone();
     // One certificate state for TLS and secure WebSocket.
     let tls_state = match ls.tls.is_some() || ls.wss.is_some() {
@@ -115,7 +129,21 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         broker,
         listeners,
         tls: tls_state,
+        store_stop,
     })
+}
+
+/// A pod's id: its host name (the pod name on Kubernetes) and a random
+/// suffix, so a restarted process is a new node.
+fn node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cirrus".to_string());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{host}-{:x}{:x}", std::process::id(), nanos)
 }
 
 impl Bound {
@@ -167,6 +195,9 @@ impl Bound {
         } else {
             info!("shut down cleanly");
         }
+        self.store_stop.cancel();
+        // Let the store's writer flush and the pod leave the cluster.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -68,6 +68,13 @@ struct Args {
     /// Auth file (users, password hashes, ACLs); reloaded when it changes.
     #[arg(long, env = "CIRRUS_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// Redis store URL (`redis://` or `rediss://`): state shared by every
+    /// pod. Without it the broker keeps state in memory.
+    #[arg(long, env = "CIRRUS_REDIS_URL", hide_env_values = true)]
+    redis: Option<String>,
+    /// Milliseconds without a heartbeat after which a pod is dead.
+    #[arg(long, env = "CIRRUS_NODE_TIMEOUT_MS")]
+    node_timeout_ms: Option<u64>,
     /// Log format.
     #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -106,6 +113,12 @@ impl Args {
         }
         if let Some(p) = &self.auth_file {
             c.auth_file = Some(p.clone());
+        }
+        if let Some(u) = &self.redis {
+            c.redis.url = Some(u.clone());
+        }
+        if let Some(v) = self.node_timeout_ms {
+            c.redis.node_timeout_ms = v;
         }
         if let Some(v) = self.tls_listen {
             c.listeners.tls = Some(v);

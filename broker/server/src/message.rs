@@ -77,4 +77,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription identifiers of the matching subscriptions (MQTT 5).
     pub sub_ids: Vec<u32>,
+    /// Redis store: the entry id in the session's stream, deleted when the
+    /// client acknowledges the message.
+    pub ack: Option<ByteString>,
+    /// Sent before (to a previous connection): send with DUP set.
+    pub dup: bool,
 }

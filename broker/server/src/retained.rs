@@ -68,6 +68,14 @@ impl RetainedStore {
         walk(&guard.0, &levels, true, out);
     }
 
+    /// Replace everything (a pod reloading the Redis store's retained set).
+    pub fn replace(&self, msgs: Vec<Arc<Message>>, max: usize) {
+        *self.inner.lock() = (Node::default(), 0);
+        for m in msgs {
+            self.set(m, max);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().1
     }

@@ -154,6 +154,24 @@ impl Router {
         collect(&root, levels, true, dollar, out);
     }
 
+    /// One member of a shared group, round robin, preferring online
+    /// sessions (the Redis store delivers shared messages per pod).
+    pub fn pick_shared(&self, group: &str, filter: &str) -> Option<Match> {
+        let root = self.root.load();
+        let mut node: &Node = &root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        let g = node.shared.get(group)?;
+        let mut out = Vec::with_capacity(1);
+        let single = Node {
+            shared: imbl::HashMap::unit(ByteString::from(group), g.clone()),
+            ..Node::default()
+        };
+        push_all(&single, &mut out);
+        out.pop()
+    }
+
     /// Number of filters in the trie (for tests and metrics).
     pub fn count(&self) -> usize {
         fn walk(n: &Node) -> usize {

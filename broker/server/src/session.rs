@@ -79,6 +79,9 @@ pub struct SessionState {
     pub pending_will: Option<PendingWill>,
     /// Set once the session is discarded; enqueues after that are refused.
     pub ended: bool,
+    /// Redis store: the newest stream entry sent to the client, so that a
+    /// later connection marks entries up to it as redeliveries (DUP).
+    pub stream_hw: Option<ByteString>,
 }
 
 #[derive(Debug)]
@@ -93,6 +96,9 @@ pub struct Session {
     /// it may wait on `space` until the connection drains it.
     backlogged: AtomicBool,
     space: Notify,
+    /// Redis store: a persistent session whose QoS 1/2 messages arrive
+    /// through its Redis stream rather than from the router.
+    stream_fed: AtomicBool,
 }
 
 /// What happened to a delivery offered to a session.
@@ -128,15 +134,25 @@ impl Session {
                 disconnected_at: None,
                 pending_will: None,
                 ended: false,
+                stream_hw: None,
             }),
             online: AtomicBool::new(false),
             backlogged: AtomicBool::new(false),
             space: Notify::new(),
+            stream_fed: AtomicBool::new(false),
         })
     }
 
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
+    }
+
+    pub fn is_stream_fed(&self) -> bool {
+        self.stream_fed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_stream_fed(&self, v: bool) {
+        self.stream_fed.store(v, Ordering::Relaxed);
     }
 
     pub(crate) fn set_online(&self, v: bool) {

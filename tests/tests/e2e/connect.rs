@@ -3,7 +3,17 @@
 use std::time::{Duration, Instant};
 
 use cirrus_codec::{reason, Packet, Protocol};
-use cirrus_e2e::{BrokerProcess, Client, Opts};
+use cirrus_e2e::{redis_store_wanted, BrokerProcess, Client, Opts};
+
+/// The suite runs on the store it was asked for (`CIRRUS_TEST_STORE`).
+#[tokio::test]
+async fn broker_runs_on_the_requested_store() {
+    let b = BrokerProcess::start(&[]);
+    let mut c = Client::connect_ok(b.addr, Opts::v311("store-check")).await;
+    c.ping().await;
+    assert_eq!(b.log().contains("state in Redis"), redis_store_wanted());
+    assert_eq!(b.redis.is_some(), redis_store_wanted());
+}
 
 #[tokio::test]
 async fn v311_connect_ping_disconnect() {

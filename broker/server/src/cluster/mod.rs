@@ -1,0 +1,2146 @@
+//! The Redis store: what makes pods stateless.
+//!
+//! Every pod keeps in memory only the connections it serves and caches of
+//! shared state; the truth lives in Redis (see `docs/architecture.md`,
+//! "Redis store", for the key layout and the invariants):
+//!
+//! - **Routes** — which pods have subscribers for which filters
+//!   (`routes:{node}` sets), persistent sessions' subscriptions (`psubs`),
+//!   shared groups — are replicated into every pod's [`RemoteRoutes`] from a
+//!   snapshot plus the `events` stream. A publish is matched locally and
+//!   costs Redis work only for the pods and sessions that want it.
+//! - **Transient path**: a message for subscribers on pod P is appended to
+//!   P's inbox stream; one stream entry carries a batch, and one pipeline
+//!   carries every target of every message the writer has at hand.
+//! - **Persistent path**: a QoS 1/2 message for a persistent session is
+//!   appended to the session's own stream, which holds exactly the messages
+//!   its client has not acknowledged; the pod serving the client reads it
+//!   and deletes entries as PUBACK/PUBREC arrive. Whoever serves the session
+//!   next resumes from what is left.
+//! - **Sessions**: a hash per client id with its owner pod and connection
+//!   epoch; takeover is a compare-and-set in Lua, and the old owner is told
+//!   through its inbox to drop the connection (0x8E).
+//! - **Nodes**: heartbeats in a sorted set; a pod whose heartbeat is older
+//!   than the node timeout is dead, and a survivor (holding a lock) publishes
+//!   its clients' wills, releases its sessions and drops its routes.
+//! - **Shared subscriptions**: a stream per `$share/{group}/{filter}` read
+//!   through a consumer group, so each message reaches one member across all
+//!   pods; entries a dead pod read but never acknowledged are claimed.
+//!
+//! Keys carry hash tags: the per-client keys share their client id's slot,
+//! and the cluster-wide ones share `{g}`.
+
+pub mod routes;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use cirrus_codec::{ByteString, LastWill, QoS, SubscriptionOptions};
+use parking_lot::{Mutex, RwLock};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, Value};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::broker::Broker;
+use crate::message::{Delivery, Message};
+use crate::session::Session;
+use crate::stats::{DropReason, Stats};
+pub use routes::{RemoteRoutes, SessionSub, Targets};
+
+/// Cluster-wide keys.
+mod keys {
+    pub const NODES: &str = "cirrus:{g}:nodes";
+    pub const EVENTS: &str = "cirrus:{g}:events";
+    pub const PSUBS: &str = "cirrus:{g}:psubs";
+    pub const OWNERS: &str = "cirrus:{g}:owners";
+    pub const RETAINED: &str = "cirrus:{g}:retained";
+    pub const EXPIRY: &str = "cirrus:{g}:expiry";
+    pub const GROUP: &str = "cirrus";
+
+    pub fn routes(node: &str) -> String {
+        format!("cirrus:{{g}}:routes:{node}")
+    }
+    pub fn node_sessions(node: &str) -> String {
+        format!("cirrus:{{g}}:nsess:{node}")
+    }
+    pub fn lock(node: &str) -> String {
+        format!("cirrus:{{g}}:lock:{node}")
+    }
+    pub fn inbox(node: &str) -> String {
+        format!("cirrus:inbox:{{{node}}}")
+    }
+    pub fn session(cid: &str) -> String {
+        format!("cirrus:s:{{{cid}}}")
+    }
+    pub fn queue(cid: &str) -> String {
+        format!("cirrus:q:{{{cid}}}")
+    }
+    pub fn share(full: &str) -> String {
+        format!("cirrus:share:{{{full}}}")
+    }
+}
+
+/// Events kept in the change stream; a pod further behind than this
+/// reloads the snapshot.
+const EVENTS_MAXLEN: usize = 100_000;
+/// Operations waiting for the writer; a full queue slows publishers down.
+const OPS_QUEUE: usize = 16_384;
+/// Operations per pipeline.
+const BATCH_MAX: usize = 2048;
+/// Entries per stream read.
+const READ_COUNT: usize = 512;
+
+const LUA_ENQUEUE: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+return 1";
+
+const LUA_CLAIM: &str = r"
+local prev = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+local present = redis.call('EXISTS', KEYS[1])
+local old = {}
+if ARGV[3] == '1' then
+  if present == 1 then old = redis.call('HKEYS', KEYS[1]) end
+  redis.call('DEL', KEYS[1], KEYS[2])
+  present = 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'expiry', ARGV[4])
+redis.call('HDEL', KEYS[1], 'expires_at')
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'will', ARGV[5]) else redis.call('HDEL', KEYS[1], 'will') end
+return {prev[1] or '', prev[2] or '', present, old}";
+
+const LUA_RELEASE: &str = r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+if o[1] ~= ARGV[1] or o[2] ~= ARGV[2] then return 0 end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', ARGV[4], 'rel', ARGV[5], 'hw', ARGV[6])
+  redis.call('HDEL', KEYS[1], 'will')
+  return 1
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 2";
+
+/// Re-take a session after Redis lost it or this pod was declared dead.
+const LUA_RECLAIM: &str = r"
+local o = redis.call('HGET', KEYS[1], 'owner')
+if o and o ~= '' and o ~= ARGV[1] then return 0 end
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'expiry', ARGV[3])
+redis.call('HDEL', KEYS[1], 'expires_at')
+return 1 + existed";
+
+const LUA_EXPIRE: &str = r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'expires_at')
+if o[1] and o[1] ~= '' then return {0} end
+if o[2] and tonumber(o[2]) and tonumber(o[2]) > tonumber(ARGV[1]) then return {0} end
+local f = redis.call('HKEYS', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+return {1, f}";
+
+/// Redis store settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// How long a pod may miss heartbeats before it is declared dead.
+    pub node_timeout: Duration,
+    /// This pod's id (unique per process).
+    pub node_id: String,
+}
+
+/// What a connect found in Redis.
+#[derive(Debug, Default)]
+pub struct Claim {
+    pub present: bool,
+    /// Subscriptions of the resumed session.
+    pub subs: Vec<(ByteString, SubscriptionOptions, Option<u32>)>,
+    /// Packet ids whose PUBREL was pending when the session was released.
+    pub rel: Vec<u16>,
+    /// Highest stream id ever sent to the client: entries up to it are
+    /// redeliveries (DUP).
+    pub hw: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Malformed(#[from] wire::Malformed),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(&'static str),
+    #[error("the store is not ready")]
+    NotReady,
+}
+
+/// Work for the writer task, which turns everything at hand into one
+/// pipeline.
+pub enum Op {
+    Forward {
+        msg: Arc<Message>,
+        targets: Targets,
+        done: Option<oneshot::Sender<bool>>,
+    },
+    Ack {
+        client_id: ByteString,
+        id: ByteString,
+    },
+    Kick {
+        node: Arc<str>,
+        client_id: ByteString,
+    },
+    Cmds {
+        cmds: Vec<Cmd>,
+        done: Option<oneshot::Sender<bool>>,
+    },
+}
+
+/// A publish still on its way to Redis. Await [`Pending::finish`] before
+/// acknowledging a QoS 1/2 message.
+pub struct Pending {
+    send: Option<(mpsc::Sender<Op>, Op)>,
+    done: Option<oneshot::Receiver<bool>>,
+}
+
+impl Pending {
+    /// Whether the operation still has to be queued (the queue was full).
+    pub fn must_wait(&self) -> bool {
+        self.send.is_some() || self.done.is_some()
+    }
+
+    /// True once Redis holds the message (or there was nothing to wait for).
+    pub async fn finish(self) -> bool {
+        if let Some((tx, op)) = self.send {
+            if tx.send(op).await.is_err() {
+                return false;
+            }
+        }
+        match self.done {
+            Some(rx) => rx.await.unwrap_or(false),
+            None => true,
+        }
+    }
+}
+
+struct Puller {
+    wake: Notify,
+    cancel: CancellationToken,
+}
+
+pub struct Cluster {
+    pub node: Arc<str>,
+    client: redis::Client,
+    cmd: ConnectionManager,
+    ops: mpsc::Sender<Op>,
+    routes: RwLock<RemoteRoutes>,
+    /// Online persistent sessions → the pod serving them (for wakes).
+    owners: RwLock<HashMap<ByteString, Arc<str>>>,
+    /// Full filter → local subscribers, to announce a route once per pod.
+    local_routes: Mutex<HashMap<ByteString, usize>>,
+    /// Share streams this pod reads.
+    shares: Mutex<HashSet<ByteString>>,
+    pullers: Mutex<HashMap<ByteString, Arc<Puller>>>,
+    healthy: AtomicBool,
+    reader_ok: AtomicBool,
+    broker: OnceLock<Weak<Broker>>,
+    node_timeout: Duration,
+    max_queued: usize,
+    pub redis_errors: AtomicU64,
+    pub redis_commands: AtomicU64,
+    /// Sum of pipeline round-trip microseconds, for a mean latency metric.
+    pub redis_micros: AtomicU64,
+    /// Entries not yet read from this pod's streams (last observed).
+    pub stream_lag: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+fn event(fields: &[(&str, &[u8])]) -> Cmd {
+    let mut c = redis::cmd("XADD");
+    c.arg(keys::EVENTS)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(EVENTS_MAXLEN)
+        .arg("*");
+    for (k, v) in fields {
+        c.arg(*k).arg(*v);
+    }
+    c
+}
+
+fn eval(script: &str, keys: &[&str]) -> Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(script).arg(keys.len());
+    for k in keys {
+        c.arg(*k);
+    }
+    c
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        Value::Okay => Some(b"OK"),
+        _ => None,
+    }
+}
+
+fn as_str(v: &Value) -> Option<&str> {
+    as_bytes(v).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_str(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn as_array(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// Field/value pairs of a hash or a stream entry, in either RESP shape.
+fn pairs(v: &Value) -> Vec<(&Value, &Value)> {
+    match v {
+        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        other => as_array(other)
+            .map(|a| a.chunks_exact(2).map(|c| (&c[0], &c[1])).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// One stream entry: id and fields.
+struct Entry<'a> {
+    id: &'a str,
+    fields: Vec<(&'a Value, &'a Value)>,
+}
+
+impl<'a> Entry<'a> {
+    fn field(&self, name: &str) -> Option<&'a Value> {
+        self.fields
+            .iter()
+            .find(|(k, _)| as_bytes(k) == Some(name.as_bytes()))
+            .map(|(_, v)| *v)
+    }
+}
+
+fn entries(v: &Value) -> Vec<Entry<'_>> {
+    as_array(v)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let a = as_array(e)?;
+            Some(Entry {
+                id: as_str(a.first()?)?,
+                fields: pairs(a.get(1)?),
+            })
+        })
+        .collect()
+}
+
+/// XREAD/XREADGROUP reply → (stream key, entries).
+fn streams(v: &Value) -> Vec<(&str, Vec<Entry<'_>>)> {
+    match v {
+        Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((as_str(k)?, entries(v))))
+            .collect(),
+        other => as_array(other)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| {
+                let a = as_array(s)?;
+                Some((as_str(a.first()?)?, entries(a.get(1)?)))
+            })
+            .collect(),
+    }
+}
+
+fn val_bytes(v: Option<&Value>) -> Option<Bytes> {
+    v.and_then(as_bytes).map(Bytes::copy_from_slice)
+}
+
+impl Cluster {
+    /// Connect, register this pod and start its tasks. Fails when Redis
+    /// cannot be reached at start: a pod that never had a store is not
+    /// useful; one that loses it later stays up and reports not ready.
+    pub async fn start(
+        cfg: ClusterConfig,
+        broker: &Arc<Broker>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| anyhow::anyhow!("invalid Redis URL: {:?}", e.kind()))?;
+        let mgr_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let cmd = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_connection_manager_with_config(mgr_cfg),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis did not answer within 10 s"))?
+        .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {e}"))?;
+        let (tx, rx) = mpsc::channel(OPS_QUEUE);
+        let c = Arc::new(Cluster {
+            node: Arc::from(cfg.node_id.as_str()),
+            client,
+            cmd,
+            ops: tx,
+            routes: RwLock::new(RemoteRoutes::default()),
+            owners: RwLock::new(HashMap::new()),
+            local_routes: Mutex::new(HashMap::new()),
+            shares: Mutex::new(HashSet::new()),
+            pullers: Mutex::new(HashMap::new()),
+            healthy: AtomicBool::new(false),
+            reader_ok: AtomicBool::new(false),
+            broker: OnceLock::new(),
+            node_timeout: cfg.node_timeout,
+            max_queued: broker.config.limits.max_queued_messages,
+            redis_errors: AtomicU64::new(0),
+            redis_commands: AtomicU64::new(0),
+            redis_micros: AtomicU64::new(0),
+            stream_lag: AtomicU64::new(0),
+            shutdown: shutdown.clone(),
+        });
+        let _ = c.broker.set(Arc::downgrade(broker));
+        c.heartbeat().await?;
+        c.resync().await?;
+        c.healthy.store(true, Ordering::Relaxed);
+        tokio::spawn(c.clone().writer(rx));
+        tokio::spawn(c.clone().reader());
+        tokio::spawn(c.clone().share_reader());
+        tokio::spawn(c.clone().supervisor());
+        // The first snapshot is loaded by the reader; wait for it briefly
+        // so that the pod starts with the cluster's routes.
+        let t0 = Instant::now();
+        while !c.reader_ok.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        info!(node = %c.node, "joined the cluster through Redis");
+        Ok(c)
+    }
+
+    pub(crate) fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
+    /// Redis reachable and this pod's view of the cluster loaded.
+    pub fn is_ready(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.reader_ok.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            warn!(error = %e, what, "Redis unavailable: refusing new connections until it returns");
+        }
+    }
+
+    async fn query(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut con = self.cmd.clone();
+        let t0 = Instant::now();
+        let r = pipe.query_async::<Vec<Value>>(&mut con).await;
+        self.redis_commands
+            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
+        self.redis_micros
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.failed("command", &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn query_cmds(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        let mut pipe = redis::pipe();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        self.query(&pipe).await
+    }
+
+    /// Queue commands for the writer and wait until Redis ran them.
+    async fn run_ordered(&self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Cmds {
+                cmds,
+                done: Some(tx),
+            })
+            .await
+            .map_err(|_| StoreError::NotReady)?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::NotReady),
+        }
+    }
+
+    /// Queue commands for the writer without waiting.
+    fn run_later(&self, cmds: Vec<Cmd>) {
+        if cmds.is_empty() {
+            return;
+        }
+        let op = Op::Cmds { cmds, done: None };
+        if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(op) {
+            let tx = self.ops.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(op).await;
+            });
+        }
+    }
+
+    // ---- publish path ------------------------------------------------
+
+    /// Send a message to the other pods, shared groups and persistent
+    /// sessions that want it. Returns the number of targets and what to
+    /// wait for before acknowledging it.
+    pub fn forward(&self, msg: &Arc<Message>) -> (usize, Option<Pending>) {
+        let mut targets = Targets::default();
+        self.routes.read().matches(
+            &msg.topic,
+            msg.publisher.as_deref(),
+            &self.node,
+            &mut targets,
+        );
+        if targets.is_empty() {
+            return (0, None);
+        }
+        let n = targets.len();
+        let (done_tx, done_rx) = if msg.qos != QoS::AtMostOnce {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let op = Op::Forward {
+            msg: msg.clone(),
+            targets,
+            done: done_tx,
+        };
+        let send = match self.ops.try_send(op) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(op)) => Some((self.ops.clone(), op)),
+            Err(mpsc::error::TrySendError::Closed(_)) => return (n, None),
+        };
+        (
+            n,
+            Some(Pending {
+                send,
+                done: done_rx,
+            }),
+        )
+    }
+
+    /// A retained message was set or cleared on this pod.
+    pub fn retain(&self, msg: &Message) {
+        let mut cmds = Vec::with_capacity(2);
+        if msg.payload.is_empty() {
+            cmds.push(
+                redis::cmd("HDEL")
+                    .arg(keys::RETAINED)
+                    .arg(&*msg.topic)
+                    .clone(),
+            );
+            cmds.push(event(&[
+                ("t", b"rd"),
+                ("n", self.node.as_bytes()),
+                ("k", msg.topic.as_bytes()),
+            ]));
+        } else {
+            let b = wire::message_bytes(msg);
+            cmds.push(
+                redis::cmd("HSET")
+                    .arg(keys::RETAINED)
+                    .arg(&*msg.topic)
+                    .arg(&b[..])
+                    .clone(),
+            );
+            cmds.push(event(&[
+                ("t", b"rs"),
+                ("n", self.node.as_bytes()),
+                ("m", &b[..]),
+            ]));
+        }
+        self.run_later(cmds);
+    }
+
+    /// The client acknowledged a message of its session stream.
+    pub fn ack(&self, client_id: &ByteString, id: &ByteString) {
+        let op = Op::Ack {
+            client_id: client_id.clone(),
+            id: id.clone(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(op) {
+            let tx = self.ops.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(op).await;
+            });
+        }
+    }
+
+    async fn writer(self: Arc<Self>, mut rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(BATCH_MAX);
+        loop {
+            batch.clear();
+            let first = tokio::select! {
+                op = rx.recv() => op,
+                _ = self.shutdown.cancelled() => {
+                    // Drain what is queued so that acknowledged work lands.
+                    rx.close();
+                    rx.recv().await
+                }
+            };
+            let Some(first) = first else { return };
+            batch.push(first);
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let broker = self.broker();
+            self.write_batch(&mut batch, broker.as_ref().map(|b| &b.stats))
+                .await;
+        }
+    }
+
+    async fn write_batch(&self, batch: &mut Vec<Op>, stats: Option<&Stats>) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut inbox: HashMap<Arc<str>, BytesMut> = HashMap::new();
+        // Which pipeline slots are session enqueues (for drop counting).
+        let mut enqueues = Vec::new();
+        let mut dones = Vec::new();
+        let mut acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
+        let owners = self.owners.read().clone();
+        for op in batch.drain(..) {
+            match op {
+                Op::Forward { msg, targets, done } => {
+                    let bytes = wire::message_bytes(&msg);
+                    for node in &targets.nodes {
+                        let buf = inbox.entry(node.clone()).or_default();
+                        wire::put_record(buf, wire::REC_MESSAGE, &bytes);
+                    }
+                    for full in &targets.shares {
+                        pipe.cmd("XADD")
+                            .arg(keys::share(full))
+                            .arg("*")
+                            .arg("m")
+                            .arg(&bytes[..]);
+                    }
+                    for (cid, qos) in &targets.sessions {
+                        if (*qos).min(msg.qos) == QoS::AtMostOnce {
+                            continue;
+                        }
+                        enqueues.push(pipe.len());
+                        pipe.add_command(
+                            eval(LUA_ENQUEUE, &[&keys::queue(cid), &keys::session(cid)])
+                                .arg(self.max_queued)
+                                .arg(&bytes[..])
+                                .clone(),
+                        );
+                        if let Some(owner) = owners.get(cid) {
+                            let buf = inbox.entry(owner.clone()).or_default();
+                            wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
+                        }
+                    }
+                    if let Some(d) = done {
+                        dones.push(d);
+                    }
+                }
+                Op::Ack { client_id, id } => acks.entry(client_id).or_default().push(id),
+                Op::Kick { node, client_id } => {
+                    let buf = inbox.entry(node).or_default();
+                    wire::put_record(buf, wire::REC_KICK, client_id.as_bytes());
+                }
+                Op::Cmds { cmds, done } => {
+                    for c in cmds {
+                        pipe.add_command(c);
+                    }
+                    if let Some(d) = done {
+                        dones.push(d);
+                    }
+                }
+            }
+        }
+        for (cid, ids) in acks {
+            let mut c = redis::cmd("XDEL");
+            c.arg(keys::queue(&cid));
+            for id in ids {
+                c.arg(&*id);
+            }
+            pipe.add_command(c);
+        }
+        for (node, buf) in inbox {
+            // The owner trims what it has read; nothing unread is dropped.
+            pipe.cmd("XADD")
+                .arg(keys::inbox(&node))
+                .arg("*")
+                .arg("b")
+                .arg(&buf[..]);
+        }
+        if pipe.is_empty() {
+            for d in dones {
+                let _ = d.send(true);
+            }
+            return;
+        }
+        match self.query(&pipe).await {
+            Ok(results) => {
+                for i in enqueues {
+                    match results.get(i).and_then(as_int) {
+                        Some(1) => {}
+                        Some(0) => {
+                            if let Some(s) = stats {
+                                s.dropped(DropReason::QueueFull);
+                            }
+                        }
+                        // The session ended meanwhile: nothing to deliver.
+                        Some(-1) => {}
+                        _ => {
+                            self.redis_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                for d in dones {
+                    let _ = d.send(true);
+                }
+            }
+            Err(_) => {
+                for d in dones {
+                    let _ = d.send(false);
+                }
+            }
+        }
+    }
+
+    // ---- routes and subscriptions --------------------------------------
+
+    fn route_add_cmds(&self, full: &ByteString, cmds: &mut Vec<Cmd>) {
+        let mut n = self.local_routes.lock();
+        let c = n.entry(full.clone()).or_insert(0);
+        *c += 1;
+        if *c > 1 {
+            return;
+        }
+        drop(n);
+        self.routes.write().add_node_route(&self.node, full);
+        cmds.push(
+            redis::cmd("SADD")
+                .arg(keys::routes(&self.node))
+                .arg(&**full)
+                .clone(),
+        );
+        cmds.push(event(&[
+            ("t", b"r+"),
+            ("n", self.node.as_bytes()),
+            ("f", full.as_bytes()),
+        ]));
+        if full.starts_with("$share/") {
+            let key = keys::share(full);
+            cmds.push(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&key)
+                    .arg(keys::GROUP)
+                    .arg("$")
+                    .arg("MKSTREAM")
+                    .clone(),
+            );
+            self.shares.lock().insert(full.clone());
+        }
+    }
+
+    fn route_remove_cmds(&self, full: &ByteString, cmds: &mut Vec<Cmd>) {
+        let mut n = self.local_routes.lock();
+        match n.get_mut(full) {
+            Some(c) if *c > 1 => {
+                *c -= 1;
+                return;
+            }
+            Some(_) => {
+                n.remove(full);
+            }
+            None => return,
+        }
+        drop(n);
+        self.routes.write().remove_node_route(&self.node, full);
+        cmds.push(
+            redis::cmd("SREM")
+                .arg(keys::routes(&self.node))
+                .arg(&**full)
+                .clone(),
+        );
+        cmds.push(event(&[
+            ("t", b"r-"),
+            ("n", self.node.as_bytes()),
+            ("f", full.as_bytes()),
+        ]));
+        if full.starts_with("$share/") {
+            self.shares.lock().remove(full);
+            cmds.push(
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(keys::share(full))
+                    .arg(keys::GROUP)
+                    .arg(&*self.node)
+                    .clone(),
+            );
+        }
+    }
+
+    fn psub_add_cmds(
+        &self,
+        client_id: &ByteString,
+        full: &ByteString,
+        o: SubscriptionOptions,
+        sub_id: Option<u32>,
+        cmds: &mut Vec<Cmd>,
+    ) {
+        let field = format!("{client_id}\n{full}");
+        let enc = wire::encode_sub(o, sub_id);
+        cmds.push(
+            redis::cmd("HSET")
+                .arg(keys::session(client_id))
+                .arg(format!("sub:{full}"))
+                .arg(&enc)
+                .clone(),
+        );
+        if full.starts_with("$share/") {
+            return;
+        }
+        self.routes.write().add_session(
+            client_id,
+            full,
+            SessionSub {
+                qos: o.qos,
+                no_local: o.no_local,
+            },
+        );
+        cmds.push(
+            redis::cmd("HSET")
+                .arg(keys::PSUBS)
+                .arg(&field)
+                .arg(&enc)
+                .clone(),
+        );
+        cmds.push(event(&[
+            ("t", b"p+"),
+            ("n", self.node.as_bytes()),
+            ("c", client_id.as_bytes()),
+            ("f", full.as_bytes()),
+            ("o", enc.as_bytes()),
+        ]));
+    }
+
+    fn psub_remove_cmds(&self, client_id: &str, full: &str, cmds: &mut Vec<Cmd>) {
+        self.routes.write().remove_session(client_id, full);
+        cmds.push(
+            redis::cmd("HDEL")
+                .arg(keys::PSUBS)
+                .arg(format!("{client_id}\n{full}"))
+                .clone(),
+        );
+        cmds.push(event(&[
+            ("t", b"p-"),
+            ("n", self.node.as_bytes()),
+            ("c", client_id.as_bytes()),
+            ("f", full.as_bytes()),
+        ]));
+    }
+
+    /// A local subscription was added: announce the route (once per pod)
+    /// and, for a persistent session, store it. Returns when Redis has it.
+    pub async fn subscribed(
+        &self,
+        session: &Session,
+        full: &ByteString,
+        o: SubscriptionOptions,
+        sub_id: Option<u32>,
+        existed: bool,
+        store: bool,
+    ) -> Result<(), StoreError> {
+        let mut cmds = Vec::new();
+        if !existed {
+            self.route_add_cmds(full, &mut cmds);
+        }
+        if store && session.is_stream_fed() {
+            self.psub_add_cmds(&session.client_id, full, o, sub_id, &mut cmds);
+        }
+        self.run_ordered(cmds).await
+    }
+
+    pub async fn unsubscribed(&self, session: &Session, full: &ByteString) {
+        let mut cmds = Vec::new();
+        self.route_remove_cmds(full, &mut cmds);
+        if session.is_stream_fed() {
+            cmds.push(
+                redis::cmd("HDEL")
+                    .arg(keys::session(&session.client_id))
+                    .arg(format!("sub:{full}"))
+                    .clone(),
+            );
+            self.psub_remove_cmds(&session.client_id, full, &mut cmds);
+        }
+        let _ = self.run_ordered(cmds).await;
+    }
+
+    /// A local session let go of its subscriptions (ended or moved): the
+    /// pod's routes shrink; persistent subscriptions stay in Redis.
+    pub fn dropped_local(&self, filters: &[ByteString]) {
+        let mut cmds = Vec::new();
+        for f in filters {
+            self.route_remove_cmds(f, &mut cmds);
+        }
+        self.run_later(cmds);
+    }
+
+    // ---- sessions ----------------------------------------------------
+
+    /// Take ownership of a client's session (creating or resetting it) and
+    /// tell a previous owner on another pod to let its connection go.
+    pub async fn claim(
+        &self,
+        client_id: &ByteString,
+        clean_start: bool,
+        expiry: u32,
+        will: Option<&LastWill>,
+        epoch: u64,
+    ) -> Result<Claim, StoreError> {
+        if !self.is_ready() {
+            return Err(StoreError::NotReady);
+        }
+        let will = will.map(|w| wire::encode_will(w, client_id));
+        let skey = keys::session(client_id);
+        let qkey = keys::queue(client_id);
+        let reply = self
+            .query_cmds(vec![eval(LUA_CLAIM, &[&skey, &qkey])
+                .arg(&*self.node)
+                .arg(epoch)
+                .arg(u8::from(clean_start))
+                .arg(expiry)
+                .arg(will.as_deref().unwrap_or_default())
+                .clone()])
+            .await?;
+        let r = reply
+            .first()
+            .and_then(as_array)
+            .ok_or(StoreError::Reply("claim"))?;
+        let prev_owner = r.first().and_then(as_str).unwrap_or_default();
+        let present = r.get(2).and_then(as_int) == Some(1);
+        let mut cmds = Vec::new();
+        // A reset session's persistent subscriptions leave the table.
+        if let Some(old) = r.get(3).and_then(as_array) {
+            for f in old.iter().filter_map(as_str) {
+                if let Some(filter) = f.strip_prefix("sub:") {
+                    self.psub_remove_cmds(client_id, filter, &mut cmds);
+                }
+            }
+        }
+        cmds.push(
+            redis::cmd("ZREM")
+                .arg(keys::EXPIRY)
+                .arg(&**client_id)
+                .clone(),
+        );
+        cmds.push(
+            redis::cmd("SADD")
+                .arg(keys::node_sessions(&self.node))
+                .arg(&**client_id)
+                .clone(),
+        );
+        if expiry > 0 {
+            self.owners
+                .write()
+                .insert(client_id.clone(), self.node.clone());
+            cmds.push(
+                redis::cmd("HSET")
+                    .arg(keys::OWNERS)
+                    .arg(&**client_id)
+                    .arg(&*self.node)
+                    .clone(),
+            );
+            cmds.push(event(&[
+                ("t", b"o"),
+                ("n", self.node.as_bytes()),
+                ("c", client_id.as_bytes()),
+                ("w", self.node.as_bytes()),
+            ]));
+        }
+        if !prev_owner.is_empty() && prev_owner != &*self.node {
+            debug!(client_id = %client_id, old = prev_owner, "taking the session over from another pod");
+            let _ = self.ops.try_send(Op::Kick {
+                node: Arc::from(prev_owner),
+                client_id: client_id.clone(),
+            });
+        }
+        let mut claim = Claim {
+            present,
+            ..Claim::default()
+        };
+        if present {
+            cmds.push(redis::cmd("HGETALL").arg(&skey).clone());
+        }
+        let n = cmds.len();
+        let replies = self.query_cmds(cmds).await?;
+        if present {
+            let all = replies.get(n - 1).ok_or(StoreError::Reply("session"))?;
+            for (k, v) in pairs(all) {
+                let (Some(k), Some(v)) = (as_str(k), as_str(v)) else {
+                    continue;
+                };
+                if let Some(filter) = k.strip_prefix("sub:") {
+                    let (o, id) = wire::decode_sub(v)?;
+                    claim.subs.push((ByteString::from(filter), o, id));
+                } else if k == "rel" {
+                    claim.rel = v.split(',').filter_map(|p| p.parse().ok()).collect();
+                } else if k == "hw" && !v.is_empty() {
+                    claim.hw = Some(v.to_string());
+                }
+            }
+        }
+        Ok(claim)
+    }
+
+    /// The connection of a session ended on this pod.
+    pub async fn release(
+        &self,
+        client_id: &ByteString,
+        epoch: u64,
+        expiry: u32,
+        rel: &[u16],
+        hw: Option<&str>,
+    ) {
+        self.stop_puller(client_id);
+        let persistent = expiry > 0;
+        let now = wire::unix_ms();
+        let expires_at = if expiry == u32::MAX {
+            0
+        } else {
+            now + u64::from(expiry) * 1000
+        };
+        let rel: Vec<String> = rel.iter().map(u16::to_string).collect();
+        let skey = keys::session(client_id);
+        let qkey = keys::queue(client_id);
+        let reply = self
+            .query_cmds(vec![eval(LUA_RELEASE, &[&skey, &qkey])
+                .arg(&*self.node)
+                .arg(epoch)
+                .arg(u8::from(persistent))
+                .arg(expires_at)
+                .arg(rel.join(","))
+                .arg(hw.unwrap_or_default())
+                .clone()])
+            .await;
+        let Ok(reply) = reply else { return };
+        let code = reply.first().and_then(as_int).unwrap_or(0);
+        let mut cmds = vec![redis::cmd("SREM")
+            .arg(keys::node_sessions(&self.node))
+            .arg(&**client_id)
+            .clone()];
+        if code == 1 {
+            self.owners.write().remove(client_id);
+            cmds.push(
+                redis::cmd("HDEL")
+                    .arg(keys::OWNERS)
+                    .arg(&**client_id)
+                    .clone(),
+            );
+            cmds.push(event(&[
+                ("t", b"o"),
+                ("n", self.node.as_bytes()),
+                ("c", client_id.as_bytes()),
+                ("w", b""),
+            ]));
+            if expires_at > 0 {
+                cmds.push(
+                    redis::cmd("ZADD")
+                        .arg(keys::EXPIRY)
+                        .arg(expires_at)
+                        .arg(&**client_id)
+                        .clone(),
+                );
+            }
+        }
+        self.run_later(cmds);
+    }
+
+    /// Whether a client is connected anywhere (for delayed wills).
+    pub async fn is_connected(&self, client_id: &str) -> bool {
+        let r = self
+            .query_cmds(vec![redis::cmd("HGET")
+                .arg(keys::session(client_id))
+                .arg("owner")
+                .clone()])
+            .await;
+        matches!(r.as_deref(), Ok([v]) if as_str(v).is_some_and(|o| !o.is_empty()))
+    }
+
+    // ---- persistent session streams ------------------------------------
+
+    /// Feed an online persistent session from its stream until it leaves.
+    pub fn start_puller(self: &Arc<Self>, session: Arc<Session>, epoch: u64, hw: Option<String>) {
+        let p = Arc::new(Puller {
+            wake: Notify::new(),
+            cancel: CancellationToken::new(),
+        });
+        if let Some(old) = self
+            .pullers
+            .lock()
+            .insert(session.client_id.clone(), p.clone())
+        {
+            old.cancel.cancel();
+        }
+        tokio::spawn(self.clone().pull(session, epoch, p, hw));
+    }
+
+    pub fn stop_puller(&self, client_id: &ByteString) {
+        if let Some(p) = self.pullers.lock().remove(client_id) {
+            p.cancel.cancel();
+        }
+    }
+
+    fn wake(&self, client_id: &str) {
+        if let Some(p) = self.pullers.lock().get(client_id) {
+            p.wake.notify_one();
+        }
+    }
+
+    async fn pull(
+        self: Arc<Self>,
+        session: Arc<Session>,
+        epoch: u64,
+        p: Arc<Puller>,
+        hw: Option<String>,
+    ) {
+        let Some(broker) = self.broker() else { return };
+        let qkey = keys::queue(&session.client_id);
+        let mut last: Option<String> = None;
+        let mut idle = Duration::ZERO;
+        loop {
+            let room = {
+                let st = session.state.lock();
+                if st.ended || st.epoch != epoch {
+                    return;
+                }
+                self.max_queued
+                    .saturating_sub(st.queue.len() + st.inflight.len())
+            };
+            let mut got = 0;
+            if room > 0 {
+                let start = match &last {
+                    Some(id) => format!("({id}"),
+                    None => "-".to_string(),
+                };
+                let reply = self
+                    .query_cmds(vec![redis::cmd("XRANGE")
+                        .arg(&qkey)
+                        .arg(start)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(room.min(READ_COUNT))
+                        .clone()])
+                    .await;
+                if let Ok(reply) = reply {
+                    let list = reply.first().map(entries).unwrap_or_default();
+                    for e in list {
+                        got += 1;
+                        last = Some(e.id.to_string());
+                        let id = ByteString::from(e.id);
+                        let dup = hw.as_deref().is_some_and(|h| stream_id_le(&id, h));
+                        let Some(b) = val_bytes(e.field("m")) else {
+                            self.ack(&session.client_id, &id);
+                            continue;
+                        };
+                        match wire::decode_message(b) {
+                            Ok((m, _)) => {
+                                if !broker.deliver_stored(&session, Arc::new(m), id.clone(), dup) {
+                                    self.ack(&session.client_id, &id);
+                                }
+                            }
+                            Err(e) => {
+                                warn!(client_id = %session.client_id, error = %e, "dropping an unreadable stored message");
+                                self.ack(&session.client_id, &id);
+                            }
+                        }
+                    }
+                }
+            }
+            if got >= room.min(READ_COUNT) && got > 0 {
+                continue;
+            }
+            // Woken by a publisher; polled as a safety net for a publisher
+            // that did not yet know this pod serves the session.
+            idle = if got > 0 {
+                Duration::from_millis(100)
+            } else {
+                (idle * 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
+            };
+            let wait = if room == 0 {
+                Duration::from_millis(20)
+            } else {
+                idle
+            };
+            tokio::select! {
+                _ = p.cancel.cancelled() => return,
+                _ = p.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    // ---- readers ---------------------------------------------------------
+
+    async fn blocking_conn(&self) -> Option<MultiplexedConnection> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .ok()
+    }
+
+    /// Load routes, owners and retained messages; returns the events id to
+    /// follow from.
+    async fn load_snapshot(&self) -> Result<String, StoreError> {
+        let head = self
+            .query_cmds(vec![
+                redis::cmd("XREVRANGE")
+                    .arg(keys::EVENTS)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .clone(),
+                redis::cmd("ZRANGE").arg(keys::NODES).arg(0).arg(-1).clone(),
+                redis::cmd("HGETALL").arg(keys::PSUBS).clone(),
+                redis::cmd("HGETALL").arg(keys::OWNERS).clone(),
+                redis::cmd("HGETALL").arg(keys::RETAINED).clone(),
+            ])
+            .await?;
+        let [ev, nodes, psubs, owners, retained] = &head[..] else {
+            return Err(StoreError::Reply("snapshot"));
+        };
+        let last = entries(ev)
+            .first()
+            .map_or_else(|| "0-0".to_string(), |e| e.id.to_string());
+        let nodes: Vec<&str> = as_array(nodes)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(as_str)
+            .collect();
+        let route_sets = self
+            .query_cmds(
+                nodes
+                    .iter()
+                    .map(|n| redis::cmd("SMEMBERS").arg(keys::routes(n)).clone())
+                    .collect(),
+            )
+            .await?;
+        let mut table = RemoteRoutes::default();
+        for (n, set) in nodes.iter().zip(&route_sets) {
+            let node: Arc<str> = Arc::from(*n);
+            for f in as_array(set).unwrap_or_default().iter().filter_map(as_str) {
+                table.add_node_route(&node, &ByteString::from(f));
+            }
+        }
+        for (k, v) in pairs(psubs) {
+            let (Some(k), Some(v)) = (as_str(k), as_str(v)) else {
+                continue;
+            };
+            let Some((cid, filter)) = k.split_once('\n') else {
+                continue;
+            };
+            if let Ok((o, _)) = wire::decode_sub(v) {
+                table.add_session(
+                    &ByteString::from(cid),
+                    filter,
+                    SessionSub {
+                        qos: o.qos,
+                        no_local: o.no_local,
+                    },
+                );
+            }
+        }
+        let mut own = HashMap::new();
+        for (k, v) in pairs(owners) {
+            if let (Some(k), Some(v)) = (as_str(k), as_str(v)) {
+                own.insert(ByteString::from(k), Arc::from(v));
+            }
+        }
+        // This pod's own routes are re-added: after a Redis restart they
+        // come back through `resync`, but matching must not miss them.
+        for f in self.local_routes.lock().keys() {
+            table.add_node_route(&self.node, f);
+        }
+        *self.routes.write() = table;
+        *self.owners.write() = own;
+        if let Some(b) = self.broker() {
+            let mut msgs = Vec::new();
+            for (_, v) in pairs(retained) {
+                if let Some(Ok((m, _))) = val_bytes(Some(v)).map(wire::decode_message) {
+                    msgs.push(Arc::new(m));
+                }
+            }
+            b.replace_retained(msgs);
+        }
+        Ok(last)
+    }
+
+    /// Follow this pod's inbox and the events stream.
+    async fn reader(self: Arc<Self>) {
+        let inbox = keys::inbox(&self.node);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let Some(mut con) = self.blocking_conn().await else {
+                self.reader_ok.store(false, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            };
+            let mut ev_id = match self.load_snapshot().await {
+                Ok(id) => id,
+                Err(e) => {
+                    debug!(error = %e, "snapshot failed");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let mut in_id = "0-0".to_string();
+            self.reader_ok.store(true, Ordering::Relaxed);
+            loop {
+                let read = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(READ_COUNT)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(&inbox)
+                    .arg(keys::EVENTS)
+                    .arg(&in_id)
+                    .arg(&ev_id)
+                    .clone();
+                let reply = tokio::select! {
+                    r = read.query_async::<Value>(&mut con) => r,
+                    _ = self.shutdown.cancelled() => return,
+                };
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.failed("stream read", &e);
+                        self.reader_ok.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                };
+                let mut trim = None;
+                for (key, list) in streams(&reply) {
+                    if key == inbox {
+                        for e in &list {
+                            self.on_inbox(e);
+                        }
+                        if let Some(e) = list.last() {
+                            in_id = e.id.to_string();
+                            trim = Some(in_id.clone());
+                        }
+                    } else if key == keys::EVENTS {
+                        for e in &list {
+                            self.on_event(e);
+                        }
+                        if let Some(e) = list.last() {
+                            ev_id = e.id.to_string();
+                        }
+                    }
+                }
+                if let Some(id) = trim {
+                    // Everything before what was just read is delivered.
+                    self.run_later(vec![redis::cmd("XTRIM")
+                        .arg(&inbox)
+                        .arg("MINID")
+                        .arg(id)
+                        .clone()]);
+                }
+            }
+        }
+    }
+
+    fn on_inbox(&self, e: &Entry<'_>) {
+        let Some(broker) = self.broker() else { return };
+        let Some(batch) = val_bytes(e.field("b")) else {
+            return;
+        };
+        for rec in wire::records(batch) {
+            match rec {
+                Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
+                    Ok((m, _)) => broker.deliver_remote(Arc::new(m)),
+                    Err(err) => warn!(error = %err, "unreadable message in the inbox"),
+                },
+                Ok((wire::REC_WAKE, b)) => {
+                    if let Ok(cid) = std::str::from_utf8(&b) {
+                        self.wake(cid);
+                    }
+                }
+                Ok((wire::REC_KICK, b)) => {
+                    if let Ok(cid) = std::str::from_utf8(&b) {
+                        broker.kick_local(cid);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    warn!(error = %err, "unreadable inbox entry");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_event(&self, e: &Entry<'_>) {
+        let s = |k: &str| e.field(k).and_then(as_str);
+        let Some(t) = s("t") else { return };
+        match t {
+            "r+" | "r-" => {
+                let (Some(n), Some(f)) = (s("n"), s("f")) else {
+                    return;
+                };
+                let mut r = self.routes.write();
+                if t == "r+" {
+                    r.add_node_route(&Arc::from(n), &ByteString::from(f));
+                } else if n != &*self.node || !self.local_routes.lock().contains_key(f) {
+                    r.remove_node_route(n, f);
+                }
+            }
+            "p+" => {
+                let (Some(c), Some(f), Some(o)) = (s("c"), s("f"), s("o")) else {
+                    return;
+                };
+                if let Ok((o, _)) = wire::decode_sub(o) {
+                    self.routes.write().add_session(
+                        &ByteString::from(c),
+                        f,
+                        SessionSub {
+                            qos: o.qos,
+                            no_local: o.no_local,
+                        },
+                    );
+                }
+            }
+            "p-" => {
+                if let (Some(c), Some(f)) = (s("c"), s("f")) {
+                    self.routes.write().remove_session(c, f);
+                }
+            }
+            "o" => {
+                let (Some(c), Some(w)) = (s("c"), s("w")) else {
+                    return;
+                };
+                let mut o = self.owners.write();
+                if w.is_empty() {
+                    // Only the owner's own release clears it.
+                    if o.get(c).is_some_and(|cur| Some(&**cur) == s("n")) {
+                        o.remove(c);
+                    }
+                } else {
+                    o.insert(ByteString::from(c), Arc::from(w));
+                }
+            }
+            "rs" => {
+                if s("n") == Some(&*self.node) {
+                    return;
+                }
+                if let (Some(b), Some(broker)) = (val_bytes(e.field("m")), self.broker()) {
+                    if let Ok((m, _)) = wire::decode_message(b) {
+                        broker.mirror_retained(Arc::new(m));
+                    }
+                }
+            }
+            "rd" => {
+                if s("n") == Some(&*self.node) {
+                    return;
+                }
+                if let (Some(k), Some(broker)) = (s("k"), self.broker()) {
+                    broker.mirror_retained(Arc::new(Message::from_wire(
+                        ByteString::from(k),
+                        Bytes::new(),
+                        QoS::AtMostOnce,
+                        true,
+                        Default::default(),
+                        None,
+                    )));
+                }
+            }
+            "dead" | "hello" => {
+                if let Some(n) = s("n") {
+                    if n != &*self.node {
+                        self.routes.write().drop_node(n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Read the shared-subscription streams this pod has members for.
+    async fn share_reader(self: Arc<Self>) {
+        let mut con = None;
+        let mut last_claim = Instant::now();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let keys_now: Vec<ByteString> = self.shares.lock().iter().cloned().collect();
+            if keys_now.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            if con.is_none() {
+                con = self.blocking_conn().await;
+                if con.is_none() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+            let Some(c) = con.as_mut() else { continue };
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(keys::GROUP)
+                .arg(&*self.node)
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("BLOCK")
+                .arg(100)
+                .arg("STREAMS");
+            for k in &keys_now {
+                cmd.arg(keys::share(k));
+            }
+            for _ in &keys_now {
+                cmd.arg(">");
+            }
+            let reply = tokio::select! {
+                r = cmd.query_async::<Value>(c) => r,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match reply {
+                Ok(v) => self.on_shared(&keys_now, &v).await,
+                Err(e) => {
+                    if e.code() == Some("NOGROUP") {
+                        // Redis lost the group (restart): make it again.
+                        self.ensure_groups(&keys_now).await;
+                    } else {
+                        self.failed("shared read", &e);
+                        con = None;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            if last_claim.elapsed() > Duration::from_secs(2) {
+                last_claim = Instant::now();
+                self.claim_abandoned(&keys_now).await;
+            }
+        }
+    }
+
+    async fn ensure_groups(&self, fulls: &[ByteString]) {
+        for f in fulls {
+            let _ = self
+                .query_cmds(vec![redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(keys::share(f))
+                    .arg(keys::GROUP)
+                    .arg("$")
+                    .arg("MKSTREAM")
+                    .clone()])
+                .await;
+        }
+    }
+
+    async fn on_shared(&self, fulls: &[ByteString], reply: &Value) {
+        let Some(broker) = self.broker() else { return };
+        let mut acks = Vec::new();
+        for (key, list) in streams(reply) {
+            let Some(full) = fulls.iter().find(|f| keys::share(f) == key) else {
+                continue;
+            };
+            for e in list {
+                if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
+                    broker.deliver_shared(full, Arc::new(m));
+                }
+                acks.push(
+                    redis::cmd("XACK")
+                        .arg(key)
+                        .arg(keys::GROUP)
+                        .arg(e.id)
+                        .clone(),
+                );
+            }
+        }
+        self.run_later(acks);
+    }
+
+    /// Entries of a shared group read by a pod that died before
+    /// acknowledging them go to a member here.
+    async fn claim_abandoned(&self, fulls: &[ByteString]) {
+        let idle_ms = self.node_timeout.as_millis() as u64;
+        let cmds = fulls
+            .iter()
+            .map(|f| {
+                redis::cmd("XAUTOCLAIM")
+                    .arg(keys::share(f))
+                    .arg(keys::GROUP)
+                    .arg(&*self.node)
+                    .arg(idle_ms)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(READ_COUNT)
+                    .clone()
+            })
+            .collect();
+        let Ok(replies) = self.query_cmds(cmds).await else {
+            return;
+        };
+        let Some(broker) = self.broker() else { return };
+        let mut acks = Vec::new();
+        let mut trims = Vec::new();
+        for (full, r) in fulls.iter().zip(&replies) {
+            let key = keys::share(full);
+            let Some(list) = as_array(r).and_then(|a| a.get(1)) else {
+                continue;
+            };
+            for e in entries(list) {
+                if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
+                    broker.deliver_shared(full, Arc::new(m));
+                }
+                acks.push(
+                    redis::cmd("XACK")
+                        .arg(&key)
+                        .arg(keys::GROUP)
+                        .arg(e.id)
+                        .clone(),
+                );
+            }
+            trims.push(key);
+        }
+        self.run_later(acks);
+        self.trim_shares(trims).await;
+    }
+
+    /// Trim a share stream to what its group has not yet read or
+    /// acknowledged; never past a pending entry.
+    async fn trim_shares(&self, keys_: Vec<String>) {
+        for key in keys_ {
+            let Ok(r) = self
+                .query_cmds(vec![
+                    redis::cmd("XINFO").arg("GROUPS").arg(&key).clone(),
+                    redis::cmd("XPENDING").arg(&key).arg(keys::GROUP).clone(),
+                ])
+                .await
+            else {
+                continue;
+            };
+            let [groups, pending] = &r[..] else { continue };
+            let mut min_id: Option<String> = None;
+            for g in as_array(groups).unwrap_or_default() {
+                let p = pairs(g);
+                let get = |name: &str| {
+                    p.iter()
+                        .find(|(k, _)| as_str(k) == Some(name))
+                        .and_then(|(_, v)| as_str(v))
+                };
+                if let Some(id) = get("last-delivered-id") {
+                    if min_id.as_deref().is_none_or(|m| stream_id_le(id, m)) {
+                        min_id = Some(id.to_string());
+                    }
+                }
+            }
+            // XPENDING summary: [count, smallest id, greatest id, consumers]
+            if let Some(first) = as_array(pending).and_then(|a| a.get(1)).and_then(as_str) {
+                if min_id.as_deref().is_none_or(|m| stream_id_le(first, m)) {
+                    min_id = Some(first.to_string());
+                }
+            }
+            if let Some(id) = min_id {
+                self.run_later(vec![redis::cmd("XTRIM")
+                    .arg(&key)
+                    .arg("MINID")
+                    .arg(id)
+                    .clone()]);
+            }
+        }
+    }
+
+    // ---- liveness ----------------------------------------------------------
+
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.query_cmds(vec![redis::cmd("ZADD")
+            .arg(keys::NODES)
+            .arg(wire::unix_ms())
+            .arg(&*self.node)
+            .clone()])
+            .await
+            .map(|_| ())
+    }
+
+    /// Heartbeats, recovery after an outage, dead pods and expired sessions.
+    async fn supervisor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => {
+                    self.leave().await;
+                    return;
+                }
+            }
+            n += 1;
+            let was_healthy = self.healthy.load(Ordering::Relaxed);
+            if self.heartbeat().await.is_err() {
+                continue;
+            }
+            if !was_healthy {
+                match self.resync().await {
+                    Ok(()) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        info!("Redis is back: accepting connections again");
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "resync failed");
+                        continue;
+                    }
+                }
+            }
+            if n.is_multiple_of(2) {
+                self.sweep_dead_nodes().await;
+                self.sweep_expired().await;
+                if let Ok(r) = self
+                    .query_cmds(vec![redis::cmd("XLEN")
+                        .arg(keys::inbox(&self.node))
+                        .clone()])
+                    .await
+                {
+                    let lag = r.first().and_then(as_int).unwrap_or(0).max(0) as u64;
+                    self.stream_lag.store(lag, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Write this pod's state again: its node entry, routes and sessions.
+    /// Runs at start and after Redis was unreachable (it may have restarted
+    /// empty, or declared this pod dead meanwhile).
+    async fn resync(&self) -> Result<(), StoreError> {
+        let routes: Vec<ByteString> = self.local_routes.lock().keys().cloned().collect();
+        let mut cmds = vec![
+            redis::cmd("DEL").arg(keys::routes(&self.node)).clone(),
+            event(&[("t", b"hello"), ("n", self.node.as_bytes())]),
+        ];
+        for f in &routes {
+            cmds.push(
+                redis::cmd("SADD")
+                    .arg(keys::routes(&self.node))
+                    .arg(&**f)
+                    .clone(),
+            );
+            cmds.push(event(&[
+                ("t", b"r+"),
+                ("n", self.node.as_bytes()),
+                ("f", f.as_bytes()),
+            ]));
+            if f.starts_with("$share/") {
+                cmds.push(
+                    redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(keys::share(f))
+                        .arg(keys::GROUP)
+                        .arg("$")
+                        .arg("MKSTREAM")
+                        .clone(),
+                );
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        self.query(&pipe).await?;
+        let Some(broker) = self.broker() else {
+            return Ok(());
+        };
+        for (session, epoch, expiry) in broker.local_sessions() {
+            let cid = &session.client_id;
+            let r = self
+                .query_cmds(vec![eval(
+                    LUA_RECLAIM,
+                    &[&keys::session(cid), &keys::queue(cid)],
+                )
+                .arg(&*self.node)
+                .arg(epoch)
+                .arg(expiry)
+                .clone()])
+                .await?;
+            match r.first().and_then(as_int) {
+                Some(0) => broker.kick_local(cid),
+                Some(existed) => {
+                    let mut cmds = vec![redis::cmd("SADD")
+                        .arg(keys::node_sessions(&self.node))
+                        .arg(&**cid)
+                        .clone()];
+                    if session.is_stream_fed() {
+                        cmds.push(
+                            redis::cmd("HSET")
+                                .arg(keys::OWNERS)
+                                .arg(&**cid)
+                                .arg(&*self.node)
+                                .clone(),
+                        );
+                        cmds.push(event(&[
+                            ("t", b"o"),
+                            ("n", self.node.as_bytes()),
+                            ("c", cid.as_bytes()),
+                            ("w", self.node.as_bytes()),
+                        ]));
+                        if existed == 1 {
+                            // Redis lost it: write the subscriptions back.
+                            let subs: Vec<_> = session
+                                .state
+                                .lock()
+                                .subscriptions
+                                .iter()
+                                .map(|(f, e)| (f.clone(), e.options, e.sub_id))
+                                .collect();
+                            for (f, o, id) in subs {
+                                self.psub_add_cmds(cid, &f, o, id, &mut cmds);
+                            }
+                        }
+                    }
+                    self.query_cmds(cmds).await?;
+                }
+                None => return Err(StoreError::Reply("reclaim")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn sweep_dead_nodes(&self) {
+        let cutoff = wire::unix_ms().saturating_sub(self.node_timeout.as_millis() as u64);
+        let Ok(r) = self
+            .query_cmds(vec![redis::cmd("ZRANGEBYSCORE")
+                .arg(keys::NODES)
+                .arg("-inf")
+                .arg(cutoff)
+                .clone()])
+            .await
+        else {
+            return;
+        };
+        let dead: Vec<String> = r
+            .first()
+            .and_then(as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(as_str)
+            .filter(|n| *n != &*self.node)
+            .map(str::to_string)
+            .collect();
+        for node in dead {
+            let lock = self
+                .query_cmds(vec![redis::cmd("SET")
+                    .arg(keys::lock(&node))
+                    .arg(&*self.node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .clone()])
+                .await;
+            if !matches!(lock.as_deref(), Ok([Value::Okay])) {
+                continue;
+            }
+            if let Err(e) = self.clean_up_node(&node).await {
+                warn!(node, error = %e, "cleaning up a dead pod failed; will retry");
+                let _ = self
+                    .query_cmds(vec![redis::cmd("DEL").arg(keys::lock(&node)).clone()])
+                    .await;
+            }
+        }
+    }
+
+    /// A pod died: its sessions are released (persistent ones go offline,
+    /// the others end), their wills published, its routes dropped.
+    async fn clean_up_node(&self, node: &str) -> Result<(), StoreError> {
+        info!(
+            node,
+            "a pod stopped sending heartbeats: taking over its clients' wills and sessions"
+        );
+        let r = self
+            .query_cmds(vec![redis::cmd("SMEMBERS")
+                .arg(keys::node_sessions(node))
+                .clone()])
+            .await?;
+        let cids: Vec<String> = r
+            .first()
+            .and_then(as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(as_str)
+            .map(str::to_string)
+            .collect();
+        let broker = self.broker();
+        let now = wire::unix_ms();
+        for cid in cids {
+            let skey = keys::session(&cid);
+            let r = self
+                .query_cmds(vec![redis::cmd("HGETALL").arg(&skey).clone()])
+                .await?;
+            let h = r.first().map(pairs).unwrap_or_default();
+            let get = |name: &str| {
+                h.iter()
+                    .find(|(k, _)| as_str(k) == Some(name))
+                    .map(|(_, v)| *v)
+            };
+            if get("owner").and_then(as_str) != Some(node) {
+                continue;
+            }
+            let epoch = get("epoch").and_then(as_str).unwrap_or_default();
+            let expiry: u64 = get("expiry").and_then(as_int).unwrap_or(0).max(0) as u64;
+            let will = val_bytes(get("will"));
+            let expires_at = if expiry == u64::from(u32::MAX) {
+                0
+            } else {
+                now + expiry * 1000
+            };
+            let rel = self
+                .query_cmds(vec![eval(LUA_RELEASE, &[&skey, &keys::queue(&cid)])
+                    .arg(node)
+                    .arg(epoch)
+                    .arg(u8::from(expiry > 0))
+                    .arg(expires_at)
+                    .arg("")
+                    .arg("")
+                    .clone()])
+                .await?;
+            if rel.first().and_then(as_int) == Some(1) {
+                let mut cmds = vec![
+                    redis::cmd("HDEL").arg(keys::OWNERS).arg(&cid).clone(),
+                    event(&[
+                        ("t", b"o"),
+                        ("n", node.as_bytes()),
+                        ("c", cid.as_bytes()),
+                        ("w", b""),
+                    ]),
+                ];
+                if expires_at > 0 {
+                    cmds.push(
+                        redis::cmd("ZADD")
+                            .arg(keys::EXPIRY)
+                            .arg(expires_at)
+                            .arg(&cid)
+                            .clone(),
+                    );
+                }
+                self.query_cmds(cmds).await?;
+            }
+            if let (Some(w), Some(b)) = (will, &broker) {
+                if let Ok((m, _delay)) = wire::decode_message(w) {
+                    b.publish_message(Arc::new(m));
+                }
+            }
+        }
+        self.query_cmds(vec![
+            redis::cmd("DEL")
+                .arg(keys::routes(node))
+                .arg(keys::node_sessions(node))
+                .arg(keys::inbox(node))
+                .clone(),
+            redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
+            event(&[("t", b"dead"), ("n", node.as_bytes())]),
+        ])
+        .await?;
+        self.routes.write().drop_node(node);
+        Ok(())
+    }
+
+    async fn sweep_expired(&self) {
+        let Ok(r) = self
+            .query_cmds(vec![redis::cmd("ZRANGEBYSCORE")
+                .arg(keys::EXPIRY)
+                .arg("-inf")
+                .arg(wire::unix_ms())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(100)
+                .clone()])
+            .await
+        else {
+            return;
+        };
+        let cids: Vec<String> = r
+            .first()
+            .and_then(as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(as_str)
+            .map(str::to_string)
+            .collect();
+        for cid in cids {
+            let Ok(r) = self
+                .query_cmds(vec![
+                    eval(LUA_EXPIRE, &[&keys::session(&cid), &keys::queue(&cid)])
+                        .arg(wire::unix_ms())
+                        .clone(),
+                    redis::cmd("ZREM").arg(keys::EXPIRY).arg(&cid).clone(),
+                ])
+                .await
+            else {
+                return;
+            };
+            let Some(a) = r.first().and_then(as_array) else {
+                continue;
+            };
+            if a.first().and_then(as_int) != Some(1) {
+                continue;
+            }
+            let mut cmds = Vec::new();
+            for f in a
+                .get(1)
+                .and_then(as_array)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(as_str)
+            {
+                if let Some(filter) = f.strip_prefix("sub:") {
+                    self.psub_remove_cmds(&cid, filter, &mut cmds);
+                }
+            }
+            debug!(client_id = cid, "session expired");
+            self.run_later(cmds);
+        }
+    }
+
+    /// Graceful exit: routes and node entry removed so that nobody sends
+    /// here any more.
+    async fn leave(&self) {
+        let _ = self
+            .query_cmds(vec![
+                redis::cmd("DEL")
+                    .arg(keys::routes(&self.node))
+                    .arg(keys::inbox(&self.node))
+                    .clone(),
+                redis::cmd("ZREM").arg(keys::NODES).arg(&*self.node).clone(),
+                event(&[("t", b"dead"), ("n", self.node.as_bytes())]),
+            ])
+            .await;
+    }
+}
+
+/// `a <= b` for stream ids `ms-seq`.
+fn stream_id_le(a: &str, b: &str) -> bool {
+    fn parse(s: &str) -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    }
+    parse(a) <= parse(b)
+}
+
+/// Build the delivery of a stored message for a session from its current
+/// subscriptions; `None` when none matches any more.
+pub fn delivery_for(
+    subs: &HashMap<ByteString, crate::session::SubscriptionEntry>,
+    msg: Arc<Message>,
+) -> Option<Delivery> {
+    let mut qos = None::<QoS>;
+    let mut retain = false;
+    let mut sub_ids = Vec::new();
+    for (f, e) in subs {
+        if f.starts_with("$share/") || !cirrus_codec::topic::matches(f, &msg.topic) {
+            continue;
+        }
+        qos = Some(qos.map_or(e.options.qos, |q| q.max(e.options.qos)));
+        retain |= e.options.retain_as_published && msg.retain;
+        if let Some(id) = e.sub_id {
+            sub_ids.push(id);
+        }
+    }
+    let q = qos?;
+    Some(Delivery {
+        qos: q.min(msg.qos),
+        msg,
+        retain,
+        sub_ids,
+        ack: None,
+        dup: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id_le("5-1", "10-0"));
+        assert!(stream_id_le("10-2", "10-10"));
+        assert!(!stream_id_le("10-10", "10-2"));
+        assert!(stream_id_le("7-0", "7-0"));
+    }
+
+    #[test]
+    fn replies_of_any_shape_never_panic() {
+        let odd = [
+            Value::Nil,
+            Value::Int(3),
+            Value::Array(vec![Value::Nil, Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![
+                Value::BulkString(b"k".to_vec()),
+                Value::Array(vec![Value::Array(vec![Value::Int(1)])]),
+            ])]),
+            Value::Map(vec![(Value::Nil, Value::Nil)]),
+        ];
+        for v in &odd {
+            let _ = streams(v);
+            let _ = entries(v);
+            let _ = pairs(v);
+        }
+        let good = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"s".to_vec()),
+            Value::Array(vec![Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"m".to_vec()),
+                    Value::BulkString(b"x".to_vec()),
+                ]),
+            ])]),
+        ])]);
+        let s = streams(&good);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, "s");
+        assert_eq!(s[0].1[0].id, "1-0");
+        assert_eq!(as_bytes(s[0].1[0].field("m").unwrap()), Some(&b"x"[..]));
+    }
+}
