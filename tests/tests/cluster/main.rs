@@ -1,0 +1,349 @@
+//! Several `cirrus-broker` pods on one real `redis-server`: the invariants of
+//! the Redis store (docs/architecture.md), each shown with real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cirrus_codec::{reason, ByteString, LastWill, Packet, Properties, QoS};
+use cirrus_e2e::client::Next;
+use cirrus_e2e::{BrokerProcess, Client, Opts, RedisServer, TIMEOUT};
+
+fn pods(redis: &RedisServer, n: usize) -> Vec<BrokerProcess> {
+    (0..n)
+        .map(|_| BrokerProcess::start_on_redis(&redis.url(), &[]))
+        .collect()
+}
+
+/// Publish `topic` from `publisher` until `subscriber` receives it: routes
+/// travel between pods through Redis, asynchronously.
+async fn until_routed(publisher: &mut Client, subscriber: &mut Client, topic: &str) {
+    let end = Instant::now() + TIMEOUT;
+    loop {
+        assert!(Instant::now() < end, "route for {topic} never arrived");
+        publisher
+            .publish(topic, b"probe", QoS::AtMostOnce, false)
+            .await;
+        if let Next::Packet(Packet::Publish(p)) = subscriber.next(Duration::from_millis(50)).await {
+            assert_eq!(p.topic, topic);
+            // Drain any other probes.
+            while let Next::Packet(_) = subscriber.next(Duration::from_millis(100)).await {}
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn publish_on_one_pod_is_received_on_another_in_order() {
+    let redis = RedisServer::start();
+    let p = pods(&redis, 2);
+    let mut sub = Client::connect_ok(p[1].addr, Opts::v5("sub")).await;
+    assert_eq!(sub.subscribe("x/#", QoS::AtLeastOnce).await, 1);
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub")).await;
+    until_routed(&mut publisher, &mut sub, "x/probe").await;
+    for i in 0..200u32 {
+        let code = publisher
+            .publish("x/data", &i.to_be_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(code, 0);
+    }
+    for i in 0..200u32 {
+        let m = sub.recv_ack().await;
+        assert_eq!(&m.payload[..], &i.to_be_bytes(), "message {i} out of order");
+    }
+}
+
+#[tokio::test]
+async fn retained_message_set_on_one_pod_is_seen_on_another() {
+    let redis = RedisServer::start();
+    let p = pods(&redis, 2);
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v311("pub")).await;
+    publisher
+        .publish("status/a", b"up", QoS::AtLeastOnce, true)
+        .await;
+    let end = Instant::now() + TIMEOUT;
+    let mut n = 0;
+    loop {
+        assert!(Instant::now() < end, "retained message not seen on pod B");
+        n += 1;
+        let mut sub = Client::connect_ok(p[1].addr, Opts::v311(&format!("s{n}"))).await;
+        sub.subscribe("status/+", QoS::AtLeastOnce).await;
+        if let Next::Packet(Packet::Publish(m)) = sub.next(Duration::from_millis(200)).await {
+            assert_eq!(&m.payload[..], b"up");
+            assert!(m.retain);
+            break;
+        }
+    }
+    // A third pod started later loads it from the snapshot.
+    let c = BrokerProcess::start_on_redis(&redis.url(), &[]);
+    let mut sub = Client::connect_ok(c.addr, Opts::v311("late")).await;
+    sub.subscribe("status/#", QoS::AtMostOnce).await;
+    assert_eq!(&sub.recv_publish().await.payload[..], b"up");
+}
+
+#[tokio::test]
+async fn takeover_across_pods_closes_the_old_connection_within_a_second() {
+    let redis = RedisServer::start();
+    let p = pods(&redis, 2);
+    let mut old = Client::connect_ok(p[0].addr, Opts::v5("same-id")).await;
+    let t0 = Instant::now();
+    let (_new, ack) = Client::connect(p[1].addr, Opts::v5("same-id")).await;
+    assert_eq!(ack.reason_code, 0);
+    let d = tokio::time::timeout(Duration::from_secs(1), old.expect_closed())
+        .await
+        .expect("old connection still open after a second");
+    assert_eq!(d.map(|d| d.reason_code), Some(reason::SESSION_TAKEN_OVER));
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn persistent_session_moves_between_pods_with_its_messages() {
+    let redis = RedisServer::start();
+    let p = pods(&redis, 2);
+    let opts = Opts::v5("mover").persistent(300);
+    let mut c = Client::connect_ok(p[0].addr, opts.clone()).await;
+    c.subscribe("q/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut publisher = Client::connect_ok(p[1].addr, Opts::v5("pub")).await;
+    for i in 0..50u32 {
+        assert_eq!(
+            publisher
+                .publish("q/x", &i.to_be_bytes(), QoS::AtLeastOnce, false)
+                .await,
+            0
+        );
+    }
+    let (mut c, ack) = Client::connect(p[1].addr, opts.clone().resume()).await;
+    assert!(ack.session_present);
+    for i in 0..50u32 {
+        let m = c.recv_ack().await;
+        assert_eq!(&m.payload[..], &i.to_be_bytes());
+    }
+    // Its subscription came along: new messages reach it on pod B.
+    publisher
+        .publish("q/y", b"live", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&c.recv_ack().await.payload[..], b"live");
+}
+
+/// Invariant 2: SIGKILL of the subscriber's pod loses no QoS 1 message
+/// whose PUBACK the publisher received.
+#[tokio::test]
+async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message() {
+    const N: u32 = 3000;
+    let redis = RedisServer::start();
+    let mut p = pods(&redis, 2);
+    let a = p[0].addr;
+    let b = p[1].addr;
+    let opts = Opts::v5("sink").persistent(600);
+    let mut sink = Client::connect_ok(a, opts.clone()).await;
+    sink.subscribe("load/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_ok(b, Opts::v5("source")).await;
+    until_routed(&mut publisher, &mut sink, "load/probe").await;
+
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let reconnects = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reconnected = reconnects.clone();
+    let reader = tokio::spawn(async move {
+        let mut c = sink;
+        loop {
+            match c.next(Duration::from_secs(15)).await {
+                Next::Packet(Packet::Publish(m)) => {
+                    c.ack(&m).await;
+                    if m.payload.len() == 4 {
+                        let seq = u32::from_be_bytes([
+                            m.payload[0],
+                            m.payload[1],
+                            m.payload[2],
+                            m.payload[3],
+                        ]);
+                        if got_tx.send(seq).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Next::Packet(_) => {}
+                Next::Closed => {
+                    // Pod A died: the client reconnects to pod B.
+                    reconnected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (nc, ack) = Client::connect(b, opts.clone().resume()).await;
+                    assert_eq!(ack.reason_code, 0);
+                    assert!(ack.session_present, "the session survived its pod");
+                    c = nc;
+                }
+                Next::Timeout => return,
+            }
+        }
+    });
+
+    let mut acked = Vec::new();
+    let mut received = HashSet::new();
+    let mut killed = false;
+    for seq in 0..N {
+        if publisher
+            .publish("load/m", &seq.to_be_bytes(), QoS::AtLeastOnce, false)
+            .await
+            == 0
+        {
+            acked.push(seq);
+        }
+        while let Ok(s) = got_rx.try_recv() {
+            received.insert(s);
+        }
+        if !killed && received.len() >= (N / 3) as usize {
+            p[0].signal("KILL");
+            killed = true;
+        }
+    }
+    assert!(killed, "the sink never got a third of the messages");
+    let end = Instant::now() + Duration::from_secs(30);
+    while received.len() < acked.len() && Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(1), got_rx.recv()).await {
+            Ok(Some(s)) => {
+                received.insert(s);
+            }
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    let lost: Vec<u32> = acked
+        .iter()
+        .copied()
+        .filter(|s| !received.contains(s))
+        .collect();
+    assert_eq!(acked.len(), N as usize, "every publish was acknowledged");
+    assert_eq!(
+        reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the sink moved to pod B once"
+    );
+    eprintln!(
+        "{} acknowledged, {} distinct received after the kill and resume",
+        acked.len(),
+        received.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    drop(got_rx);
+    reader.abort();
+}
+
+#[tokio::test]
+async fn shared_subscription_delivers_each_message_once_across_pods() {
+    const N: u32 = 300;
+    let redis = RedisServer::start();
+    let p = pods(&redis, 3);
+    let mut m1 = Client::connect_ok(p[0].addr, Opts::v5("m1")).await;
+    let mut m2 = Client::connect_ok(p[1].addr, Opts::v5("m2")).await;
+    m1.subscribe("$share/g/work/#", QoS::AtLeastOnce).await;
+    m2.subscribe("$share/g/work/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_ok(p[2].addr, Opts::v5("pub")).await;
+    // Wait until both pods' group routes reached the publishing pod.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..N {
+        publisher
+            .publish("work/item", &i.to_be_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+    let mut seen = Vec::new();
+    let mut per_member = [0usize; 2];
+    let end = Instant::now() + TIMEOUT;
+    while seen.len() < N as usize && Instant::now() < end {
+        for (k, m) in [&mut m1, &mut m2].into_iter().enumerate() {
+            while let Next::Packet(Packet::Publish(msg)) = m.next(Duration::from_millis(20)).await {
+                m.ack(&msg).await;
+                seen.push(u32::from_be_bytes(msg.payload[..4].try_into().unwrap()));
+                per_member[k] += 1;
+            }
+        }
+    }
+    let unique: HashSet<u32> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), N as usize, "every message delivered");
+    assert_eq!(seen.len(), N as usize, "no message delivered twice");
+    m1.expect_nothing(Duration::from_millis(200)).await;
+    m2.expect_nothing(Duration::from_millis(200)).await;
+    eprintln!("shared group split: {per_member:?}");
+}
+
+#[tokio::test]
+async fn a_dead_pods_client_wills_are_published_by_a_survivor() {
+    let redis = RedisServer::start();
+    let mut p = pods(&redis, 2);
+    let mut watcher = Client::connect_ok(p[1].addr, Opts::v5("watcher")).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+    let mut o = Opts::v5("doomed");
+    o.will = Some(LastWill {
+        topic: ByteString::from("wills/doomed"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    let mut probe = Client::connect_ok(p[0].addr, Opts::v5("probe")).await;
+    until_routed(&mut probe, &mut watcher, "wills/probe").await;
+    let _doomed = Client::connect_ok(p[0].addr, o).await;
+    p[0].signal("KILL");
+    let t0 = Instant::now();
+    let m = watcher.recv_publish().await;
+    assert_eq!(m.topic, "wills/doomed");
+    assert_eq!(&m.payload[..], b"gone");
+    eprintln!("will published {:?} after the kill", t0.elapsed());
+}
+
+async fn connack_code(addr: SocketAddr, id: &str) -> u8 {
+    Client::connect(addr, Opts::v5(id)).await.1.reason_code
+}
+
+/// Invariant 6: Redis down — pods stay up, refuse new clients with 0x88,
+/// and recover by themselves when it returns (here: empty, as after a
+/// restart without persistence).
+#[tokio::test]
+async fn redis_outage_refuses_new_clients_and_recovers() {
+    let mut redis = RedisServer::start();
+    let mut p = pods(&redis, 2);
+    let mut sub = Client::connect_ok(p[1].addr, Opts::v5("sub")).await;
+    sub.subscribe("o/#", QoS::AtMostOnce).await;
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub")).await;
+    until_routed(&mut publisher, &mut sub, "o/probe").await;
+
+    redis.stop();
+    // Publishing goes on against the dead store; nothing crashes.
+    let end = Instant::now() + TIMEOUT;
+    let mut refused = false;
+    let mut n = 0;
+    while Instant::now() < end {
+        publisher
+            .publish("o/x", b"during", QoS::AtMostOnce, false)
+            .await;
+        n += 1;
+        if n % 20 == 0 && connack_code(p[0].addr, "newcomer").await == reason::SERVER_UNAVAILABLE {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(refused, "new clients were not refused while Redis was down");
+    assert!(p[0].is_running() && p[1].is_running());
+
+    redis.restart();
+    let end = Instant::now() + TIMEOUT;
+    while connack_code(p[0].addr, "newcomer2").await != 0 {
+        assert!(
+            Instant::now() < end,
+            "pod did not recover after Redis returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The existing subscriber on pod B is routed again (its pod wrote its
+    // routes back into the empty Redis).
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub2")).await;
+    while let Next::Packet(_) = sub.next(Duration::from_millis(50)).await {}
+    until_routed(&mut publisher, &mut sub, "o/after").await;
+    assert!(p[0].is_running() && p[1].is_running());
+}
