@@ -134,7 +134,7 @@ async fn persistent_session_moves_between_pods_with_its_messages() {
 async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message() {
     const N: u32 = 3000;
     let redis = RedisServer::start();
-    let mut p = pods(&redis, 2);
+    let p = pods(&redis, 2);
     let a = p[0].addr;
     let b = p[1].addr;
     let opts = Opts::v5("sink").persistent(600);
@@ -274,7 +274,7 @@ async fn shared_subscription_delivers_each_message_once_across_pods() {
 #[tokio::test]
 async fn a_dead_pods_client_wills_are_published_by_a_survivor() {
     let redis = RedisServer::start();
-    let mut p = pods(&redis, 2);
+    let p = pods(&redis, 2);
     let mut watcher = Client::connect_ok(p[1].addr, Opts::v5("watcher")).await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
     let mut o = Opts::v5("doomed");
