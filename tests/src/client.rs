@@ -307,6 +307,14 @@ impl Client {
         }
     }
 
+    /// Send a packet; false when the connection is gone (instead of failing).
+    pub async fn try_send(&mut self, p: Packet) -> bool {
+        matches!(
+            tokio::time::timeout(TIMEOUT, self.framed.send(p)).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Receive a PUBLISH and acknowledge it.
     pub async fn recv_ack(&mut self) -> Publish {
         let p = self.recv_publish().await;

@@ -110,6 +110,9 @@ impl BrokerProcess {
             cmd.args(["--redis", &r.url()]);
             redis = Some(r);
         }
+        if !args.contains(&"--admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
         if !args.contains(&"--sys-interval") {
             cmd.args(["--sys-interval", "0"]);
         }
@@ -183,6 +186,30 @@ impl BrokerProcess {
         }
     }
 
+    /// The admin HTTP port.
+    pub fn admin(&self) -> SocketAddr {
+        self.addrs["admin"]
+    }
+
+    /// GET a path of the admin port: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin(), path)
+    }
+
+    /// The value of one sample of `/metrics`, e.g.
+    /// `metric("cirrus_publish_received_total{qos=\"1\"}")`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (code, body) = self.http_get("/metrics");
+        assert_eq!(code, 200);
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                (k == sample).then(|| v.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics:\n{body}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -238,6 +265,31 @@ impl Drop for BrokerProcess {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// A minimal HTTP/1.1 GET (the admin port), at most 5 s.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect("connect to the admin port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// Run a Python script (Debian's python3, which has paho) with arguments,

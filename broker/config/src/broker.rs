@@ -70,6 +70,8 @@ pub struct Listeners {
     pub ws: Option<SocketAddr>,
     /// MQTT over secure WebSocket, with the TLS listener's certificates.
     pub wss: Option<SocketAddr>,
+    /// The admin HTTP port: `/metrics` (Prometheus), `/healthz`, `/readyz`.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Certificates for the TLS listener, PEM files re-read when they change.
@@ -157,6 +159,7 @@ impl Default for Listeners {
             tls: None,
             ws: None,
             wss: None,
+            admin: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
         }
     }
 }

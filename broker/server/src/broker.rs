@@ -110,6 +110,10 @@ pub struct Broker {
     id_salt: u64,
     /// The Redis store, when configured.
     cluster: OnceLock<Arc<Cluster>>,
+    /// Redis store: client ids with a connect in progress on this pod.
+    claiming: Mutex<std::collections::HashSet<ByteString>>,
+    /// Redis store: sessions whose release is being written.
+    releasing: Mutex<HashMap<ByteString, tokio::sync::watch::Receiver<bool>>>,
 }
 
 impl Broker {
@@ -129,6 +133,8 @@ impl Broker {
             started: Instant::now(),
             id_salt: salt,
             cluster: OnceLock::new(),
+            claiming: Mutex::new(std::collections::HashSet::new()),
+            releasing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -169,6 +175,18 @@ impl Broker {
         self.sessions.lock().len()
     }
 
+    /// Sessions on this pod, messages queued for them and in flight.
+    pub fn session_depths(&self) -> (u64, u64, u64) {
+        let all: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let (mut queued, mut inflight) = (0, 0);
+        for s in &all {
+            let st = s.state.lock();
+            queued += st.queue.len() as u64;
+            inflight += st.inflight.len() as u64;
+        }
+        (all.len() as u64, queued, inflight)
+    }
+
     pub fn retained_count(&self) -> usize {
         self.retained.len()
     }
@@ -182,6 +200,37 @@ impl Broker {
         let Some(cluster) = self.cluster() else {
             return Ok(self.attach(req, epoch).0);
         };
+        // While this claim runs, a local connection of the same client that
+        // ends hands its session over here instead of releasing it.
+        self.claiming.lock().insert(req.client_id.clone());
+        self.connect_clustered(cluster, req, will, epoch).await
+    }
+
+    async fn connect_clustered(
+        &self,
+        cluster: &Arc<Cluster>,
+        req: ConnectRequest,
+        will: Option<&LastWill>,
+        epoch: u64,
+    ) -> Result<Grant, u8> {
+        let cid = req.client_id.clone();
+        let done = |r: Result<Grant, u8>| {
+            self.claiming.lock().remove(&cid);
+            if r.is_err() {
+                // A local session left detached for this claim is let go.
+                let s = self.sessions.lock().get(&cid).cloned();
+                if let Some(s) = s {
+                    if s.state.lock().attached.is_none() {
+                        self.end_session(&s, false);
+                    }
+                }
+            }
+            r
+        };
+        let releasing = self.releasing.lock().get(&req.client_id).cloned();
+        if let Some(mut r) = releasing {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r.wait_for(|done| *done)).await;
+        }
         let claim = cluster
             .claim(
                 &req.client_id,
@@ -194,7 +243,11 @@ impl Broker {
             .map_err(|e| {
                 tracing::debug!(error = %e, "session claim failed");
                 reason::SERVER_UNAVAILABLE
-            })?;
+            });
+        let claim = match claim {
+            Ok(c) => c,
+            Err(code) => return done(Err(code)),
+        };
         let persistent = req.expiry_interval > 0;
         let (mut grant, local_present) = self.attach(req, epoch);
         let session = grant.session.clone();
@@ -208,7 +261,7 @@ impl Broker {
                         .await
                         .is_err()
                     {
-                        return Err(reason::SERVER_UNAVAILABLE);
+                        return done(Err(reason::SERVER_UNAVAILABLE));
                     }
                 }
             }
@@ -239,9 +292,26 @@ impl Broker {
         }
         grant.session_present = claim.present || local_present;
         if persistent {
-            cluster.start_puller(session, epoch, claim.hw);
+            // A session kept on this pod already holds what the previous
+            // connection read from its stream: continue after it.
+            let start = if local_present {
+                let st = session.state.lock();
+                st.inflight
+                    .iter()
+                    .map(|i| &i.delivery)
+                    .chain(st.queue.iter())
+                    .filter_map(|d| d.ack.as_deref())
+                    .fold(None::<&str>, |m, id| match m {
+                        Some(m) if crate::cluster::stream_id_le(id, m) => Some(m),
+                        _ => Some(id),
+                    })
+                    .map(str::to_string)
+            } else {
+                None
+            };
+            cluster.start_puller(session, epoch, claim.hw, start);
         }
-        Ok(grant)
+        done(Ok(grant))
     }
 
     /// The local half of a connect; returns whether the local session was
@@ -332,6 +402,17 @@ impl Broker {
                 st.expiry_interval = e;
             }
             let expiry = st.expiry_interval;
+            if self.cluster().is_some() && self.claiming.lock().contains(&session.client_id) {
+                // A new connection of this client is being set up here: it
+                // takes this session over locally (in-flight state and all).
+                drop(st);
+                if let Some(w) = will {
+                    if w.properties.will_delay_interval.unwrap_or(0) == 0 {
+                        self.publish_will(w, &session.client_id);
+                    }
+                }
+                return;
+            }
             if let Some(cluster) = self.cluster() {
                 // The pod forgets the session; Redis keeps what outlives
                 // the connection, and whoever serves the client next
@@ -342,13 +423,23 @@ impl Broker {
                     .filter(|i| i.state == OutState::AwaitComp)
                     .map(|i| i.packet_id.get())
                     .collect();
-                let hw = st.stream_hw.clone();
                 drop(st);
                 let c = cluster.clone();
                 let cid = session.client_id.clone();
-                tokio::spawn(
-                    async move { c.release(&cid, epoch, expiry, &rel, hw.as_deref()).await },
-                );
+                // A reconnect to this pod waits for the release, so that it
+                // finds what the release wrote (PUBREL state).
+                let (done, wait) = tokio::sync::watch::channel(false);
+                self.releasing.lock().insert(cid.clone(), wait);
+                tokio::spawn(async move {
+                    c.release(&cid, epoch, expiry, &rel).await;
+                    let _ = done.send(true);
+                    if let Some(b) = c.broker() {
+                        let mut r = b.releasing.lock();
+                        if r.get(&cid).is_some_and(|w| *w.borrow()) {
+                            r.remove(&cid);
+                        }
+                    }
+                });
                 if let Some(w) = will {
                     let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
                     if delay == 0 {
@@ -874,6 +965,7 @@ impl Broker {
                 properties: Properties::default(),
                 expires_at: None,
                 publisher: None,
+                received: Instant::now(),
             });
             // Per pod: never shared through the Redis store.
             self.retained

@@ -32,7 +32,7 @@ use crate::cluster::Pending;
 use crate::message::{Delivery, Message};
 use crate::router::Match;
 use crate::session::{Inflight, OutState, Session};
-use crate::stats::{DropReason, Stats};
+use crate::stats::{DropReason, Refused, Stats};
 use cirrus_config::auth::Access;
 
 /// Flush the write buffer once it holds this much.
@@ -270,6 +270,7 @@ where
                 Ok(id) => identity = Some(id),
                 // One answer for an unknown user and a wrong password.
                 Err(LoginError::BadCredentials) => {
+                    Stats::inc(&broker.stats.auth_failures);
                     ack.reason_code = refuse(reason::BAD_USER_NAME_OR_PASSWORD)
                 }
                 Err(LoginError::AnonymousNotAllowed) => {
@@ -424,9 +425,11 @@ async fn refuse_connect<S>(
 ) where
     S: AsyncWrite + Unpin,
 {
-    Stats::inc(&broker.stats.connections_refused);
-    let mut buf = BytesMut::new();
     let code = ack.reason_code;
+    broker
+        .stats
+        .refused(Refused::from_connack(code, protocol.is_v5()));
+    let mut buf = BytesMut::new();
     cirrus_codec::encode(&Packet::ConnAck(ack), protocol, &mut buf);
     let _ = tokio::time::timeout(broker.config.write_timeout(), io.write_all(&buf)).await;
     info!(%peer, %client_id, reason_code = code, "connection refused");
@@ -721,6 +724,12 @@ where
     fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
         let cfg = &*self.broker.config;
         Stats::inc(&self.broker.stats.publish_received);
+        let q = usize::from(p.qos.as_u8()).min(2);
+        Stats::inc(&self.broker.stats.publish_received_qos[q]);
+        Stats::add(
+            &self.broker.stats.payload_bytes_received_qos[q],
+            p.payload.len() as u64,
+        );
         if let Some(r) = &mut self.publish_rate {
             let wait = r.take_or_wait(Instant::now());
             if !wait.is_zero() {
@@ -799,6 +808,7 @@ where
             reason::NOT_AUTHORIZED
         } else if !self.may_publish(&p.topic) {
             Stats::inc(&self.broker.stats.acl_denied);
+            Stats::inc(&self.broker.stats.acl_denied_publish);
             reason::NOT_AUTHORIZED
         } else if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
@@ -1104,9 +1114,9 @@ where
                 self.stream_ack(d.ack);
                 continue;
             }
-            if let Some(id) = &d.ack {
-                st.stream_hw = Some(id.clone());
-            }
+            stats
+                .delivery_latency
+                .observe(now.saturating_duration_since(d.msg.received));
             if let Some(packet_id) = pid {
                 let state = if d.qos == QoS::AtLeastOnce {
                     OutState::AwaitAck
@@ -1190,6 +1200,9 @@ impl Out {
         }
         Stats::inc(&stats.messages_sent);
         Stats::inc(&stats.publish_sent);
+        let q = usize::from(d.qos.as_u8()).min(2);
+        Stats::inc(&stats.publish_sent_qos[q]);
+        Stats::add(&stats.payload_bytes_sent_qos[q], m.payload.len() as u64);
         true
     }
 }

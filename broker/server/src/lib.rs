@@ -19,6 +19,7 @@
 //! - [`tls`]: the TLS listener's certificates, reloaded when they change.
 //! - [`websocket`]: MQTT over WebSocket as a byte stream.
 
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod cluster;
@@ -52,8 +53,11 @@ pub struct Bound {
     pub listeners: Vec<BoundListener>,
     /// The certificates shared by the TLS and secure WebSocket listeners.
     tls: Option<Arc<tls::TlsState>>,
-    /// Stops the Redis store's tasks once connections have drained.
+    /// Stops the Redis store's tasks and the admin port once connections
+    /// have drained.
     store_stop: CancellationToken,
+    /// The admin HTTP port.
+    pub admin: Option<(TcpListener, SocketAddr)>,
 }
 
 pub struct BoundListener {
@@ -114,6 +118,10 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         ("ws", ls.ws, Some(listener::Kind::Ws)),
         ("wss", ls.wss, tls_state.clone().map(listener::Kind::Wss)),
     ];
+    let admin = match ls.admin {
+        Some(a) => Some(listen(a).await?),
+        None => None,
+    };
     for (name, addr, kind) in wanted {
         if let (Some(addr), Some(kind)) = (addr, kind) {
             let (listener, addr) = listen(addr).await?;
@@ -130,6 +138,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         listeners,
         tls: tls_state,
         store_stop,
+        admin,
     })
 }
 
@@ -168,6 +177,15 @@ impl Bound {
                 tracker.clone(),
             );
             tracker.spawn(serve);
+        }
+        if let Some((l, addr)) = self.admin {
+            info!(kind = "admin", %addr, "listening");
+            tokio::spawn(admin::serve_admin(
+                broker.clone(),
+                l,
+                shutdown.clone(),
+                self.store_stop.clone(),
+            ));
         }
         if let Some(state) = self.tls {
             tracker.spawn(run_tls_reload(state, shutdown.clone()));

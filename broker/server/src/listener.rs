@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
-use crate::stats::Stats;
 use crate::tls::TlsState;
 
 /// Refusals answered at once; more are closed without a word.
@@ -93,7 +92,7 @@ pub async fn serve_listener(
                 });
             }
             _ => {
-                Stats::inc(&broker.stats.connections_refused);
+                broker.stats.refused(crate::stats::Refused::ConnectionLimit);
                 let Ok(permit) = refusals.clone().try_acquire_owned() else {
                     debug!(%peer, "connection limit reached; closing");
                     continue;
@@ -139,11 +138,12 @@ async fn tls_handshake(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake failed");
-            Stats::inc(&broker.stats.connections_refused);
+            broker.stats.refused(crate::stats::Refused::Tls);
             return None;
         }
         Err(_) => {
             debug!(%peer, "TLS handshake timed out");
+            broker.stats.refused(crate::stats::Refused::Tls);
             return None;
         }
     };

@@ -68,6 +68,9 @@ struct Args {
     /// Auth file (users, password hashes, ACLs); reloaded when it changes.
     #[arg(long, env = "CIRRUS_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// Admin HTTP listen address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "CIRRUS_ADMIN_LISTEN")]
+    admin: Option<SocketAddr>,
     /// Redis store URL (`redis://` or `rediss://`): state shared by every
     /// pod. Without it the broker keeps state in memory.
     #[arg(long, env = "CIRRUS_REDIS_URL", hide_env_values = true)]
@@ -113,6 +116,9 @@ impl Args {
         }
         if let Some(p) = &self.auth_file {
             c.auth_file = Some(p.clone());
+        }
+        if let Some(v) = self.admin {
+            c.listeners.admin = Some(v);
         }
         if let Some(u) = &self.redis {
             c.redis.url = Some(u.clone());

@@ -20,6 +20,8 @@ pub struct Message {
     /// Client id of the publisher, for No Local; `None` for wills of ended
     /// sessions and for `$SYS`.
     pub publisher: Option<ByteString>,
+    /// When this pod received it (for the delivery latency histogram).
+    pub received: Instant,
 }
 
 impl Message {
@@ -33,10 +35,9 @@ impl Message {
         mut properties: Properties,
         publisher: Option<ByteString>,
     ) -> Message {
-        let expires_at = Message::expiry_from_interval(
-            properties.message_expiry_interval.take(),
-            Instant::now(),
-        );
+        let now = Instant::now();
+        let expires_at =
+            Message::expiry_from_interval(properties.message_expiry_interval.take(), now);
         Message {
             topic,
             payload,
@@ -45,6 +46,7 @@ impl Message {
             properties,
             expires_at,
             publisher,
+            received: now,
         }
     }
 

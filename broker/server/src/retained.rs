@@ -158,6 +158,7 @@ mod tests {
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
+            received: std::time::Instant::now(),
         })
     }
 

@@ -79,9 +79,6 @@ pub struct SessionState {
     pub pending_will: Option<PendingWill>,
     /// Set once the session is discarded; enqueues after that are refused.
     pub ended: bool,
-    /// Redis store: the newest stream entry sent to the client, so that a
-    /// later connection marks entries up to it as redeliveries (DUP).
-    pub stream_hw: Option<ByteString>,
 }
 
 #[derive(Debug)]
@@ -134,7 +131,6 @@ impl Session {
                 disconnected_at: None,
                 pending_will: None,
                 ended: false,
-                stream_hw: None,
             }),
             online: AtomicBool::new(false),
             backlogged: AtomicBool::new(false),

@@ -16,6 +16,103 @@ pub enum DropReason {
     Offline,
 }
 
+/// Why a connection was refused (the `reason` label of
+/// `cirrus_connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    BadCredentials,
+    NotAuthorized,
+    /// The store is unavailable (Redis down).
+    Unavailable,
+    /// Too many failed logins from the address.
+    Banned,
+    /// The connection limit or the connection rate limit.
+    ConnectionLimit,
+    /// TLS handshake failed or timed out.
+    Tls,
+    /// Anything else the CONNACK refused (client id, protocol, will).
+    Protocol,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 7] = [
+        Refused::BadCredentials,
+        Refused::NotAuthorized,
+        Refused::Unavailable,
+        Refused::Banned,
+        Refused::ConnectionLimit,
+        Refused::Tls,
+        Refused::Protocol,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::BadCredentials => "bad_credentials",
+            Refused::NotAuthorized => "not_authorized",
+            Refused::Unavailable => "server_unavailable",
+            Refused::Banned => "banned",
+            Refused::ConnectionLimit => "connection_limit",
+            Refused::Tls => "tls",
+            Refused::Protocol => "protocol",
+        }
+    }
+
+    /// The class of a refused CONNACK's reason code (5.0 or 3.1.1).
+    pub fn from_connack(code: u8, v5: bool) -> Refused {
+        use cirrus_codec::reason;
+        match (v5, code) {
+            (true, reason::BAD_USER_NAME_OR_PASSWORD) | (false, 0x04) => Refused::BadCredentials,
+            (true, reason::NOT_AUTHORIZED) | (false, 0x05) => Refused::NotAuthorized,
+            (true, reason::SERVER_UNAVAILABLE) | (false, 0x03) => Refused::Unavailable,
+            (true, reason::CONNECTION_RATE_EXCEEDED) => Refused::Banned,
+            _ => Refused::Protocol,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A Prometheus histogram on atomics: no lock on the paths that observe it.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, sum (seconds) and count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Ordering::Relaxed);
+            out.push((
+                LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                acc,
+            ));
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (out, sum, self.count.load(Ordering::Relaxed))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections_current: AtomicUsize,
@@ -34,8 +131,35 @@ pub struct Stats {
     pub decode_errors: AtomicU64,
     /// Publishes and subscriptions refused by the ACL.
     pub acl_denied: AtomicU64,
+    /// Publishes refused by the ACL (dropped messages, reason `acl`).
+    pub acl_denied_publish: AtomicU64,
     pub subscriptions: AtomicUsize,
+    /// Refused connections by [`Refused`] (index = position in `ALL`).
+    pub refused: [AtomicU64; 7],
+    /// PUBLISH packets and payload bytes by QoS (index = QoS).
+    pub publish_received_qos: [AtomicU64; 3],
+    pub publish_sent_qos: [AtomicU64; 3],
+    pub payload_bytes_received_qos: [AtomicU64; 3],
+    pub payload_bytes_sent_qos: [AtomicU64; 3],
+    /// Logins refused for bad credentials.
+    pub auth_failures: AtomicU64,
+    /// From the broker receiving a message to writing it to a subscriber.
+    pub delivery_latency: Histogram,
+    /// Second (since start) each drop reason was last logged.
+    drop_logged: [AtomicU64; 4],
 }
+
+fn uptime_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+}
+
+/// Seconds between two log lines about the same class of dropped messages,
+/// so that a flood cannot flood the log.
+const DROP_LOG_EVERY: u64 = 10;
 
 impl Stats {
     pub fn inc(c: &AtomicU64) {
@@ -50,13 +174,34 @@ impl Stats {
         c.load(Ordering::Relaxed)
     }
 
+    pub fn refused(&self, why: Refused) {
+        Stats::inc(&self.connections_refused);
+        if let Some(i) = Refused::ALL.iter().position(|r| *r == why) {
+            Stats::inc(&self.refused[i]);
+        }
+    }
+
     pub fn dropped(&self, why: DropReason) {
-        Stats::inc(match why {
-            DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Expired => &self.dropped_expired,
-            DropReason::TooLarge => &self.dropped_too_large,
-            DropReason::Offline => &self.dropped_offline,
-        });
+        let (counter, slot, label) = match why {
+            DropReason::QueueFull => (&self.dropped_queue_full, 0, "queue_full"),
+            DropReason::Expired => (&self.dropped_expired, 1, "expired"),
+            DropReason::TooLarge => (&self.dropped_too_large, 2, "too_large"),
+            DropReason::Offline => (&self.dropped_offline, 3, "offline"),
+        };
+        Stats::inc(counter);
+        let now = uptime_secs() + DROP_LOG_EVERY;
+        let last = self.drop_logged[slot].load(Ordering::Relaxed);
+        if now >= last + DROP_LOG_EVERY
+            && self.drop_logged[slot]
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                reason = label,
+                total = Stats::get(counter),
+                "messages dropped (logged at most every {DROP_LOG_EVERY} s)"
+            );
+        }
     }
 
     pub fn dropped_total(&self) -> u64 {

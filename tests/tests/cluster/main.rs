@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cirrus_codec::{reason, ByteString, LastWill, Packet, Properties, QoS};
+use cirrus_codec::{reason, ByteString, LastWill, Packet, Properties, PubResp, QoS};
 use cirrus_e2e::client::Next;
 use cirrus_e2e::{BrokerProcess, Client, Opts, RedisServer, TIMEOUT};
 
@@ -151,7 +151,11 @@ async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message() {
         loop {
             match c.next(Duration::from_secs(15)).await {
                 Next::Packet(Packet::Publish(m)) => {
-                    c.ack(&m).await;
+                    // QoS 1 only here; a failed PUBACK is a dead pod, seen
+                    // as Closed on the next read.
+                    if let Some(id) = m.packet_id {
+                        let _ = c.try_send(Packet::PubAck(PubResp::new(id, 0))).await;
+                    }
                     if m.payload.len() == 4 {
                         let seq = u32::from_be_bytes([
                             m.payload[0],
@@ -330,6 +334,10 @@ async fn redis_outage_refuses_new_clients_and_recovers() {
     }
     assert!(refused, "new clients were not refused while Redis was down");
     assert!(p[0].is_running() && p[1].is_running());
+    assert_eq!(p[0].http_get("/readyz").0, 503);
+    assert_eq!(p[0].http_get("/healthz").0, 200);
+    assert_eq!(p[0].metric("cirrus_redis_up"), 0.0);
+    assert!(p[0].metric("cirrus_connections_refused_total{reason=\"server_unavailable\"}") >= 1.0);
 
     redis.restart();
     let end = Instant::now() + TIMEOUT;
@@ -340,6 +348,7 @@ async fn redis_outage_refuses_new_clients_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(p[0].http_get("/readyz").0, 200);
     // The existing subscriber on pod B is routed again (its pod wrote its
     // routes back into the empty Redis).
     let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub2")).await;

@@ -90,7 +90,20 @@ async fn credentials_are_checked_without_telling_who_exists() {
     assert_eq!(ack.reason_code, reason::v3::BAD_USER_NAME_OR_PASSWORD);
     let (_c, ack) = Client::connect(b.addr, Opts::v311("anon3")).await;
     assert_eq!(ack.reason_code, reason::v3::NOT_AUTHORIZED);
-    // Nothing secret reaches the log.
+    assert_eq!(b.metric("cirrus_auth_failures_total"), 3.0);
+    assert_eq!(
+        b.metric("cirrus_connections_refused_total{reason=\"bad_credentials\"}"),
+        3.0
+    );
+    assert_eq!(
+        b.metric("cirrus_connections_refused_total{reason=\"not_authorized\"}"),
+        2.0
+    );
+    // Nothing secret reaches the log or the metrics.
+    let (_, metrics) = b.http_get("/metrics");
+    for secret in ["alice-pw", "bob-pw", "wrong", "alice", &ha, &hb] {
+        assert!(!metrics.contains(secret), "metrics leak {secret:?}");
+    }
     let log = b.log();
     for secret in ["alice-pw", "bob-pw", "wrong", &ha, &hb] {
         assert!(!log.contains(secret), "log leaks {secret:?}:\n{log}");
@@ -213,6 +226,7 @@ async fn reload_applies_new_rules_and_drops_only_revoked_users() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(b.metric("cirrus_auth_reload_failures_total"), 1.0);
     alice.ping().await;
     Client::connect_ok(b.addr, with_creds(Opts::v5("alice-2"), "alice", "a")).await;
 }

@@ -143,6 +143,17 @@ async fn slow_subscriber_cannot_grow_memory() {
         }
     };
     assert!(dropped > 10_000, "drops are counted: {dropped}");
+    assert!(
+        b.metric("cirrus_dropped_messages_total{reason=\"queue_full\"}") > 10_000.0,
+        "and exported"
+    );
+    // Logged, but rate limited: thousands of drops, a line or two.
+    let lines = b
+        .log()
+        .lines()
+        .filter(|l| l.contains("messages dropped") && l.contains("queue_full"))
+        .count();
+    assert!((1..=3).contains(&lines), "{lines} log lines for the drops");
     drop(stuck);
 }
 

@@ -10,6 +10,7 @@ mod auth;
 mod connect;
 mod interop;
 mod limits;
+mod metrics;
 mod qos;
 mod retain;
 mod session;

@@ -120,7 +120,7 @@ const LUA_RELEASE: &str = r"
 local o = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 if o[1] ~= ARGV[1] or o[2] ~= ARGV[2] then return 0 end
 if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', ARGV[4], 'rel', ARGV[5], 'hw', ARGV[6])
+  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', ARGV[4], 'rel', ARGV[5])
   redis.call('HDEL', KEYS[1], 'will')
   return 1
 end
@@ -254,8 +254,8 @@ pub struct Cluster {
     max_queued: usize,
     pub redis_errors: AtomicU64,
     pub redis_commands: AtomicU64,
-    /// Sum of pipeline round-trip microseconds, for a mean latency metric.
-    pub redis_micros: AtomicU64,
+    /// Round trips of pipelines.
+    pub roundtrip: crate::stats::Histogram,
     /// Entries not yet read from this pod's streams (last observed).
     pub stream_lag: AtomicU64,
     shutdown: CancellationToken,
@@ -412,7 +412,7 @@ impl Cluster {
             max_queued: broker.config.limits.max_queued_messages,
             redis_errors: AtomicU64::new(0),
             redis_commands: AtomicU64::new(0),
-            redis_micros: AtomicU64::new(0),
+            roundtrip: Default::default(),
             stream_lag: AtomicU64::new(0),
             shutdown: shutdown.clone(),
         });
@@ -456,8 +456,7 @@ impl Cluster {
         let r = pipe.query_async::<Vec<Value>>(&mut con).await;
         self.redis_commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
-        self.redis_micros
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.roundtrip.observe(t0.elapsed());
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -1018,18 +1017,12 @@ impl Cluster {
                 }
             }
         }
+        debug!(client_id = %client_id, present = claim.present, rel = ?claim.rel, hw = ?claim.hw, "claimed");
         Ok(claim)
     }
 
     /// The connection of a session ended on this pod.
-    pub async fn release(
-        &self,
-        client_id: &ByteString,
-        epoch: u64,
-        expiry: u32,
-        rel: &[u16],
-        hw: Option<&str>,
-    ) {
+    pub async fn release(&self, client_id: &ByteString, epoch: u64, expiry: u32, rel: &[u16]) {
         self.stop_puller(client_id);
         let persistent = expiry > 0;
         let now = wire::unix_ms();
@@ -1048,11 +1041,11 @@ impl Cluster {
                 .arg(u8::from(persistent))
                 .arg(expires_at)
                 .arg(rel.join(","))
-                .arg(hw.unwrap_or_default())
                 .clone()])
             .await;
         let Ok(reply) = reply else { return };
         let code = reply.first().and_then(as_int).unwrap_or(0);
+        debug!(client_id = %client_id, code, "released");
         let mut cmds = vec![redis::cmd("SREM")
             .arg(keys::node_sessions(&self.node))
             .arg(&**client_id)
@@ -1084,6 +1077,17 @@ impl Cluster {
         self.run_later(cmds);
     }
 
+    /// Offline persistent sessions with an expiry, cluster-wide.
+    pub async fn offline_sessions(&self) -> u64 {
+        match self
+            .query_cmds(vec![redis::cmd("ZCARD").arg(keys::EXPIRY).clone()])
+            .await
+        {
+            Ok(r) => r.first().and_then(as_int).unwrap_or(0).max(0) as u64,
+            Err(_) => 0,
+        }
+    }
+
     /// Whether a client is connected anywhere (for delayed wills).
     pub async fn is_connected(&self, client_id: &str) -> bool {
         let r = self
@@ -1098,7 +1102,14 @@ impl Cluster {
     // ---- persistent session streams ------------------------------------
 
     /// Feed an online persistent session from its stream until it leaves.
-    pub fn start_puller(self: &Arc<Self>, session: Arc<Session>, epoch: u64, hw: Option<String>) {
+    /// `start`: the last entry already read (entries after it are new).
+    pub fn start_puller(
+        self: &Arc<Self>,
+        session: Arc<Session>,
+        epoch: u64,
+        hw: Option<String>,
+        start: Option<String>,
+    ) {
         let p = Arc::new(Puller {
             wake: Notify::new(),
             cancel: CancellationToken::new(),
@@ -1110,7 +1121,7 @@ impl Cluster {
         {
             old.cancel.cancel();
         }
-        tokio::spawn(self.clone().pull(session, epoch, p, hw));
+        tokio::spawn(self.clone().pull(session, epoch, p, hw, start));
     }
 
     pub fn stop_puller(&self, client_id: &ByteString) {
@@ -1131,10 +1142,11 @@ impl Cluster {
         epoch: u64,
         p: Arc<Puller>,
         hw: Option<String>,
+        start: Option<String>,
     ) {
         let Some(broker) = self.broker() else { return };
         let qkey = keys::queue(&session.client_id);
-        let mut last: Option<String> = None;
+        let mut last: Option<String> = start;
         let mut idle = Duration::ZERO;
         loop {
             let room = {
@@ -1162,6 +1174,15 @@ impl Cluster {
                     .await;
                 if let Ok(reply) = reply {
                     let list = reply.first().map(entries).unwrap_or_default();
+                    if let Some(e) = list.last() {
+                        // Entries read may have been sent: a later
+                        // connection marks them DUP.
+                        self.run_later(vec![redis::cmd("HSET")
+                            .arg(keys::session(&session.client_id))
+                            .arg("hw")
+                            .arg(e.id)
+                            .clone()]);
+                    }
                     for e in list {
                         got += 1;
                         last = Some(e.id.to_string());
@@ -1942,7 +1963,6 @@ impl Cluster {
                     .arg(u8::from(expiry > 0))
                     .arg(expires_at)
                     .arg("")
-                    .arg("")
                     .clone()])
                 .await?;
             if rel.first().and_then(as_int) == Some(1) {
@@ -2060,7 +2080,7 @@ impl Cluster {
 }
 
 /// `a <= b` for stream ids `ms-seq`.
-fn stream_id_le(a: &str, b: &str) -> bool {
+pub fn stream_id_le(a: &str, b: &str) -> bool {
     fn parse(s: &str) -> (u64, u64) {
         let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
         (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))

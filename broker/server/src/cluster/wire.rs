@@ -147,6 +147,7 @@ pub fn decode_message(mut b: Bytes) -> Result<(Message, Option<u32>), Malformed>
             properties,
             expires_at,
             publisher,
+            received: Instant::now(),
         },
         delay,
     ))
@@ -249,6 +250,7 @@ mod tests {
             properties: props,
             expires_at: Some(Instant::now() + Duration::from_secs(30)),
             publisher: Some(ByteString::from("pub-1")),
+            received: Instant::now(),
         };
         let (back, delay) = decode_message(message_bytes(&m)).unwrap();
         assert_eq!(back.topic, m.topic);
