@@ -12,6 +12,7 @@
 //! `redis-server` ([`RedisServer`]) and runs on the Redis store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
 pub mod client;
 pub mod k8s;
 pub mod process;
@@ -19,7 +20,7 @@ pub mod redis;
 
 pub use client::{Client, Next, Opts};
 pub use process::{broker_bin, run_python, tool, BrokerProcess};
-pub use redis::{redis_store_wanted, RedisServer};
+pub use redis::{redis_store_wanted, RedisCluster, RedisServer};
 
 /// How long any single wait in a test may take.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

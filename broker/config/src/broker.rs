@@ -33,8 +33,14 @@ pub struct Config {
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Redis {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://...` (TLS).
+    /// `redis://[user:password@]host:port[/db]` or `rediss://...` (TLS);
+    /// for a Redis Cluster, seed nodes' URLs separated by commas.
     pub url: Option<String>,
+    /// The URL names a Redis Cluster (implied by several URLs).
+    pub cluster: bool,
+    /// CA certificate (PEM) for `rediss://` with a private CA; otherwise
+    /// the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
     /// A pod silent for this long is dead: its routes are dropped and its
     /// clients' wills published by a survivor.
     pub node_timeout_ms: u64,
@@ -44,6 +50,8 @@ impl Default for Redis {
     fn default() -> Self {
         Redis {
             url: None,
+            cluster: false,
+            ca_file: None,
             node_timeout_ms: 5000,
         }
     }
@@ -54,6 +62,8 @@ impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redis")
             .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("cluster", &self.cluster)
+            .field("ca_file", &self.ca_file)
             .field("node_timeout_ms", &self.node_timeout_ms)
             .finish()
     }
@@ -254,8 +264,14 @@ impl Config {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");
         }
         if let Some(u) = &self.redis.url {
-            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                return bad("redis.url must start with redis:// or rediss://");
+            let ok = u
+                .split(',')
+                .map(str::trim)
+                .all(|u| u.starts_with("redis://") || u.starts_with("rediss://"));
+            if !ok {
+                return bad(
+                    "redis.url must start with redis:// or rediss:// (each, for a cluster)",
+                );
             }
         }
         if self.redis.node_timeout_ms < 1000 {

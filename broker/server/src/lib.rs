@@ -98,6 +98,8 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     if let Some(url) = broker.config.redis.url.clone() {
         let cfg = cluster::ClusterConfig {
             url,
+            cluster: broker.config.redis.cluster,
+            ca_file: broker.config.redis.ca_file.clone(),
             node_timeout: Duration::from_millis(broker.config.redis.node_timeout_ms),
             node_id: node_id(),
         };

@@ -75,6 +75,12 @@ struct Args {
     /// pod. Without it the broker keeps state in memory.
     #[arg(long, env = "CIRRUS_REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
+    /// The Redis URL(s) name a Redis Cluster.
+    #[arg(long, env = "CIRRUS_REDIS_CLUSTER")]
+    redis_cluster: bool,
+    /// CA certificate (PEM) for rediss:// with a private CA.
+    #[arg(long, env = "CIRRUS_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
     /// Milliseconds without a heartbeat after which a pod is dead.
     #[arg(long, env = "CIRRUS_NODE_TIMEOUT_MS")]
     node_timeout_ms: Option<u64>,
@@ -122,6 +128,12 @@ impl Args {
         }
         if let Some(u) = &self.redis {
             c.redis.url = Some(u.clone());
+        }
+        if self.redis_cluster {
+            c.redis.cluster = true;
+        }
+        if let Some(p) = &self.redis_ca {
+            c.redis.ca_file = Some(p.clone());
         }
         if let Some(v) = self.node_timeout_ms {
             c.redis.node_timeout_ms = v;

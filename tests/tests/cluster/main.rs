@@ -1,5 +1,6 @@
-//! Several `cirrus-broker` pods on one real `redis-server`: the invariants of
-//! the Redis store (docs/architecture.md), each shown with real processes.
+//! Several `cirrus-broker` pods on a real `redis-server` (and on a real 3-master
+//! Redis Cluster): the invariants of the Redis store (docs/architecture.md),
+//! each shown with real processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -11,11 +12,40 @@ use cirrus_codec::{reason, ByteString, LastWill, Packet, Properties, PubResp, Qo
 use cirrus_e2e::client::Next;
 use cirrus_e2e::{BrokerProcess, Client, Opts, RedisServer, TIMEOUT};
 
-fn pods(redis: &RedisServer, n: usize) -> Vec<BrokerProcess> {
+fn pods(url: &str, n: usize) -> Vec<BrokerProcess> {
     (0..n)
-        .map(|_| BrokerProcess::start_on_redis(&redis.url(), &[]))
+        .map(|_| BrokerProcess::start_on_redis(url, &[]))
         .collect()
 }
+
+/// Run a scenario on one `redis-server` and on a 3-master Redis Cluster.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn single_redis() {
+                let r = cirrus_e2e::RedisServer::start();
+                super::$name(&r.url()).await;
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                let r = cirrus_e2e::RedisCluster::start(3);
+                super::$name(&r.url()).await;
+            }
+        }
+    )*};
+}
+
+on_both!(
+    publish_on_one_pod_is_received_on_another_in_order,
+    retained_message_set_on_one_pod_is_seen_on_another,
+    takeover_across_pods_closes_the_old_connection_within_a_second,
+    persistent_session_moves_between_pods_with_its_messages,
+    sigkill_of_a_pod_loses_no_acknowledged_qos1_message,
+    shared_subscription_delivers_each_message_once_across_pods,
+    a_dead_pods_client_wills_are_published_by_a_survivor,
+);
 
 /// Publish `topic` from `publisher` until `subscriber` receives it: routes
 /// travel between pods through Redis, asynchronously.
@@ -35,10 +65,8 @@ async fn until_routed(publisher: &mut Client, subscriber: &mut Client, topic: &s
     }
 }
 
-#[tokio::test]
-async fn publish_on_one_pod_is_received_on_another_in_order() {
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+async fn publish_on_one_pod_is_received_on_another_in_order(url: &str) {
+    let p = pods(url, 2);
     let mut sub = Client::connect_ok(p[1].addr, Opts::v5("sub")).await;
     assert_eq!(sub.subscribe("x/#", QoS::AtLeastOnce).await, 1);
     let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub")).await;
@@ -55,10 +83,8 @@ async fn publish_on_one_pod_is_received_on_another_in_order() {
     }
 }
 
-#[tokio::test]
-async fn retained_message_set_on_one_pod_is_seen_on_another() {
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+async fn retained_message_set_on_one_pod_is_seen_on_another(url: &str) {
+    let p = pods(url, 2);
     let mut publisher = Client::connect_ok(p[0].addr, Opts::v311("pub")).await;
     publisher
         .publish("status/a", b"up", QoS::AtLeastOnce, true)
@@ -77,16 +103,14 @@ async fn retained_message_set_on_one_pod_is_seen_on_another() {
         }
     }
     // A third pod started later loads it from the snapshot.
-    let c = BrokerProcess::start_on_redis(&redis.url(), &[]);
+    let c = BrokerProcess::start_on_redis(url, &[]);
     let mut sub = Client::connect_ok(c.addr, Opts::v311("late")).await;
     sub.subscribe("status/#", QoS::AtMostOnce).await;
     assert_eq!(&sub.recv_publish().await.payload[..], b"up");
 }
 
-#[tokio::test]
-async fn takeover_across_pods_closes_the_old_connection_within_a_second() {
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+async fn takeover_across_pods_closes_the_old_connection_within_a_second(url: &str) {
+    let p = pods(url, 2);
     let mut old = Client::connect_ok(p[0].addr, Opts::v5("same-id")).await;
     let t0 = Instant::now();
     let (_new, ack) = Client::connect(p[1].addr, Opts::v5("same-id")).await;
@@ -98,10 +122,8 @@ async fn takeover_across_pods_closes_the_old_connection_within_a_second() {
     assert!(t0.elapsed() < Duration::from_secs(1));
 }
 
-#[tokio::test]
-async fn persistent_session_moves_between_pods_with_its_messages() {
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+async fn persistent_session_moves_between_pods_with_its_messages(url: &str) {
+    let p = pods(url, 2);
     let opts = Opts::v5("mover").persistent(300);
     let mut c = Client::connect_ok(p[0].addr, opts.clone()).await;
     c.subscribe("q/#", QoS::AtLeastOnce).await;
@@ -130,11 +152,9 @@ async fn persistent_session_moves_between_pods_with_its_messages() {
 
 /// Invariant 2: SIGKILL of the subscriber's pod loses no QoS 1 message
 /// whose PUBACK the publisher received.
-#[tokio::test]
-async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message() {
+async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message(url: &str) {
     const N: u32 = 3000;
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+    let p = pods(url, 2);
     let a = p[0].addr;
     let b = p[1].addr;
     let opts = Opts::v5("sink").persistent(600);
@@ -238,11 +258,9 @@ async fn sigkill_of_a_pod_loses_no_acknowledged_qos1_message() {
     reader.abort();
 }
 
-#[tokio::test]
-async fn shared_subscription_delivers_each_message_once_across_pods() {
+async fn shared_subscription_delivers_each_message_once_across_pods(url: &str) {
     const N: u32 = 300;
-    let redis = RedisServer::start();
-    let p = pods(&redis, 3);
+    let p = pods(url, 3);
     let mut m1 = Client::connect_ok(p[0].addr, Opts::v5("m1")).await;
     let mut m2 = Client::connect_ok(p[1].addr, Opts::v5("m2")).await;
     m1.subscribe("$share/g/work/#", QoS::AtLeastOnce).await;
@@ -275,10 +293,8 @@ async fn shared_subscription_delivers_each_message_once_across_pods() {
     eprintln!("shared group split: {per_member:?}");
 }
 
-#[tokio::test]
-async fn a_dead_pods_client_wills_are_published_by_a_survivor() {
-    let redis = RedisServer::start();
-    let p = pods(&redis, 2);
+async fn a_dead_pods_client_wills_are_published_by_a_survivor(url: &str) {
+    let p = pods(url, 2);
     let mut watcher = Client::connect_ok(p[1].addr, Opts::v5("watcher")).await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
     let mut o = Opts::v5("doomed");
@@ -310,7 +326,7 @@ async fn connack_code(addr: SocketAddr, id: &str) -> u8 {
 #[tokio::test]
 async fn redis_outage_refuses_new_clients_and_recovers() {
     let mut redis = RedisServer::start();
-    let mut p = pods(&redis, 2);
+    let mut p = pods(&redis.url(), 2);
     let mut sub = Client::connect_ok(p[1].addr, Opts::v5("sub")).await;
     sub.subscribe("o/#", QoS::AtMostOnce).await;
     let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub")).await;
@@ -355,4 +371,50 @@ async fn redis_outage_refuses_new_clients_and_recovers() {
     while let Next::Packet(_) = sub.next(Duration::from_millis(50)).await {}
     until_routed(&mut publisher, &mut sub, "o/after").await;
     assert!(p[0].is_running() && p[1].is_running());
+}
+
+/// `rediss://`: the store over TLS, the server's certificate checked
+/// against the CA given with `--redis-ca`; without it the pod refuses to
+/// start rather than trust an unknown server.
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    use cirrus_e2e::certs::{ca, leaf, Dir};
+    let dir = Dir::new();
+    let authority = ca("redis test CA");
+    let (cert, key) = leaf(&authority, "localhost", &["localhost"], false, false);
+    let cert = dir.write("redis.crt", &cert);
+    let key = dir.write("redis.key", &key);
+    let ca_file = dir.write("ca.crt", &authority.cert.pem());
+    let redis = RedisServer::start_tls(&cert, &key);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let p: Vec<BrokerProcess> = (0..2)
+        .map(|_| BrokerProcess::start_on_redis(&url, &["--redis-ca", &ca_file]))
+        .collect();
+    let mut sub = Client::connect_ok(p[1].addr, Opts::v5("tls-sub")).await;
+    sub.subscribe("t/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("tls-pub")).await;
+    until_routed(&mut publisher, &mut sub, "t/probe").await;
+    publisher
+        .publish("t/x", b"secure", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&sub.recv_ack().await.payload[..], b"secure");
+
+    let out = std::process::Command::new(cirrus_e2e::broker_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--redis",
+            &url,
+        ])
+        .output()
+        .expect("run the broker");
+    assert!(
+        !out.status.success(),
+        "a pod trusted an unknown Redis certificate"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to Redis"), "{err}");
 }

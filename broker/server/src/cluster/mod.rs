@@ -42,6 +42,7 @@ use bytes::{Bytes, BytesMut};
 use cirrus_codec::{ByteString, LastWill, QoS, SubscriptionOptions};
 use parking_lot::{Mutex, RwLock};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -81,8 +82,10 @@ mod keys {
     pub fn queue(cid: &str) -> String {
         format!("cirrus:q:{{{cid}}}")
     }
+    /// Shared groups are few: their streams live beside the other
+    /// cluster-wide keys, so one read covers them all.
     pub fn share(full: &str) -> String {
-        format!("cirrus:share:{{{full}}}")
+        format!("cirrus:{{g}}:share:{full}")
     }
 }
 
@@ -144,11 +147,78 @@ local f = redis.call('HKEYS', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2])
 return {1, f}";
 
+/// How this pod reaches Redis: one server, or a Redis Cluster.
+#[derive(Clone)]
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// The shared, multiplexed connection for commands and pipelines.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A connection of its own, for blocking stream reads.
+enum ReadConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ReadConn {
+    async fn run(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        match self {
+            ReadConn::Single(c) => cmd.query_async(c).await,
+            ReadConn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// The key a command works on: what Redis Cluster routes it by.
+fn cmd_key(c: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = c
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let i = match args.first()?.to_ascii_uppercase().as_slice() {
+        b"EVAL" | b"EVALSHA" => 3,
+        b"XGROUP" | b"XINFO" => 2,
+        _ => 1,
+    };
+    args.get(i).map(|k| k.to_vec())
+}
+
+/// The Redis Cluster slot of a key: CRC16 of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty), mod 16384.
+fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
 /// Redis store settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` or `rediss://` URL; for a Redis Cluster, its seed nodes'
+    /// URLs separated by commas.
     pub url: String,
+    /// The URL names a Redis Cluster (implied by several URLs).
+    pub cluster: bool,
+    /// PEM file of the CA that signed the Redis server's certificate
+    /// (`rediss://` with a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
     /// How long a pod may miss heartbeats before it is declared dead.
     pub node_timeout: Duration,
     /// This pod's id (unique per process).
@@ -236,8 +306,8 @@ struct Puller {
 
 pub struct Cluster {
     pub node: Arc<str>,
-    client: redis::Client,
-    cmd: ConnectionManager,
+    client: Client,
+    cmd: Conn,
     ops: mpsc::Sender<Op>,
     routes: RwLock<RemoteRoutes>,
     /// Online persistent sessions → the pod serving them (for wakes).
@@ -380,20 +450,9 @@ impl Cluster {
         broker: &Arc<Broker>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Cluster>> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| anyhow::anyhow!("invalid Redis URL: {:?}", e.kind()))?;
-        let mgr_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let cmd = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_connection_manager_with_config(mgr_cfg),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("Redis did not answer within 10 s"))?
-        .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {e}"))?;
+        let (client, cmd) = tokio::time::timeout(Duration::from_secs(10), connect(&cfg))
+            .await
+            .map_err(|_| anyhow::anyhow!("Redis did not answer within 10 s"))??;
         let (tx, rx) = mpsc::channel(OPS_QUEUE);
         let c = Arc::new(Cluster {
             node: Arc::from(cfg.node_id.as_str()),
@@ -421,7 +480,8 @@ impl Cluster {
         c.resync().await?;
         c.healthy.store(true, Ordering::Relaxed);
         tokio::spawn(c.clone().writer(rx));
-        tokio::spawn(c.clone().reader());
+        tokio::spawn(c.clone().events_reader());
+        tokio::spawn(c.clone().inbox_reader());
         tokio::spawn(c.clone().share_reader());
         tokio::spawn(c.clone().supervisor());
         // The first snapshot is loaded by the reader; wait for it briefly
@@ -451,9 +511,11 @@ impl Cluster {
     }
 
     async fn query(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut con = self.cmd.clone();
         let t0 = Instant::now();
-        let r = pipe.query_async::<Vec<Value>>(&mut con).await;
+        let r = match &self.cmd {
+            Conn::Single(c) => pipe.query_async::<Vec<Value>>(&mut c.clone()).await,
+            Conn::Cluster(c) => query_sharded(c, pipe).await,
+        };
         self.redis_commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         self.roundtrip.observe(t0.elapsed());
@@ -468,6 +530,8 @@ impl Cluster {
 
     async fn query_cmds(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
         let mut pipe = redis::pipe();
+        // Server errors come back as values; only a lost connection fails.
+        pipe.ignore_errors();
         for c in cmds {
             pipe.add_command(c);
         }
@@ -1231,14 +1295,19 @@ impl Cluster {
 
     // ---- readers ---------------------------------------------------------
 
-    async fn blocking_conn(&self) -> Option<MultiplexedConnection> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        self.client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .ok()
+    async fn blocking_conn(&self) -> Option<ReadConn> {
+        match &self.client {
+            Client::Single(c) => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)));
+                c.get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .ok()
+                    .map(ReadConn::Single)
+            }
+            Client::Cluster(c) => c.get_async_connection().await.ok().map(ReadConn::Cluster),
+        }
     }
 
     /// Load routes, owners and retained messages; returns the events id to
@@ -1328,9 +1397,8 @@ impl Cluster {
         Ok(last)
     }
 
-    /// Follow this pod's inbox and the events stream.
-    async fn reader(self: Arc<Self>) {
-        let inbox = keys::inbox(&self.node);
+    /// Follow the events stream, after loading the snapshot.
+    async fn events_reader(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             if self.shutdown.is_cancelled() {
@@ -1351,49 +1419,67 @@ impl Cluster {
                 }
             };
             backoff = Duration::from_millis(100);
-            let mut in_id = "0-0".to_string();
             self.reader_ok.store(true, Ordering::Relaxed);
             loop {
-                let read = redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(READ_COUNT)
-                    .arg("BLOCK")
-                    .arg(1000)
-                    .arg("STREAMS")
-                    .arg(&inbox)
-                    .arg(keys::EVENTS)
-                    .arg(&in_id)
-                    .arg(&ev_id)
-                    .clone();
+                let read = xread(keys::EVENTS, &ev_id);
                 let reply = tokio::select! {
-                    r = read.query_async::<Value>(&mut con) => r,
+                    r = con.run(&read) => r,
                     _ = self.shutdown.cancelled() => return,
                 };
                 let reply = match reply {
                     Ok(v) => v,
                     Err(e) => {
-                        self.failed("stream read", &e);
+                        self.failed("events read", &e);
                         self.reader_ok.store(false, Ordering::Relaxed);
                         break;
                     }
                 };
+                for (_, list) in streams(&reply) {
+                    for e in &list {
+                        self.on_event(e);
+                    }
+                    if let Some(e) = list.last() {
+                        ev_id = e.id.to_string();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follow this pod's inbox: messages from other pods, wakes, kicks.
+    async fn inbox_reader(self: Arc<Self>) {
+        let inbox = keys::inbox(&self.node);
+        // Kept across reconnects, so a Redis blip redelivers nothing.
+        let mut in_id = "0-0".to_string();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let Some(mut con) = self.blocking_conn().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            loop {
+                let read = xread(&inbox, &in_id);
+                let reply = tokio::select! {
+                    r = con.run(&read) => r,
+                    _ = self.shutdown.cancelled() => return,
+                };
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.failed("inbox read", &e);
+                        break;
+                    }
+                };
                 let mut trim = None;
-                for (key, list) in streams(&reply) {
-                    if key == inbox {
-                        for e in &list {
-                            self.on_inbox(e);
-                        }
-                        if let Some(e) = list.last() {
-                            in_id = e.id.to_string();
-                            trim = Some(in_id.clone());
-                        }
-                    } else if key == keys::EVENTS {
-                        for e in &list {
-                            self.on_event(e);
-                        }
-                        if let Some(e) = list.last() {
-                            ev_id = e.id.to_string();
-                        }
+                for (_, list) in streams(&reply) {
+                    for e in &list {
+                        self.on_inbox(e);
+                    }
+                    if let Some(e) = list.last() {
+                        in_id = e.id.to_string();
+                        trim = Some(in_id.clone());
                     }
                 }
                 if let Some(id) = trim {
@@ -1563,7 +1649,7 @@ impl Cluster {
                 cmd.arg(">");
             }
             let reply = tokio::select! {
-                r = cmd.query_async::<Value>(c) => r,
+                r = c.run(&cmd) => r,
                 _ = self.shutdown.cancelled() => return,
             };
             match reply {
@@ -2079,6 +2165,105 @@ impl Cluster {
     }
 }
 
+fn xread(key: &str, after: &str) -> Cmd {
+    redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(READ_COUNT)
+        .arg("BLOCK")
+        .arg(1000)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(after)
+        .clone()
+}
+
+/// Connect to one Redis or to a Redis Cluster.
+async fn connect(cfg: &ClusterConfig) -> anyhow::Result<(Client, Conn)> {
+    let urls: Vec<&str> = cfg
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let certs = match &cfg.ca_file {
+        Some(p) => Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(
+                std::fs::read(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+            ),
+        }),
+        None => None,
+    };
+    // Never echo the URL: it may hold a password.
+    let bad = |e: redis::RedisError| anyhow::anyhow!("invalid Redis URL ({:?})", e.kind());
+    if cfg.cluster || urls.len() > 1 {
+        let mut b = redis::cluster::ClusterClient::builder(urls)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(2);
+        if let Some(c) = certs {
+            b = b.certs(c);
+        }
+        let client = b.build().map_err(bad)?;
+        let con = client
+            .get_async_connection()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the Redis Cluster: {}", e))?;
+        return Ok((Client::Cluster(client), Conn::Cluster(con)));
+    }
+    let url = urls.first().copied().unwrap_or_default();
+    let client = match certs {
+        Some(c) => redis::Client::build_with_tls(url, c),
+        None => redis::Client::open(url),
+    }
+    .map_err(bad)?;
+    let mgr_cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    let con = client
+        .get_connection_manager_with_config(mgr_cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {}", e))?;
+    Ok((Client::Single(client), Conn::Single(con)))
+}
+
+/// Run a pipeline on a Redis Cluster: one pipeline per slot, all at once,
+/// with the replies put back in the original order.
+async fn query_sharded(
+    con: &ClusterConnection,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut groups: HashMap<u16, (Vec<usize>, redis::Pipeline)> = HashMap::new();
+    let mut n = 0;
+    for (i, c) in pipe.cmd_iter().enumerate() {
+        n = i + 1;
+        let s = cmd_key(c).map_or(0, |k| slot(&k));
+        let g = groups.entry(s).or_insert_with(|| {
+            let mut p = redis::pipe();
+            p.ignore_errors();
+            (Vec::new(), p)
+        });
+        g.0.push(i);
+        g.1.add_command(c.clone());
+    }
+    let runs = groups.into_values().map(|(idx, p)| {
+        let mut con = con.clone();
+        async move { (idx, p.query_async::<Vec<Value>>(&mut con).await) }
+    });
+    let mut out = vec![Value::Nil; n];
+    for (idx, r) in futures_util::future::join_all(runs).await {
+        for (i, v) in idx.into_iter().zip(r?) {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `a <= b` for stream ids `ms-seq`.
 pub fn stream_id_le(a: &str, b: &str) -> bool {
     fn parse(s: &str) -> (u64, u64) {
@@ -2121,6 +2306,28 @@ pub fn delivery_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Values from the Redis Cluster specification's examples.
+        assert_eq!(slot(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+        assert_eq!(
+            slot(&keys::session("c").into_bytes()),
+            slot(&keys::queue("c").into_bytes())
+        );
+        assert_eq!(slot(keys::EVENTS.as_bytes()), slot(keys::PSUBS.as_bytes()));
+        assert_eq!(
+            cmd_key(&eval("x", &["k1", "k2"])).as_deref(),
+            Some(&b"k1"[..])
+        );
+        assert_eq!(
+            cmd_key(redis::cmd("XGROUP").arg("CREATE").arg("s")).as_deref(),
+            Some(&b"s"[..])
+        );
+    }
 
     #[test]
     fn stream_ids_compare_numerically() {
