@@ -151,7 +151,7 @@ return {1, f}";
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// The shared, multiplexed connection for commands and pipelines.
@@ -2210,7 +2210,7 @@ async fn connect(cfg: &ClusterConfig) -> anyhow::Result<(Client, Conn)> {
             .get_async_connection()
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the Redis Cluster: {}", e))?;
-        return Ok((Client::Cluster(client), Conn::Cluster(con)));
+        return Ok((Client::Cluster(Box::new(client)), Conn::Cluster(con)));
     }
     let url = urls.first().copied().unwrap_or_default();
     let client = match certs {
