@@ -148,10 +148,12 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return {1, f}";
 
 /// How this pod reaches Redis: one server, or a Redis Cluster.
+// One per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(Box<redis::cluster::ClusterClient>),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 /// The shared, multiplexed connection for commands and pipelines.
@@ -2210,7 +2212,7 @@ async fn connect(cfg: &ClusterConfig) -> anyhow::Result<(Client, Conn)> {
             .get_async_connection()
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the Redis Cluster: {}", e))?;
-        return Ok((Client::Cluster(Box::new(client)), Conn::Cluster(con)));
+        return Ok((Client::Cluster(client), Conn::Cluster(con)));
     }
     let url = urls.first().copied().unwrap_or_default();
     let client = match certs {
