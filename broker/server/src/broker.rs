@@ -645,9 +645,11 @@ impl Broker {
     }
 
     /// A message from another pod's publish: local subscribers only.
-    pub fn deliver_remote(&self, msg: Arc<Message>) {
+    /// Returns a subscriber whose queue is past half full, for the reader
+    /// to wait on (the same backpressure local publishers get).
+    pub fn deliver_remote(&self, msg: Arc<Message>) -> Option<Arc<Session>> {
         let mut scratch = Vec::new();
-        self.route_local(&msg, &mut scratch);
+        self.route_local(&msg, &mut scratch).1
     }
 
     /// Deliver to the subscribers on this pod. With the Redis store, shared

@@ -96,6 +96,8 @@ const EVENTS_MAXLEN: usize = 100_000;
 const OPS_QUEUE: usize = 16_384;
 /// Operations per pipeline.
 const BATCH_MAX: usize = 2048;
+/// Longest the inbox reader waits for a backlogged local subscriber.
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
 /// Entries per stream read.
 const READ_COUNT: usize = 512;
 
@@ -1477,7 +1479,9 @@ impl Cluster {
                 let mut trim = None;
                 for (_, list) in streams(&reply) {
                     for e in &list {
-                        self.on_inbox(e);
+                        // A subscriber here that falls behind slows this
+                        // reader (bounded), as it slows local publishers.
+                        self.on_inbox(e).await;
                     }
                     if let Some(e) = list.last() {
                         in_id = e.id.to_string();
@@ -1496,7 +1500,7 @@ impl Cluster {
         }
     }
 
-    fn on_inbox(&self, e: &Entry<'_>) {
+    async fn on_inbox(&self, e: &Entry<'_>) {
         let Some(broker) = self.broker() else { return };
         let Some(batch) = val_bytes(e.field("b")) else {
             return;
@@ -1504,7 +1508,11 @@ impl Cluster {
         for rec in wire::records(batch) {
             match rec {
                 Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
-                    Ok((m, _)) => broker.deliver_remote(Arc::new(m)),
+                    Ok((m, _)) => {
+                        if let Some(s) = broker.deliver_remote(Arc::new(m)) {
+                            s.wait_for_space(BACKPRESSURE_WAIT).await;
+                        }
+                    }
                     Err(err) => warn!(error = %err, "unreadable message in the inbox"),
                 },
                 Ok((wire::REC_WAKE, b)) => {
