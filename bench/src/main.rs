@@ -453,7 +453,7 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
         "scenario": "connections",
         "label": a.label,
         "connections": held.len(),
-        "failed": failed,
+        "connect_failures": failed,
         "seconds": secs,
         "connects_per_sec": held.len() as f64 / secs,
         "broker_rss_kib_before": rss_before,

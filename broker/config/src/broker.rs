@@ -19,6 +19,10 @@ pub struct Config {
     pub sys_interval_secs: u64,
     /// Seconds that a SIGTERM drain may take before connections are dropped.
     pub shutdown_timeout_secs: u64,
+    /// Seconds between SIGTERM and the drain, with `/readyz` already not
+    /// ready and the listeners still serving (Kubernetes: time for the
+    /// Service to stop sending clients here).
+    pub shutdown_delay_secs: u64,
     /// The auth file (users, password hashes, ACLs; see `cirrus_config::auth`).
     /// Without one every client is allowed everything.
     pub auth_file: Option<PathBuf>,
@@ -155,6 +159,7 @@ impl Default for Config {
             mqtt: MqttOptions::default(),
             sys_interval_secs: 10,
             shutdown_timeout_secs: 10,
+            shutdown_delay_secs: 0,
             auth_file: None,
             tls: Tls::default(),
             redis: Redis::default(),

@@ -35,6 +35,10 @@ use crate::session::{Inflight, OutState, Session};
 use crate::stats::{DropReason, Refused, Stats};
 use cirrus_config::auth::Access;
 
+/// Read buffer of a connection whose last read was small (idle clients).
+const IDLE_READ: usize = 512;
+/// Read buffer of a connection whose last read filled the small one.
+const BUSY_READ: usize = 16 * 1024;
 /// Flush the write buffer once it holds this much.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Messages moved from the session queue per wake-up, so one busy session
@@ -90,7 +94,7 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut io = stream;
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(IDLE_READ);
     let connect = match read_connect(&broker, &mut io, &mut rbuf, &shutdown).await {
         Ok(c) => c,
         Err(why) => {
@@ -217,6 +221,8 @@ struct Conn<S> {
     blocked: Option<Pending>,
     /// Redis store: PUBACK/PUBREC waiting for Redis, in arrival order.
     acks: FuturesOrdered<AckFuture>,
+    /// The last read filled the small buffer: read into a large one.
+    busy_reader: bool,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -374,7 +380,7 @@ where
         io,
         rbuf,
         out: Out {
-            wbuf: BytesMut::with_capacity(4096),
+            wbuf: BytesMut::new(),
             protocol: c.protocol,
             client_max_packet,
             alias_out: std::collections::HashMap::new(),
@@ -404,6 +410,7 @@ where
         throttle_until: None,
         blocked: None,
         acks: FuturesOrdered::new(),
+        busy_reader: false,
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -473,6 +480,10 @@ where
             Ok(Ok(())) => {
                 Stats::add(&self.broker.stats.bytes_sent, n as u64);
                 self.out.wbuf.clear();
+                // An idle connection does not keep a burst's buffer.
+                if self.out.wbuf.capacity() > WRITE_HIGH_WATER {
+                    self.out.wbuf = BytesMut::new();
+                }
                 Ok(())
             }
             _ => Err(Close::Io),
@@ -568,7 +579,16 @@ where
                 }
                 continue;
             }
-            self.rbuf.reserve(4096);
+            // Idle connections (most of them) read into a small buffer;
+            // one that filled its buffer last time gets a large one.
+            if self.rbuf.is_empty() && self.rbuf.capacity() > BUSY_READ && !self.busy_reader {
+                self.rbuf = BytesMut::new();
+            }
+            self.rbuf.reserve(if self.busy_reader {
+                BUSY_READ
+            } else {
+                IDLE_READ
+            });
             let ev = tokio::select! {
                 biased;
                 _ = kick.cancelled() => Event::Close(Close::TakenOver),
@@ -583,6 +603,7 @@ where
                 Event::Close(c) => return c,
                 Event::Read(Ok(0)) | Event::Read(Err(_)) => return Close::Io,
                 Event::Read(Ok(n)) => {
+                    self.busy_reader = n >= IDLE_READ;
                     Stats::add(&self.broker.stats.bytes_received, n as u64);
                     keepalive.as_mut().reset(tokio::time::Instant::now() + ka);
                 }

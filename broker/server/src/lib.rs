@@ -161,7 +161,25 @@ impl Bound {
     /// Serve until `shutdown` is cancelled, then drain: listeners stop,
     /// MQTT 5 clients get DISCONNECT 0x8B, and every task ends within the
     /// configured shutdown timeout.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    pub async fn serve(self, stop: CancellationToken) {
+        // On stop, /readyz turns 503 at once; the listeners keep serving
+        // for `shutdown_delay_secs` (so that load balancers stop sending
+        // clients here), then the drain begins.
+        let draining = CancellationToken::new();
+        let shutdown = CancellationToken::new();
+        let delay = Duration::from_secs(self.broker.config.shutdown_delay_secs);
+        {
+            let (draining, shutdown) = (draining.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                draining.cancel();
+                if !delay.is_zero() {
+                    info!(?delay, "not ready any more; draining after the delay");
+                    tokio::time::sleep(delay).await;
+                }
+                shutdown.cancel();
+            });
+        }
         let broker = self.broker;
         let tracker = TaskTracker::new();
         // One connection cap for all listeners.
@@ -185,7 +203,7 @@ impl Bound {
             tokio::spawn(admin::serve_admin(
                 broker.clone(),
                 l,
-                shutdown.clone(),
+                draining.clone(),
                 self.store_stop.clone(),
             ));
         }

@@ -103,7 +103,7 @@ pub struct Autoscaling {
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization: i32,
     /// Average MQTT connections per pod to aim for (the broker's
-    /// `cirrus_connections_current` metric through a metrics adapter).
+    /// `cirrus_connections` metric through a metrics adapter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_connections_per_pod: Option<i64>,

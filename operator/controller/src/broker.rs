@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use crate::resources::{self, AUTH_KEY};
+use crate::tls;
 use crate::{auth, Context, Error, FIELD_MANAGER};
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
@@ -31,6 +32,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .owns(ctx.scoped::<Deployment>(), cfg.clone())
         .owns(ctx.scoped::<ConfigMap>(), cfg.clone())
         .owns(ctx.scoped::<Service>(), cfg.clone())
+        .owns(ctx.scoped::<Secret>(), cfg.clone())
         .watches(ctx.scoped::<MqttUser>(), cfg, |u| {
             u.namespace()
                 .map(|ns| ObjectRef::<MqttBroker>::new(&u.spec.broker_ref).within(&ns))
@@ -118,6 +120,14 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
         .map_err(|_| Error::Serialize("broker config".into()))?;
     apply(client, &ns, &resources::config_map(&b, &config_yaml)).await?;
 
+    let tls_wait = if b.spec.tls.enabled {
+        ensure_tls(&ctx, &b, &ns, &mut status, generation).await?
+    } else {
+        status.certificate_expiry = None;
+        status.conditions.retain(|c| c.type_ != "TLSReady");
+        ctx.resync
+    };
+
     let auth_yaml = build_auth(&ctx, &b, &ns).await?;
     apply(client, &ns, &resources::auth_secret(&b, &auth_yaml)).await?;
 
@@ -197,7 +207,147 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     }
     crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
     info!("reconciled");
-    Ok(Action::requeue(ctx.resync))
+    Ok(Action::requeue(ctx.resync.min(tls_wait)))
+}
+
+fn rfc3339(unix: i64) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::from_second(unix)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+/// The broker's server certificate: the user's Secret, or one issued by the
+/// operator's CA and renewed in time. Returns how long until it must be
+/// looked at again.
+async fn ensure_tls(
+    ctx: &Context,
+    b: &MqttBroker,
+    ns: &str,
+    status: &mut cirrus_operator_api::MqttBrokerStatus,
+    generation: Option<i64>,
+) -> Result<std::time::Duration, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let name = b.name_any();
+    if let Some(user) = &b.spec.tls.secret_name {
+        let info = secrets
+            .get_opt(user)
+            .await?
+            .as_ref()
+            .and_then(tls::cert_of)
+            .and_then(|c| tls::inspect(&c));
+        let (ok, reason, msg) = match info {
+            Some((not_after, _)) => {
+                status.certificate_expiry = rfc3339(not_after);
+                (
+                    true,
+                    "UserSecret",
+                    format!("certificate from Secret {user}"),
+                )
+            }
+            None => {
+                status.certificate_expiry = None;
+                (
+                    false,
+                    "SecretMissing",
+                    format!("Secret {user} has no readable tls.crt"),
+                )
+            }
+        };
+        set_condition(
+            &mut status.conditions,
+            condition("TLSReady", ok, reason, msg, generation),
+        );
+        return Ok(ctx.resync);
+    }
+    let ca = match secrets
+        .get_opt(tls::CA_SECRET)
+        .await?
+        .as_ref()
+        .and_then(tls::ca_from_secret)
+    {
+        Some(ca) => ca,
+        None => {
+            let ca = tls::new_ca(ns)?;
+            let meta = kube::api::ObjectMeta {
+                name: Some(tls::CA_SECRET.into()),
+                labels: Some(std::collections::BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "cirrus-operator".to_string(),
+                )])),
+                ..Default::default()
+            };
+            // Shared by the namespace's brokers: created once, never owned.
+            match secrets
+                .create(&Default::default(), &tls::tls_secret(meta, &ca, &ca.cert))
+                .await
+            {
+                Ok(_) => {
+                    publish(
+                        ctx,
+                        b,
+                        EventType::Normal,
+                        "CAIssued",
+                        format!("created the CA Secret {}", tls::CA_SECRET),
+                    )
+                    .await;
+                    ca
+                }
+                // Another reconcile made it first: use that one.
+                Err(kube::Error::Api(e)) if e.code == 409 => secrets
+                    .get_opt(tls::CA_SECRET)
+                    .await?
+                    .as_ref()
+                    .and_then(tls::ca_from_secret)
+                    .ok_or(Error::Tls(tls::TlsError::BadCa("missing")))?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let names = tls::dns_names(&name, ns);
+    let secret_name = format!("{name}-tls");
+    let current = secrets
+        .get_opt(&secret_name)
+        .await?
+        .as_ref()
+        .and_then(tls::cert_of);
+    let cert = match current {
+        Some(c) if !tls::needs_renewal(Some(&c), &names, now) => c,
+        old => {
+            let pair = tls::issue(&ca, &names)?;
+            let meta = resources::meta(b, secret_name.clone(), resources::labels(&name));
+            apply(&ctx.client, ns, &tls::tls_secret(meta, &pair, &ca.cert)).await?;
+            let what = if old.is_some() { "renewed" } else { "issued" };
+            publish(
+                ctx,
+                b,
+                EventType::Normal,
+                "CertificateIssued",
+                format!("{what} the server certificate in Secret {secret_name}"),
+            )
+            .await;
+            pair.cert
+        }
+    };
+    let not_after = tls::inspect(&cert).map_or(now, |(t, _)| t);
+    status.certificate_expiry = rfc3339(not_after);
+    set_condition(
+        &mut status.conditions,
+        condition(
+            "TLSReady",
+            true,
+            "Issued",
+            format!(
+                "certificate for {} from the operator's CA",
+                names.join(", ")
+            ),
+            generation,
+        ),
+    );
+    let renew_at = not_after - tls::RENEW_BEFORE_DAYS * 86_400;
+    Ok(std::time::Duration::from_secs(
+        (renew_at - now).max(60) as u64
+    ))
 }
 
 /// The auth file for `b`: every valid user that references it, first by

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod broker;
 pub mod resources;
+pub mod tls;
 pub mod user;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub enum Error {
     Serialize(String),
     #[error("hashing a password failed")]
     Hash,
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 impl Error {
@@ -48,6 +51,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Serialize(_) => "serialize",
             Error::Hash => "hash",
+            Error::Tls(_) => "tls",
         }
     }
 }

@@ -17,9 +17,8 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Volume, VolumeMount,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -30,6 +29,11 @@ use kube::{Resource, ResourceExt};
 
 /// Seconds the broker may take to drain on SIGTERM (its `shutdown_timeout_secs`).
 pub const DRAIN_SECS: u64 = 20;
+/// The broker's admin port: /metrics, /healthz, /readyz.
+pub const ADMIN_PORT: u16 = 9090;
+/// Seconds a pod keeps serving (not ready) after SIGTERM, so that Services
+/// stop sending it new clients before it drains.
+pub const SHUTDOWN_DELAY_SECS: u64 = 5;
 pub const CONFIG_KEY: &str = "config.yaml";
 pub const AUTH_KEY: &str = "auth.yaml";
 pub const PASSWORD_KEY: &str = "password";
@@ -74,7 +78,7 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerRefere
     owner.controller_owner_ref(&())
 }
 
-fn meta<K: Resource<DynamicType = ()>>(
+pub fn meta<K: Resource<DynamicType = ()>>(
     owner: &K,
     name: String,
     labels: BTreeMap<String, String>,
@@ -97,7 +101,22 @@ pub fn broker_config(b: &MqttBroker) -> Config {
         [0, 0, 0, 0],
         s.listeners.mqtt as u16,
     )));
+    c.listeners.admin = Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)));
+    if let (Some(p), true) = (s.listeners.mqtts, s.tls.enabled) {
+        c.listeners.tls = Some(std::net::SocketAddr::from(([0, 0, 0, 0], p as u16)));
+    }
+    if let Some(p) = s.listeners.websocket {
+        c.listeners.ws = Some(std::net::SocketAddr::from(([0, 0, 0, 0], p as u16)));
+    }
+    if s.tls.enabled {
+        // The TLS Secret's mount (see `deployment`); kubernetes.io/tls keys.
+        c.tls.cert_file = Some("/etc/cirrus/tls/tls.crt".into());
+        c.tls.key_file = Some("/etc/cirrus/tls/tls.key".into());
+    }
+    // The URL itself comes from CIRRUS_REDIS_URL (it may hold a password).
+    c.redis.cluster = s.redis.cluster;
     c.shutdown_timeout_secs = DRAIN_SECS;
+    c.shutdown_delay_secs = SHUTDOWN_DELAY_SECS;
     // The auth Secret's mount (see `deployment`).
     c.auth_file = Some(format!("/etc/cirrus/auth/{AUTH_KEY}").into());
     let l = &s.limits;
@@ -196,6 +215,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
     if let Some(p) = s.listeners.websocket {
         ports.push(port("websocket", p));
     }
+    ports.push(port("admin", i32::from(ADMIN_PORT)));
     let mut env = Vec::new();
     if let Some(e) = &s.telemetry.otlp_endpoint {
         env.push(EnvVar {
@@ -236,10 +256,11 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             ..Default::default()
         });
     }
-    let tcp_probe = |period: i32, failures: i32| Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::String("mqtt".into()),
-            host: None,
+    let http_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("admin".into()),
+            ..Default::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
@@ -311,8 +332,9 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
         ports: Some(ports),
         env: (!env.is_empty()).then_some(env),
         resources: s.resources.clone(),
-        readiness_probe: Some(tcp_probe(5, 2)),
-        liveness_probe: Some(tcp_probe(10, 3)),
+        // Ready: listeners bound, Redis reachable, not draining.
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
@@ -358,7 +380,9 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                     containers: vec![container],
                     volumes: Some(volumes),
                     // Drain deadline plus the time to stop.
-                    termination_grace_period_seconds: Some(DRAIN_SECS as i64 + 10),
+                    termination_grace_period_seconds: Some(
+                        (SHUTDOWN_DELAY_SECS + DRAIN_SECS) as i64 + 10,
+                    ),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -463,7 +487,7 @@ pub fn hpa(b: &MqttBroker) -> Option<HorizontalPodAutoscaler> {
             type_: "Pods".into(),
             pods: Some(PodsMetricSource {
                 metric: MetricIdentifier {
-                    name: "cirrus_connections_current".into(),
+                    name: "cirrus_connections".into(),
                     selector: None,
                 },
                 target: MetricTarget {
@@ -532,7 +556,28 @@ mod tests {
             (sc.run_as_non_root, sc.read_only_root_filesystem),
             (Some(true), Some(true))
         );
-        assert!(pod.termination_grace_period_seconds.unwrap() > DRAIN_SECS as i64);
+        assert!(
+            pod.termination_grace_period_seconds.unwrap()
+                > (SHUTDOWN_DELAY_SECS + DRAIN_SECS) as i64
+        );
+        let c = &pod.containers[0];
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::String("admin".into()));
+        assert!(c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("admin") && p.container_port == 9090));
+        let cfg = broker_config(&b);
+        assert_eq!(cfg.listeners.admin.map(|a| a.port()), Some(ADMIN_PORT));
         assert!(hpa(&b).is_none());
         let owner = d.metadata.owner_references.unwrap();
         assert_eq!(owner[0].controller, Some(true));

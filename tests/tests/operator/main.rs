@@ -621,3 +621,114 @@ async fn contract_the_configmap_and_auth_secret_run_a_real_broker() {
     assert_eq!(ack.reason_code, reason::NOT_AUTHORIZED);
     let _ = std::fs::remove_file(&auth_path);
 }
+
+/// TLS from the operator's CA: a Secret for the Service's names, status with
+/// its expiry, renewal of a certificate close to expiry, and a real broker
+/// serving it to a client that verifies the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
+    let c = client().await;
+    let ns = namespace(&c, "op-tls").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: secure}\nspec: {listeners: {mqtt: 1883, mqtts: 8883}, tls: {enabled: true}}\n").await;
+    let secret: Secret = eventually(WAIT, "TLS secret", || async {
+        get::<Secret>(&c, &ns, "secure-tls").await
+    })
+    .await;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let cert = secret_value(&c, &ns, "secure-tls", "tls.crt").await;
+    let ca = secret_value(&c, &ns, "secure-tls", "ca.crt").await;
+    assert_eq!(ca, secret_value(&c, &ns, "cirrus-ca", "tls.crt").await);
+    let (not_after, names) = cirrus_operator::tls::inspect(&cert).unwrap();
+    assert!(names.contains(&format!("secure.{ns}.svc")), "{names:?}");
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    assert!(not_after - now > 80 * 86_400);
+    let b = eventually(WAIT, "TLSReady and expiry in status", || async {
+        let b: MqttBroker = get(&c, &ns, "secure").await?;
+        let s = b.status.clone()?;
+        let tls_ready = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "TLSReady" && c.status == "True");
+        (tls_ready && s.certificate_expiry.is_some()).then_some(b)
+    })
+    .await;
+    let expiry = b.status.unwrap().certificate_expiry.unwrap();
+    assert!(expiry.starts_with(
+        &k8s_openapi::jiff::Timestamp::from_second(not_after)
+            .unwrap()
+            .to_string()[..10]
+    ));
+
+    // A real broker with the operator's config and this Secret, and a
+    // client that checks the chain against ca.crt.
+    let cm: ConfigMap = get(&c, &ns, "secure-config").await.unwrap();
+    let yaml = cm.data.unwrap()["config.yaml"].clone();
+    assert!(yaml.contains("8883"), "TLS listener in the config:\n{yaml}");
+    let dir = cirrus_e2e::certs::Dir::new();
+    let cert_f = dir.write("tls.crt", &cert);
+    let key_f = dir.write(
+        "tls.key",
+        &secret_value(&c, &ns, "secure-tls", "tls.key").await,
+    );
+    let ca_f = dir.write("ca.crt", &ca);
+    let auth_f = dir.write("auth.yaml", "version: 1\nallow_anonymous: true\n");
+    let broker = cirrus_e2e::BrokerProcess::start_with_config(
+        &yaml,
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert_f,
+            "--tls-key",
+            &key_f,
+            "--auth-file",
+            &auth_f,
+        ],
+    );
+    let port = broker.addrs["mqtts"].port().to_string();
+    let out = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &ca_f,
+            "--insecure",
+        ])
+        .args(["-t", "tls/check", "-m", "x", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A certificate about to expire is issued again.
+    let soon = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(cirrus_operator::tls::dns_names("secure", &ns)).unwrap();
+        let d = k8s_openapi::jiff::Zoned::now().date().tomorrow().unwrap();
+        p.not_after = rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8);
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    };
+    let mut s: Secret = get(&c, &ns, "secure-tls").await.unwrap();
+    let data = s.data.as_mut().unwrap();
+    data.insert("tls.crt".into(), ByteString(soon.0.into_bytes()));
+    data.insert("tls.key".into(), ByteString(soon.1.into_bytes()));
+    s.metadata.managed_fields = None;
+    Api::<Secret>::namespaced(c.clone(), &ns)
+        .replace("secure-tls", &PostParams::default(), &s)
+        .await
+        .unwrap();
+    eventually(WAIT, "certificate renewed", || async {
+        let cert = secret_value(&c, &ns, "secure-tls", "tls.crt").await;
+        let (na, _) = cirrus_operator::tls::inspect(&cert)?;
+        (na - now > 80 * 86_400).then_some(())
+    })
+    .await;
+}
