@@ -95,14 +95,18 @@ pub async fn serve<S>(
 {
     let mut io = stream;
     let mut rbuf = BytesMut::with_capacity(IDLE_READ);
-    let connect = match read_connect(&broker, &mut io, &mut rbuf, &shutdown).await {
+    // The states before and after the session are boxed: the task keeps
+    // only the running connection's state for its life.
+    let connect = match Box::pin(read_connect(&broker, &mut io, &mut rbuf, &shutdown)).await {
         Ok(c) => c,
         Err(why) => {
             debug!(%peer, why, "connection closed before CONNECT was accepted");
             return;
         }
     };
-    let Some(mut conn) = accept(broker.clone(), io, rbuf, peer, *connect, cert_user).await else {
+    let Some(mut conn) =
+        Box::pin(accept(broker.clone(), io, rbuf, peer, *connect, cert_user)).await
+    else {
         return;
     };
     broker
@@ -115,7 +119,7 @@ pub async fn serve<S>(
         .stats
         .connections_current
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    conn.finish(close).await;
+    Box::pin(conn.finish(close)).await;
 }
 
 /// Read the first packet, which must be CONNECT, within the connect timeout.
@@ -202,7 +206,7 @@ struct Conn<S> {
     keep_alive: Option<Duration>,
     /// Expiry asked for in CONNECT (a DISCONNECT may not raise it from 0).
     connect_expiry: u32,
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
     /// Outgoing QoS 1/2 window: min(client Receive Maximum, our max_inflight).
     window: usize,
     /// Topic aliases the client set towards us (index = alias).
@@ -399,7 +403,7 @@ where
         kick: grant.kick,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         connect_expiry: expiry,
-        will: c.will,
+        will: c.will.map(Box::new),
         window,
         alias_in: Vec::new(),
         scratch: Vec::new(),
@@ -551,7 +555,7 @@ where
                     biased;
                     _ = kick.cancelled() => return Close::TakenOver,
                     _ = shutdown.cancelled() => return Close::Shutdown,
-                    _ = p.finish() => {}
+                    _ = Box::pin(p.finish()) => {}
                 }
                 continue;
             }
@@ -667,7 +671,7 @@ where
         })
         .await;
         self.broker
-            .disconnect(&self.session, self.epoch, will, new_expiry);
+            .disconnect(&self.session, self.epoch, will.map(|w| *w), new_expiry);
         debug!(peer = %self.peer, client_id = %self.client_id, "client disconnected");
     }
 
@@ -701,9 +705,11 @@ where
                 self.complete(r.packet_id, OutState::AwaitComp);
                 Ok(())
             }
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            // Boxed: rare, and their states (Redis round trips) would
+            // otherwise enlarge every idle connection's task.
+            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
             Packet::Unsubscribe(u) => {
-                self.on_unsubscribe(u).await;
+                Box::pin(self.on_unsubscribe(u)).await;
                 Ok(())
             }
             Packet::PingReq => {
@@ -1225,5 +1231,37 @@ impl Out {
         Stats::inc(&stats.publish_sent_qos[q]);
         Stats::add(&stats.payload_bytes_sent_qos[q], m.payload.len() as u64);
         true
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[tokio::test]
+    async fn future_sizes() {
+        let cfg = std::sync::Arc::new(crate::config::Config::default());
+        let auth = crate::auth::Auth::new(None, 10).unwrap();
+        let broker = crate::broker::Broker::new(cfg, auth);
+        let (a, _b) = tokio::io::duplex(64);
+        let f = super::serve(
+            broker,
+            a,
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        eprintln!("serve future: {} bytes", std::mem::size_of_val(&f));
+        eprintln!(
+            "conn: {} bytes",
+            std::mem::size_of::<super::Conn<tokio::io::DuplexStream>>()
+        );
+        eprintln!("out: {} bytes", std::mem::size_of::<super::Out>());
+        eprintln!(
+            "identity: {} bytes",
+            std::mem::size_of::<crate::auth::Identity>()
+        );
+        eprintln!(
+            "will: {} bytes",
+            std::mem::size_of::<Option<cirrus_codec::LastWill>>()
+        );
     }
 }

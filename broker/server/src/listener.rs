@@ -68,24 +68,37 @@ pub async fn serve_listener(
             Ok(permit) if rate_ok => {
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
+                    // Each kind's future is boxed: the task holds only the
+                    // one it runs (a TLS or WebSocket connection's state is
+                    // several times a plain TCP one's), which keeps idle
+                    // connections small.
                     match kind {
                         Kind::Tcp => {
-                            crate::connection::serve(broker, stream, peer, None, shutdown).await
+                            Box::pin(crate::connection::serve(
+                                broker, stream, peer, None, shutdown,
+                            ))
+                            .await
                         }
                         Kind::Tls(tls) => {
-                            if let Some((s, user)) =
-                                tls_handshake(&broker, stream, peer, &tls).await
-                            {
-                                crate::connection::serve(broker, s, peer, user, shutdown).await;
-                            }
+                            Box::pin(async move {
+                                if let Some((s, user)) =
+                                    tls_handshake(&broker, stream, peer, &tls).await
+                                {
+                                    crate::connection::serve(broker, s, peer, user, shutdown).await;
+                                }
+                            })
+                            .await
                         }
-                        Kind::Ws => serve_ws(broker, stream, peer, None, shutdown).await,
+                        Kind::Ws => Box::pin(serve_ws(broker, stream, peer, None, shutdown)).await,
                         Kind::Wss(tls) => {
-                            if let Some((s, user)) =
-                                tls_handshake(&broker, stream, peer, &tls).await
-                            {
-                                serve_ws(broker, s, peer, user, shutdown).await;
-                            }
+                            Box::pin(async move {
+                                if let Some((s, user)) =
+                                    tls_handshake(&broker, stream, peer, &tls).await
+                                {
+                                    serve_ws(broker, s, peer, user, shutdown).await;
+                                }
+                            })
+                            .await
                         }
                     }
                     drop(permit);

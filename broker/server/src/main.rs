@@ -196,6 +196,11 @@ async fn signalled() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
+    // One descriptor per client: use what the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let config = args.config().context("configuration")?;
     let bound = cirrus_broker::bind(config).await?;
     let shutdown = CancellationToken::new();
