@@ -140,7 +140,7 @@ for round in $(seq "$ROUNDS"); do
     run "$t" idle-pods-q1 --scenario pairs --qos 1 --rate 1000 --messages 5000
   done
   # Idle connections: connect rate and broker memory per connection.
-  C=20000; [ "$QUICK" = 1 ] && C=5000
+  C=${CONNS:-9000}; [ "$QUICK" = 1 ] && C=5000
   for t in mosquitto memory redis-1; do
     start "$t"
     timeout 180 $BENCH --scenario connections --broker "$PUB" --connections "$C" --source-ips 4 \
