@@ -60,6 +60,45 @@ pub fn parse_filter(full: &str) -> Result<FilterRef<'_>, FilterError> {
     })
 }
 
+/// A trie whose edges are topic levels (`+` and `#` are edges too), as the
+/// broker's route tables are.
+pub trait LevelTrie {
+    fn child(&self, level: &str) -> Option<&Self>;
+}
+
+/// Call `f` on every node of `root` reached by a filter that matches
+/// `topic`: exact levels, `+`, and `#` (which also matches the parent
+/// level); wildcards at the first level do not match `$` topics.
+pub fn visit_matches<N: LevelTrie>(root: &N, topic: &str, f: &mut dyn FnMut(&N)) {
+    fn walk<'a, N: LevelTrie>(
+        node: &N,
+        mut levels: impl Iterator<Item = &'a str> + Clone,
+        first: bool,
+        dollar: bool,
+        f: &mut dyn FnMut(&N),
+    ) {
+        let wild_ok = !(first && dollar);
+        if wild_ok {
+            if let Some(hash) = node.child("#") {
+                f(hash);
+            }
+        }
+        let Some(level) = levels.next() else {
+            f(node);
+            return;
+        };
+        if let Some(child) = node.child(level) {
+            walk(child, levels.clone(), false, dollar, f);
+        }
+        if wild_ok {
+            if let Some(plus) = node.child("+") {
+                walk(plus, levels, false, dollar, f);
+            }
+        }
+    }
+    walk(root, topic.split('/'), true, topic.starts_with('$'), f);
+}
+
 /// Whether `filter` matches `topic`, with the rule that `+` and `#` at the
 /// first level do not match topics starting with `$` ([MQTT-4.7.2-1]).
 pub fn matches(filter: &str, topic: &str) -> bool {

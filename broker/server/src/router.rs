@@ -149,9 +149,7 @@ impl Router {
     /// shared group one member is chosen, preferring online sessions.
     pub fn matches(&self, topic: &str, out: &mut Vec<Match>) {
         let root = self.root.load();
-        let dollar = topic.starts_with('$');
-        let levels = topic.split('/');
-        collect(&root, levels, true, dollar, out);
+        cirrus_codec::topic::visit_matches(&**root, topic, &mut |n| push_all(n, out));
     }
 
     /// One member of a shared group, round robin, preferring online
@@ -213,31 +211,9 @@ fn push_all(node: &Node, out: &mut Vec<Match>) {
     }
 }
 
-fn collect<'a>(
-    node: &Node,
-    mut levels: impl Iterator<Item = &'a str> + Clone,
-    first: bool,
-    dollar: bool,
-    out: &mut Vec<Match>,
-) {
-    // `#` matches the parent level too ("a/#" matches "a").
-    let wild_ok = !(first && dollar);
-    if wild_ok {
-        if let Some(hash) = node.children.get("#") {
-            push_all(hash, out);
-        }
-    }
-    let Some(level) = levels.next() else {
-        push_all(node, out);
-        return;
-    };
-    if let Some(child) = node.children.get(level) {
-        collect(child, levels.clone(), false, dollar, out);
-    }
-    if wild_ok {
-        if let Some(plus) = node.children.get("+") {
-            collect(plus, levels, false, dollar, out);
-        }
+impl cirrus_codec::topic::LevelTrie for Node {
+    fn child(&self, level: &str) -> Option<&Self> {
+        self.children.get(level)
     }
 }
 

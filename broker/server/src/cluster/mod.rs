@@ -348,6 +348,37 @@ fn event(fields: &[(&str, &[u8])]) -> Cmd {
     c
 }
 
+/// `XGROUP CREATE` of a shared group's stream (made if missing).
+fn group_create(full: &str) -> Cmd {
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys::share(full))
+        .arg(keys::GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .clone()
+}
+
+/// A command on one key with one more argument (`SADD key member`, ...).
+fn on_key(name: &str, key: &str, arg: &[u8]) -> Cmd {
+    redis::cmd(name).arg(key).arg(arg).clone()
+}
+
+/// The event saying who serves a persistent session now (`""`: nobody).
+fn owner_event(by: &str, client_id: &str, owner: &str) -> Cmd {
+    event(&[
+        ("t", b"o"),
+        ("n", by.as_bytes()),
+        ("c", client_id.as_bytes()),
+        ("w", owner.as_bytes()),
+    ])
+}
+
+/// The event announcing a route of pod `node` (`t`: `r+` or `r-`).
+fn route_event(t: &[u8], node: &str, full: &str) -> Cmd {
+    event(&[("t", t), ("n", node.as_bytes()), ("f", full.as_bytes())])
+}
+
 fn eval(script: &str, keys: &[&str]) -> Cmd {
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len());
@@ -811,28 +842,10 @@ impl Cluster {
         }
         drop(n);
         self.routes.write().add_node_route(&self.node, full);
-        cmds.push(
-            redis::cmd("SADD")
-                .arg(keys::routes(&self.node))
-                .arg(&**full)
-                .clone(),
-        );
-        cmds.push(event(&[
-            ("t", b"r+"),
-            ("n", self.node.as_bytes()),
-            ("f", full.as_bytes()),
-        ]));
+        cmds.push(on_key("SADD", &keys::routes(&self.node), full.as_bytes()));
+        cmds.push(route_event(b"r+", &self.node, full));
         if full.starts_with("$share/") {
-            let key = keys::share(full);
-            cmds.push(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&key)
-                    .arg(keys::GROUP)
-                    .arg("$")
-                    .arg("MKSTREAM")
-                    .clone(),
-            );
+            cmds.push(group_create(full));
             self.shares.lock().insert(full.clone());
         }
     }
@@ -851,17 +864,8 @@ impl Cluster {
         }
         drop(n);
         self.routes.write().remove_node_route(&self.node, full);
-        cmds.push(
-            redis::cmd("SREM")
-                .arg(keys::routes(&self.node))
-                .arg(&**full)
-                .clone(),
-        );
-        cmds.push(event(&[
-            ("t", b"r-"),
-            ("n", self.node.as_bytes()),
-            ("f", full.as_bytes()),
-        ]));
+        cmds.push(on_key("SREM", &keys::routes(&self.node), full.as_bytes()));
+        cmds.push(route_event(b"r-", &self.node, full));
         if full.starts_with("$share/") {
             self.shares.lock().remove(full);
             cmds.push(
@@ -1046,12 +1050,7 @@ impl Cluster {
                     .arg(&*self.node)
                     .clone(),
             );
-            cmds.push(event(&[
-                ("t", b"o"),
-                ("n", self.node.as_bytes()),
-                ("c", client_id.as_bytes()),
-                ("w", self.node.as_bytes()),
-            ]));
+            cmds.push(owner_event(&self.node, client_id, &self.node));
         }
         if !prev_owner.is_empty() && prev_owner != &*self.node {
             debug!(client_id = %client_id, old = prev_owner, "taking the session over from another pod");
@@ -1126,12 +1125,7 @@ impl Cluster {
                     .arg(&**client_id)
                     .clone(),
             );
-            cmds.push(event(&[
-                ("t", b"o"),
-                ("n", self.node.as_bytes()),
-                ("c", client_id.as_bytes()),
-                ("w", b""),
-            ]));
+            cmds.push(owner_event(&self.node, client_id, ""));
             if expires_at > 0 {
                 cmds.push(
                     redis::cmd("ZADD")
@@ -1684,15 +1678,7 @@ impl Cluster {
 
     async fn ensure_groups(&self, fulls: &[ByteString]) {
         for f in fulls {
-            let _ = self
-                .query_cmds(vec![redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(keys::share(f))
-                    .arg(keys::GROUP)
-                    .arg("$")
-                    .arg("MKSTREAM")
-                    .clone()])
-                .await;
+            let _ = self.query_cmds(vec![group_create(f)]).await;
         }
     }
 
@@ -1878,27 +1864,10 @@ impl Cluster {
             event(&[("t", b"hello"), ("n", self.node.as_bytes())]),
         ];
         for f in &routes {
-            cmds.push(
-                redis::cmd("SADD")
-                    .arg(keys::routes(&self.node))
-                    .arg(&**f)
-                    .clone(),
-            );
-            cmds.push(event(&[
-                ("t", b"r+"),
-                ("n", self.node.as_bytes()),
-                ("f", f.as_bytes()),
-            ]));
+            cmds.push(on_key("SADD", &keys::routes(&self.node), f.as_bytes()));
+            cmds.push(route_event(b"r+", &self.node, f));
             if f.starts_with("$share/") {
-                cmds.push(
-                    redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(keys::share(f))
-                        .arg(keys::GROUP)
-                        .arg("$")
-                        .arg("MKSTREAM")
-                        .clone(),
-                );
+                cmds.push(group_create(f));
             }
         }
         let mut pipe = redis::pipe();
@@ -1937,12 +1906,7 @@ impl Cluster {
                                 .arg(&*self.node)
                                 .clone(),
                         );
-                        cmds.push(event(&[
-                            ("t", b"o"),
-                            ("n", self.node.as_bytes()),
-                            ("c", cid.as_bytes()),
-                            ("w", self.node.as_bytes()),
-                        ]));
+                        cmds.push(owner_event(&self.node, cid, &self.node));
                         if existed == 1 {
                             // Redis lost it: write the subscriptions back.
                             let subs: Vec<_> = session
@@ -2064,12 +2028,7 @@ impl Cluster {
             if rel.first().and_then(as_int) == Some(1) {
                 let mut cmds = vec![
                     redis::cmd("HDEL").arg(keys::OWNERS).arg(&cid).clone(),
-                    event(&[
-                        ("t", b"o"),
-                        ("n", node.as_bytes()),
-                        ("c", cid.as_bytes()),
-                        ("w", b""),
-                    ]),
+                    owner_event(node, &cid, ""),
                 ];
                 if expires_at > 0 {
                     cmds.push(

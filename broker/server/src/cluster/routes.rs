@@ -157,34 +157,27 @@ impl RemoteRoutes {
     /// Everything that wants `topic`, except pod `me`'s own node routes
     /// (its local subscribers are served without Redis).
     pub fn matches(&self, topic: &str, publisher: Option<&str>, me: &str, out: &mut Targets) {
-        let dollar = topic.starts_with('$');
-        collect(
-            &self.root,
-            topic.split('/'),
-            true,
-            dollar,
-            &mut |n: &Node| {
-                for p in &n.nodes {
-                    if &**p != me && !out.nodes.contains(p) {
-                        out.nodes.push(p.clone());
-                    }
+        cirrus_codec::topic::visit_matches(&self.root, topic, &mut |n: &Node| {
+            for p in &n.nodes {
+                if &**p != me && !out.nodes.contains(p) {
+                    out.nodes.push(p.clone());
                 }
-                for (full, pods) in &n.shares {
-                    if !pods.is_empty() && !out.shares.contains(full) {
-                        out.shares.push(full.clone());
-                    }
+            }
+            for (full, pods) in &n.shares {
+                if !pods.is_empty() && !out.shares.contains(full) {
+                    out.shares.push(full.clone());
                 }
-                for (cid, s) in &n.sessions {
-                    if s.no_local && publisher == Some(&**cid) {
-                        continue;
-                    }
-                    match out.sessions.iter_mut().find(|(c, _)| c == cid) {
-                        Some((_, q)) => *q = (*q).max(s.qos),
-                        None => out.sessions.push((cid.clone(), s.qos)),
-                    }
+            }
+            for (cid, s) in &n.sessions {
+                if s.no_local && publisher == Some(&**cid) {
+                    continue;
                 }
-            },
-        );
+                match out.sessions.iter_mut().find(|(c, _)| c == cid) {
+                    Some((_, q)) => *q = (*q).max(s.qos),
+                    None => out.sessions.push((cid.clone(), s.qos)),
+                }
+            }
+        });
     }
 
     pub fn route_count(&self) -> usize {
@@ -192,30 +185,9 @@ impl RemoteRoutes {
     }
 }
 
-fn collect<'a>(
-    node: &Node,
-    mut levels: impl Iterator<Item = &'a str> + Clone,
-    first: bool,
-    dollar: bool,
-    f: &mut dyn FnMut(&Node),
-) {
-    let wild_ok = !(first && dollar);
-    if wild_ok {
-        if let Some(hash) = node.children.get("#") {
-            f(hash);
-        }
-    }
-    let Some(level) = levels.next() else {
-        f(node);
-        return;
-    };
-    if let Some(child) = node.children.get(level) {
-        collect(child, levels.clone(), false, dollar, f);
-    }
-    if wild_ok {
-        if let Some(plus) = node.children.get("+") {
-            collect(plus, levels, false, dollar, f);
-        }
+impl cirrus_codec::topic::LevelTrie for Node {
+    fn child(&self, level: &str) -> Option<&Self> {
+        self.children.get(level)
     }
 }
 
