@@ -379,6 +379,11 @@ fn route_event(t: &[u8], node: &str, full: &str) -> Cmd {
     event(&[("t", t), ("n", node.as_bytes()), ("f", full.as_bytes())])
 }
 
+/// Drop a stream's entries older than `id` (never `id` itself).
+fn trim_before(key: &str, id: &str) -> Cmd {
+    redis::cmd("XTRIM").arg(key).arg("MINID").arg(id).clone()
+}
+
 fn eval(script: &str, keys: &[&str]) -> Cmd {
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len());
@@ -1484,11 +1489,7 @@ impl Cluster {
                 }
                 if let Some(id) = trim {
                     // Everything before what was just read is delivered.
-                    self.run_later(vec![redis::cmd("XTRIM")
-                        .arg(&inbox)
-                        .arg("MINID")
-                        .arg(id)
-                        .clone()]);
+                    self.run_later(vec![trim_before(&inbox, &id)]);
                 }
             }
         }
@@ -1787,11 +1788,7 @@ impl Cluster {
                 }
             }
             if let Some(id) = min_id {
-                self.run_later(vec![redis::cmd("XTRIM")
-                    .arg(&key)
-                    .arg("MINID")
-                    .arg(id)
-                    .clone()]);
+                self.run_later(vec![trim_before(&key, &id)]);
             }
         }
     }
