@@ -418,3 +418,81 @@ async fn redis_over_tls_with_a_private_ca() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to Redis"), "{err}");
 }
+
+/// Shared-group entries that a pod read and never acknowledged (it died)
+/// are claimed by a live member's pod. The dead reader is played by
+/// redis-cli: it takes the entries while the member's pod is stopped.
+#[tokio::test]
+async fn a_dead_readers_shared_entries_are_claimed_by_a_live_pod() {
+    let redis = RedisServer::start();
+    let p = pods(&redis.url(), 2);
+    let mut member = Client::connect_ok(p[0].addr, Opts::v5("member")).await;
+    member.subscribe("$share/g/jobs/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_ok(p[1].addr, Opts::v5("pub")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p[0].signal("STOP");
+    for i in 0..5u8 {
+        publisher
+            .publish("jobs/x", &[i], QoS::AtLeastOnce, false)
+            .await;
+    }
+    let stolen = std::process::Command::new(cirrus_e2e::tool("redis-cli"))
+        .args(["-p", &redis.port.to_string()])
+        .args([
+            "XREADGROUP",
+            "GROUP",
+            "cirrus",
+            "ghost",
+            "COUNT",
+            "10",
+            "STREAMS",
+        ])
+        .args(["cirrus:{g}:share:$share/g/jobs/#", ">"])
+        .output()
+        .unwrap();
+    p[0].signal("CONT");
+    assert!(stolen.status.success());
+    // The ghost holds them unacknowledged (XPENDING's first line: count).
+    let pending = std::process::Command::new(cirrus_e2e::tool("redis-cli"))
+        .args(["-p", &redis.port.to_string()])
+        .args([
+            "XPENDING",
+            "cirrus:{g}:share:$share/g/jobs/#",
+            "cirrus",
+            "-",
+            "+",
+            "10",
+            "ghost",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&pending.stdout);
+    let held = text.lines().filter(|l| *l == "ghost").count();
+    assert!(held >= 1, "the ghost holds entries:\n{text}");
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = member.recv_ack().await;
+        got.push(m.payload[0]);
+    }
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+}
+
+/// A pod paused past the node timeout is taken for dead by the others;
+/// when it runs again it announces its routes again and its subscribers
+/// are reached once more.
+#[tokio::test]
+async fn a_pod_taken_for_dead_announces_itself_again() {
+    let redis = RedisServer::start();
+    let p = pods(&redis.url(), 2);
+    let mut sub = Client::connect_ok(p[0].addr, Opts::v5("paused-sub")).await;
+    sub.subscribe("p/#", QoS::AtMostOnce).await;
+    let mut publisher = Client::connect_ok(p[1].addr, Opts::v5("pub")).await;
+    until_routed(&mut publisher, &mut sub, "p/before").await;
+    p[0].signal("STOP");
+    // Node timeout 1 s; the survivor sweeps every second.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    p[0].signal("CONT");
+    until_routed(&mut publisher, &mut sub, "p/after").await;
+    assert!(p[0].log().contains("taken for dead"), "{}", p[0].log());
+}

@@ -1795,14 +1795,17 @@ impl Cluster {
 
     // ---- liveness ----------------------------------------------------------
 
-    async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.query_cmds(vec![redis::cmd("ZADD")
-            .arg(keys::NODES)
-            .arg(wire::unix_ms())
-            .arg(&*self.node)
-            .clone()])
-            .await
-            .map(|_| ())
+    /// Returns true when this pod was not registered: Redis lost it, or
+    /// the others declared it dead (it was paused past the node timeout).
+    async fn heartbeat(&self) -> Result<bool, StoreError> {
+        let r = self
+            .query_cmds(vec![redis::cmd("ZADD")
+                .arg(keys::NODES)
+                .arg(wire::unix_ms())
+                .arg(&*self.node)
+                .clone()])
+            .await?;
+        Ok(r.first().and_then(as_int) == Some(1))
     }
 
     /// Heartbeats, recovery after an outage, dead pods and expired sessions.
@@ -1820,10 +1823,17 @@ impl Cluster {
             }
             n += 1;
             let was_healthy = self.healthy.load(Ordering::Relaxed);
-            if self.heartbeat().await.is_err() {
+            let Ok(was_gone) = self.heartbeat().await else {
                 continue;
+            };
+            if was_gone && was_healthy {
+                // Declared dead while alive (a pause longer than the node
+                // timeout): the others dropped this pod's routes and
+                // released its sessions. Announce everything again.
+                warn!("this pod was taken for dead; announcing its routes and sessions again");
+                self.healthy.store(false, Ordering::Relaxed);
             }
-            if !was_healthy {
+            if !self.healthy.load(Ordering::Relaxed) {
                 match self.resync().await {
                     Ok(()) => {
                         self.healthy.store(true, Ordering::Relaxed);
