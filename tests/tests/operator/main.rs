@@ -106,10 +106,14 @@ async fn user_ready(client: &Client, ns: &str, name: &str, want: (&str, &str)) -
     .await
 }
 
+/// The broker's auth file, once its controller has written the Secret
+/// (the user controller may be ready first).
 async fn auth_file(client: &Client, ns: &str, broker: &str) -> AuthFile {
-    let s: Secret = get(client, ns, &format!("{broker}-auth"))
-        .await
-        .expect("auth secret");
+    let name = format!("{broker}-auth");
+    let s: Secret = eventually(WAIT, &format!("Secret {name}"), || async {
+        get::<Secret>(client, ns, &name).await
+    })
+    .await;
     let text = String::from_utf8(s.data.unwrap()["auth.yaml"].0.clone()).unwrap();
     AuthFile::from_yaml(&text).unwrap()
 }

@@ -406,6 +406,15 @@ fn as_str(v: &Value) -> Option<&str> {
     as_bytes(v).and_then(|b| std::str::from_utf8(b).ok())
 }
 
+/// The strings of an array reply (members, keys, ids); others are skipped.
+fn str_list(v: Option<&Value>) -> Vec<&str> {
+    v.and_then(as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(as_str)
+        .collect()
+}
+
 fn as_int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
@@ -1948,12 +1957,8 @@ impl Cluster {
         else {
             return;
         };
-        let dead: Vec<String> = r
-            .first()
-            .and_then(as_array)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(as_str)
+        let dead: Vec<String> = str_list(r.first())
+            .into_iter()
             .filter(|n| *n != &*self.node)
             .map(str::to_string)
             .collect();
@@ -1991,12 +1996,8 @@ impl Cluster {
                 .arg(keys::node_sessions(node))
                 .clone()])
             .await?;
-        let cids: Vec<String> = r
-            .first()
-            .and_then(as_array)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(as_str)
+        let cids: Vec<String> = str_list(r.first())
+            .into_iter()
             .map(str::to_string)
             .collect();
         let broker = self.broker();
@@ -2082,12 +2083,8 @@ impl Cluster {
         else {
             return;
         };
-        let cids: Vec<String> = r
-            .first()
-            .and_then(as_array)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(as_str)
+        let cids: Vec<String> = str_list(r.first())
+            .into_iter()
             .map(str::to_string)
             .collect();
         for cid in cids {
@@ -2109,13 +2106,7 @@ impl Cluster {
                 continue;
             }
             let mut cmds = Vec::new();
-            for f in a
-                .get(1)
-                .and_then(as_array)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(as_str)
-            {
+            for f in str_list(a.get(1)) {
                 if let Some(filter) = f.strip_prefix("sub:") {
                     self.psub_remove_cmds(&cid, filter, &mut cmds);
                 }
