@@ -255,7 +255,7 @@ impl Broker {
         if claim.present && !local_present {
             for (full, o, id) in &claim.subs {
                 let Ok(fr) = parse_filter(full) else { continue };
-                if let Ok(existed) = self.subscribe_inner(&session, full, fr, *o, *id, false) {
+                if let Ok(existed) = self.subscribe(&session, full, fr, *o, *id, false) {
                     if cluster
                         .subscribed(&session, full, *o, *id, existed, false)
                         .await
@@ -813,20 +813,10 @@ impl Broker {
             .collect()
     }
 
-    /// Add or replace a subscription and queue the retained messages it
+    /// Add or replace a subscription and, when `send_retained` (a client's
+    /// SUBSCRIBE, not a restored session), queue the retained messages it
     /// asks for. Returns whether it replaced an existing one.
     pub fn subscribe(
-        &self,
-        session: &Arc<Session>,
-        full_filter: &ByteString,
-        filter: FilterRef<'_>,
-        options: SubscriptionOptions,
-        sub_id: Option<u32>,
-    ) -> Result<bool, SubscribeError> {
-        self.subscribe_inner(session, full_filter, filter, options, sub_id, true)
-    }
-
-    fn subscribe_inner(
         &self,
         session: &Arc<Session>,
         full_filter: &ByteString,

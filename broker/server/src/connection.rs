@@ -1023,7 +1023,10 @@ where
                     if o.qos.as_u8() > cfg.mqtt.maximum_qos {
                         o.qos = QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or_default();
                     }
-                    match self.broker.subscribe(&self.session, filter, fr, o, sub_id) {
+                    match self
+                        .broker
+                        .subscribe(&self.session, filter, fr, o, sub_id, true)
+                    {
                         Ok(existed) => match self.broker.cluster() {
                             None => o.qos.as_u8(),
                             Some(c) => {

@@ -102,9 +102,9 @@ const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
 const READ_COUNT: usize = 512;
 
 const LUA_ENQUEUE: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 return 1";
 
 const LUA_CLAIM: &str = r"
@@ -382,6 +382,24 @@ fn route_event(t: &[u8], node: &str, full: &str) -> Cmd {
 /// Drop a stream's entries older than `id` (never `id` itself).
 fn trim_before(key: &str, id: &str) -> Cmd {
     redis::cmd("XTRIM").arg(key).arg("MINID").arg(id).clone()
+}
+
+/// A session script: KEYS[1] the session hash, KEYS[2] its stream (one
+/// slot: they share the client id's hash tag).
+fn session_eval(script: &str, client_id: &str) -> Cmd {
+    eval(
+        script,
+        &[&keys::session(client_id), &keys::queue(client_id)],
+    )
+}
+
+/// When an offline session expires (unix ms); 0 for never.
+fn expires_at(now_ms: u64, expiry_secs: u64) -> u64 {
+    if expiry_secs == u64::from(u32::MAX) {
+        0
+    } else {
+        now_ms + expiry_secs * 1000
+    }
 }
 
 fn eval(script: &str, keys: &[&str]) -> Cmd {
@@ -765,7 +783,7 @@ impl Cluster {
                         }
                         enqueues.push(pipe.len());
                         pipe.add_command(
-                            eval(LUA_ENQUEUE, &[&keys::queue(cid), &keys::session(cid)])
+                            session_eval(LUA_ENQUEUE, cid)
                                 .arg(self.max_queued)
                                 .arg(&bytes[..])
                                 .clone(),
@@ -1016,9 +1034,8 @@ impl Cluster {
         }
         let will = will.map(|w| wire::encode_will(w, client_id));
         let skey = keys::session(client_id);
-        let qkey = keys::queue(client_id);
         let reply = self
-            .query_cmds(vec![eval(LUA_CLAIM, &[&skey, &qkey])
+            .query_cmds(vec![session_eval(LUA_CLAIM, client_id)
                 .arg(&*self.node)
                 .arg(epoch)
                 .arg(u8::from(clean_start))
@@ -1107,16 +1124,10 @@ impl Cluster {
         self.stop_puller(client_id);
         let persistent = expiry > 0;
         let now = wire::unix_ms();
-        let expires_at = if expiry == u32::MAX {
-            0
-        } else {
-            now + u64::from(expiry) * 1000
-        };
+        let expires_at = expires_at(now, u64::from(expiry));
         let rel: Vec<String> = rel.iter().map(u16::to_string).collect();
-        let skey = keys::session(client_id);
-        let qkey = keys::queue(client_id);
         let reply = self
-            .query_cmds(vec![eval(LUA_RELEASE, &[&skey, &qkey])
+            .query_cmds(vec![session_eval(LUA_RELEASE, client_id)
                 .arg(&*self.node)
                 .arg(epoch)
                 .arg(u8::from(persistent))
@@ -1898,14 +1909,11 @@ impl Cluster {
         for (session, epoch, expiry) in broker.local_sessions() {
             let cid = &session.client_id;
             let r = self
-                .query_cmds(vec![eval(
-                    LUA_RECLAIM,
-                    &[&keys::session(cid), &keys::queue(cid)],
-                )
-                .arg(&*self.node)
-                .arg(epoch)
-                .arg(expiry)
-                .clone()])
+                .query_cmds(vec![session_eval(LUA_RECLAIM, cid)
+                    .arg(&*self.node)
+                    .arg(epoch)
+                    .arg(expiry)
+                    .clone()])
                 .await?;
             match r.first().and_then(as_int) {
                 Some(0) => broker.kick_local(cid),
@@ -2019,13 +2027,9 @@ impl Cluster {
             let epoch = get("epoch").and_then(as_str).unwrap_or_default();
             let expiry: u64 = get("expiry").and_then(as_int).unwrap_or(0).max(0) as u64;
             let will = val_bytes(get("will"));
-            let expires_at = if expiry == u64::from(u32::MAX) {
-                0
-            } else {
-                now + expiry * 1000
-            };
+            let expires_at = expires_at(now, expiry);
             let rel = self
-                .query_cmds(vec![eval(LUA_RELEASE, &[&skey, &keys::queue(&cid)])
+                .query_cmds(vec![session_eval(LUA_RELEASE, &cid)
                     .arg(node)
                     .arg(epoch)
                     .arg(u8::from(expiry > 0))
@@ -2090,9 +2094,7 @@ impl Cluster {
         for cid in cids {
             let Ok(r) = self
                 .query_cmds(vec![
-                    eval(LUA_EXPIRE, &[&keys::session(&cid), &keys::queue(&cid)])
-                        .arg(wire::unix_ms())
-                        .clone(),
+                    session_eval(LUA_EXPIRE, &cid).arg(wire::unix_ms()).clone(),
                     redis::cmd("ZREM").arg(keys::EXPIRY).arg(&cid).clone(),
                 ])
                 .await
