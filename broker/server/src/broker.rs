@@ -202,8 +202,15 @@ impl Broker {
         };
         // While this claim runs, a local connection of the same client that
         // ends hands its session over here instead of releasing it.
-        self.claiming.lock().insert(req.client_id.clone());
-        self.connect_clustered(cluster, req, will, epoch).await
+        // The set is held while looking for a release in progress, so that
+        // a connection ending now either hands over or is waited for.
+        let releasing = {
+            let mut claiming = self.claiming.lock();
+            claiming.insert(req.client_id.clone());
+            self.releasing.lock().get(&req.client_id).cloned()
+        };
+        self.connect_clustered(cluster, req, will, epoch, releasing)
+            .await
     }
 
     async fn connect_clustered(
@@ -212,6 +219,7 @@ impl Broker {
         req: ConnectRequest,
         will: Option<&LastWill>,
         epoch: u64,
+        releasing: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<Grant, u8> {
         let cid = req.client_id.clone();
         let done = |r: Result<Grant, u8>| {
@@ -227,7 +235,6 @@ impl Broker {
             }
             r
         };
-        let releasing = self.releasing.lock().get(&req.client_id).cloned();
         if let Some(mut r) = releasing {
             let _ = tokio::time::timeout(Duration::from_secs(2), r.wait_for(|done| *done)).await;
         }
@@ -402,18 +409,23 @@ impl Broker {
                 st.expiry_interval = e;
             }
             let expiry = st.expiry_interval;
-            if self.cluster().is_some() && self.claiming.lock().contains(&session.client_id) {
-                // A new connection of this client is being set up here: it
-                // takes this session over locally (in-flight state and all).
-                drop(st);
-                if let Some(w) = will {
-                    if w.properties.will_delay_interval.unwrap_or(0) == 0 {
-                        self.publish_will(w, &session.client_id);
-                    }
-                }
-                return;
-            }
             if let Some(cluster) = self.cluster() {
+                // Held until this pod has decided between handing the
+                // session over and releasing it (see `connect`).
+                let claiming = self.claiming.lock();
+                if claiming.contains(&session.client_id) {
+                    // A new connection of this client is being set up here:
+                    // it takes this session over locally (in-flight state
+                    // and all).
+                    drop(claiming);
+                    drop(st);
+                    if let Some(w) = will {
+                        if w.properties.will_delay_interval.unwrap_or(0) == 0 {
+                            self.publish_will(w, &session.client_id);
+                        }
+                    }
+                    return;
+                }
                 // The pod forgets the session; Redis keeps what outlives
                 // the connection, and whoever serves the client next
                 // resumes from there.
@@ -423,13 +435,15 @@ impl Broker {
                     .filter(|i| i.state == OutState::AwaitComp)
                     .map(|i| i.packet_id.get())
                     .collect();
-                drop(st);
                 let c = cluster.clone();
                 let cid = session.client_id.clone();
                 // A reconnect to this pod waits for the release, so that it
                 // finds what the release wrote (PUBREL state).
                 let (done, wait) = tokio::sync::watch::channel(false);
                 self.releasing.lock().insert(cid.clone(), wait);
+                drop(claiming);
+                drop(st);
+                self.end_session(session, false);
                 tokio::spawn(async move {
                     c.release(&cid, epoch, expiry, &rel).await;
                     let _ = done.send(true);
@@ -448,7 +462,6 @@ impl Broker {
                         self.delayed_will(cluster, w, session.client_id.clone(), delay);
                     }
                 }
-                self.end_session(session, false);
                 return;
             }
             if expiry == 0 {
