@@ -12,40 +12,51 @@ use std::time::{Duration, Instant};
 /// built once per test process if needed.
 pub fn broker_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("CIRRUS_BROKER_BIN") {
-            return PathBuf::from(p);
-        }
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "cirrus-broker",
-                "--bin",
-                "cirrus-broker",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .status()
-            .expect("run cargo build for the broker");
-        assert!(status.success(), "building cirrus-broker failed");
-        // target/<profile>/deps/<test-binary> → target/<profile>/cirrus-broker
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
-        let debug = profile_dir
+    BIN.get_or_init(|| workspace_bin("cirrus-broker", "CIRRUS_BROKER_BIN"))
+        .clone()
+}
+
+/// The operator binary: `$CIRRUS_OPERATOR_BIN`, or the workspace's build.
+pub fn operator_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("cirrus-operator", "CIRRUS_OPERATOR_BIN"))
+        .clone()
+}
+
+/// `$env` if set, else the binary `name` (of the package of that name),
+/// built with cargo into this test binary's target directory.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            name,
+            "--bin",
+            name,
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo build for {name}: {e}"));
+    assert!(status.success(), "building {name} failed");
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let here = profile_dir.join(name);
+    if here.exists() {
+        here
+    } else {
+        profile_dir
             .parent()
             .expect("target")
-            .join("debug/cirrus-broker");
-        let here = profile_dir.join("cirrus-broker");
-        if here.exists() {
-            here
-        } else {
-            debug
-        }
-    })
-    .clone()
+            .join("debug")
+            .join(name)
+    }
 }
 
 /// Path of an external tool, or a failure that says how to install it.
@@ -269,15 +280,19 @@ impl Drop for BrokerProcess {
 
 /// A minimal HTTP/1.1 GET (the admin port), at most 5 s.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).expect("connect to the admin port")
+}
+
+/// [`http_get`], `None` when nothing listens (yet).
+pub fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .expect("connect to the admin port");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .ok()?;
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     let code = resp
@@ -289,7 +304,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (code, body)
+    Some((code, body))
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// Run a Python script (Debian's python3, which has paho) with arguments,

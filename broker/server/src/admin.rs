@@ -3,21 +3,15 @@
 //! not draining). Kubernetes probes and Prometheus scrape it; it carries no
 //! client data and no secrets.
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use cirrus_admin::{Exposition, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::broker::Broker;
-use crate::stats::{Histogram, Refused, Stats};
+use crate::stats::{Refused, Stats};
 
 /// Serve the admin port until `stop`. `draining` is cancelled when the
 /// broker starts its shutdown: `/readyz` then says not ready, so that
@@ -28,99 +22,31 @@ pub async fn serve_admin(
     draining: CancellationToken,
     stop: CancellationToken,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    cirrus_admin::serve(listener, stop, move |path: String| {
         let broker = broker.clone();
         let draining = draining.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let broker = broker.clone();
-                let draining = draining.clone();
-                async move { Ok::<_, Infallible>(route(&broker, &draining, req.uri().path()).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection"); },
-                _ = stop.cancelled() => {}
-                // A scrape is quick: no connection lingers past a minute.
-                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-            }
-        });
-    }
+        async move { route(&broker, &draining, &path).await }
+    })
+    .await;
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
-}
-
-async fn route(broker: &Broker, draining: &CancellationToken, path: &str) -> Response<Full<Bytes>> {
+async fn route(broker: &Broker, draining: &CancellationToken, path: &str) -> (StatusCode, String) {
     match path {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => (StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             if draining.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+                (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
             } else if !broker.store_ready() {
-                text(
+                (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store unavailable\n".into(),
                 )
             } else {
-                text(StatusCode::OK, "ready\n".into())
+                (StatusCode::OK, "ready\n".into())
             }
         }
-        "/metrics" => text(StatusCode::OK, render(broker).await),
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-    }
-}
-
-struct Out(String);
-
-impl Out {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: u64) {
-        self.head(name, kind, help);
-        let _ = writeln!(self.0, "{name} {v}");
-    }
-
-    fn labelled(&mut self, name: &str, kind: &str, help: &str, rows: &[(&str, u64)], label: &str) {
-        self.head(name, kind, help);
-        for (l, v) in rows {
-            let _ = writeln!(self.0, "{name}{{{label}=\"{l}\"}} {v}");
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        self.head(name, "histogram", help);
-        let (buckets, sum, count) = h.snapshot();
-        for (le, n) in buckets {
-            if le.is_infinite() {
-                let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {n}");
-            } else {
-                let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {n}");
-            }
-        }
-        let _ = writeln!(self.0, "{name}_sum {sum}\n{name}_count {count}");
+        "/metrics" => (StatusCode::OK, render(broker).await),
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
@@ -135,7 +61,7 @@ fn by_qos(a: &[std::sync::atomic::AtomicU64; 3]) -> [(&'static str, u64); 3] {
 /// The Prometheus text exposition of the broker's metrics.
 pub async fn render(broker: &Broker) -> String {
     let s = &broker.stats;
-    let mut o = Out(String::with_capacity(8192));
+    let mut o = Exposition::new();
     let connections = s.connections_current.load(Ordering::Relaxed) as u64;
     o.one(
         "cirrus_connections",
@@ -327,5 +253,5 @@ pub async fn render(broker: &Broker) -> String {
             c.stream_lag.load(Ordering::Relaxed),
         );
     }
-    o.0
+    o.finish()
 }

@@ -70,48 +70,7 @@ impl Refused {
     }
 }
 
-/// Upper bounds (seconds) of the latency histograms' buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A Prometheus histogram on atomics: no lock on the paths that observe it.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per bucket (not cumulative); the last slot is +Inf.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Cumulative bucket counts, sum (seconds) and count.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let mut acc = 0;
-        let mut out = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
-        for (i, b) in self.buckets.iter().enumerate() {
-            acc += b.load(Ordering::Relaxed);
-            out.push((
-                LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
-                acc,
-            ));
-        }
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        (out, sum, self.count.load(Ordering::Relaxed))
-    }
-}
+pub use cirrus_admin::Histogram;
 
 #[derive(Debug, Default)]
 pub struct Stats {

@@ -136,9 +136,14 @@ pub struct RedisSpec {
     /// The URL points at a Redis Cluster.
     #[serde(default)]
     pub cluster: bool,
-    /// Run a single Redis for this broker (development only).
+    /// Run a single Redis for this broker (development only: one pod, no
+    /// persistence, no password; its data goes with the pod).
     #[serde(default)]
     pub managed: bool,
+    /// Image of the managed Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub managed_image: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

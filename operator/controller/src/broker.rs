@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::metrics::Kind;
 use crate::resources::{self, AUTH_KEY};
 use crate::tls;
 use crate::{auth, Context, Error, FIELD_MANAGER};
@@ -38,7 +39,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
                 .map(|ns| ObjectRef::<MqttBroker>::new(&u.spec.broker_ref).within(&ns))
         })
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |b, ctx| async move {
+                let t = std::time::Instant::now();
+                let r = reconcile(b, ctx.clone()).await;
+                let err = r.as_ref().err().map(Error::metric_label);
+                ctx.metrics.reconciled(Kind::Broker, t.elapsed(), err);
+                r
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 warn!(error = %e, "broker reconcile failed");
@@ -97,23 +108,17 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     let generation = b.metadata.generation;
     let mut status = b.status.clone().unwrap_or_default();
 
-    if let Some(a) = &b.spec.autoscaling {
-        if a.min_replicas > a.max_replicas {
-            let msg = format!(
-                "autoscaling.minReplicas ({}) is above maxReplicas ({})",
-                a.min_replicas, a.max_replicas
-            );
-            if set_condition(
-                &mut status.conditions,
-                condition("Ready", false, "InvalidSpec", msg.clone(), generation),
-            ) {
-                publish(&ctx, &*b, EventType::Warning, "InvalidSpec", msg).await;
-            }
-            status.observed_generation = generation;
-            crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
-            // Nothing to retry until the spec changes.
-            return Ok(Action::await_change());
+    if let Some(msg) = invalid_spec(&b) {
+        if set_condition(
+            &mut status.conditions,
+            condition("Ready", false, "InvalidSpec", msg.clone(), generation),
+        ) {
+            publish(&ctx, &*b, EventType::Warning, "InvalidSpec", msg).await;
         }
+        status.observed_generation = generation;
+        crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
+        // Nothing to retry until the spec changes.
+        return Ok(Action::await_change());
     }
 
     let config_yaml = serde_yaml::to_string(&resources::broker_config(&b))
@@ -134,18 +139,23 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     let deployment = apply(client, &ns, &resources::deployment(&b, &config_yaml)).await?;
     apply(client, &ns, &resources::service(&b)).await?;
     apply(client, &ns, &resources::pdb(&b)).await?;
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
     match resources::hpa(&b) {
         Some(h) => {
             apply(client, &ns, &h).await?;
         }
-        None => {
-            // Autoscaling turned off: the HPA goes (404 is done).
-            if hpas.get_opt(&name).await?.is_some() {
-                let _ = hpas.delete(&name, &DeleteParams::default()).await;
-            }
-        }
+        // Autoscaling turned off: the HPA goes.
+        None => remove_child::<HorizontalPodAutoscaler>(client, &ns, &name, &b).await?,
     }
+    let redis_available = if b.spec.redis.managed {
+        let d = apply(client, &ns, &resources::managed_redis_deployment(&b)).await?;
+        apply(client, &ns, &resources::managed_redis_service(&b)).await?;
+        Some(d.status.and_then(|s| s.available_replicas).unwrap_or(0) > 0)
+    } else {
+        let redis = resources::managed_redis_name(&b);
+        remove_child::<Deployment>(client, &ns, &redis, &b).await?;
+        remove_child::<Service>(client, &ns, &redis, &b).await?;
+        None
+    };
 
     // Honest readiness: ready pods as the Deployment reports them.
     let ds = deployment.status.unwrap_or_default();
@@ -175,17 +185,18 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
             .endpoints
             .insert("websocket".into(), format!("ws://{host}:{p}/mqtt"));
     }
-    let ready = available > 0 && available >= desired.max(1);
+    let pods_ready = available > 0 && available >= desired.max(1);
+    let ready = pods_ready && redis_available != Some(false);
+    let pods = format!("{available} of {desired} pods available");
     let (reason, msg) = if ready {
+        ("Available", pods)
+    } else if pods_ready {
         (
-            "Available",
-            format!("{available} of {desired} pods available"),
+            "RedisUnavailable",
+            format!("{pods}; the managed Redis has no available pod"),
         )
     } else {
-        (
-            "Unavailable",
-            format!("{available} of {desired} pods available"),
-        )
+        ("Unavailable", pods)
     };
     let was_ready = status
         .conditions
@@ -208,6 +219,66 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
     info!("reconciled");
     Ok(Action::requeue(ctx.resync.min(tls_wait)))
+}
+
+/// Why a spec cannot be reconciled, when the schema could not say it.
+fn invalid_spec(b: &MqttBroker) -> Option<String> {
+    let s = &b.spec;
+    if let Some(a) = &s.autoscaling {
+        if a.min_replicas > a.max_replicas {
+            return Some(format!(
+                "autoscaling.minReplicas ({}) is above maxReplicas ({})",
+                a.min_replicas, a.max_replicas
+            ));
+        }
+    }
+    let r = &s.redis;
+    if r.managed && (r.url.is_some() || r.url_secret_ref.is_some()) {
+        return Some("redis.managed and a Redis URL exclude each other".into());
+    }
+    if r.managed && r.cluster {
+        return Some("the managed Redis is one server, not a Redis Cluster".into());
+    }
+    if r.url.is_some() && r.url_secret_ref.is_some() {
+        return Some("give redis.url or redis.urlSecretRef, not both".into());
+    }
+    None
+}
+
+/// Delete a child that a changed spec no longer wants: only if it is there
+/// and `owner` controls it (a same-named object of the user's is left
+/// alone).
+async fn remove_child<K>(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    owner: &MqttBroker,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let Some(obj) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let uid = owner.metadata.uid.as_deref();
+    let owned = obj
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid);
+    if owned {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn rfc3339(unix: i64) -> Option<String> {

@@ -11,6 +11,9 @@
 //!   Secret), woken by every change of a user.
 //! - [`resources`]: pure builders of the child objects.
 //! - [`auth`]: passwords, argon2id hashes, the aggregated auth file.
+//! - [`tls`]: the namespace CA and the brokers' server certificates.
+//! - [`lease`]: leader election, so that replicas can stand by.
+//! - [`metrics`]: the operator's `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every write is a server-side apply with the field manager
 //! [`FIELD_MANAGER`]; children carry owner references, so deleting a
@@ -19,6 +22,8 @@
 
 pub mod auth;
 pub mod broker;
+pub mod lease;
+pub mod metrics;
 pub mod resources;
 pub mod tls;
 pub mod user;
@@ -65,6 +70,7 @@ pub struct Context {
     pub resync: Duration,
     /// Watch only this namespace (`None`: the whole cluster).
     pub namespace: Option<String>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Context {
@@ -82,7 +88,12 @@ impl Context {
 }
 
 impl Context {
-    pub fn new(client: Client, resync: Duration, namespace: Option<String>) -> Arc<Context> {
+    pub fn new(
+        client: Client,
+        resync: Duration,
+        namespace: Option<String>,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Arc<Context> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -92,6 +103,7 @@ impl Context {
             client,
             resync,
             namespace,
+            metrics,
         })
     }
 }
@@ -132,14 +144,69 @@ where
 }
 
 /// Run both controllers until `shutdown` is cancelled.
-pub async fn run(
-    client: Client,
-    resync: Duration,
-    namespace: Option<String>,
-    shutdown: CancellationToken,
-) {
-    let ctx = Context::new(client, resync, namespace);
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let b = broker::run(ctx.clone(), shutdown.clone());
     let u = user::run(ctx, shutdown);
     tokio::join!(b, u);
+}
+
+/// Run the controllers only while this replica holds the leader Lease;
+/// stand by (and try for it) the rest of the time, until `shutdown`. The
+/// controllers stop before the Lease is handed back, so two replicas never
+/// reconcile at once.
+pub async fn run_elected(
+    ctx: Arc<Context>,
+    lease: lease::LeaseConfig,
+    shutdown: CancellationToken,
+) {
+    let lock = Arc::new(lease::LeaseLock::new(ctx.client.clone(), lease));
+    let (tx, mut leader) = tokio::sync::watch::channel(false);
+    let lease_stop = CancellationToken::new();
+    let holder = tokio::spawn(lease::hold(
+        lock,
+        tx,
+        ctx.metrics.clone(),
+        lease_stop.clone(),
+    ));
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            // Shutdown first: both may be ready at once.
+            biased;
+            _ = shutdown.cancelled() => break,
+            ok = async { leader.wait_for(|l| *l).await.is_ok() } => if !ok { break },
+        }
+        let controllers = shutdown.child_token();
+        let running = run(ctx.clone(), controllers.clone());
+        tokio::pin!(running);
+        tokio::select! {
+            _ = &mut running => {}
+            _ = async { leader.wait_for(|l| !*l).await.map(|_| ()) } => {
+                tracing::warn!("not the leader any more: stopping the controllers");
+                controllers.cancel();
+                running.await;
+            }
+        }
+    }
+    lease_stop.cancel();
+    let _ = holder.await;
+}
+
+/// Ask the API server for its version every `every` until `stop`: each
+/// answer keeps `/readyz` ready.
+pub async fn watch_api(
+    client: Client,
+    metrics: Arc<metrics::Metrics>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match client.apiserver_version().await {
+            Ok(_) => metrics.api_ok(),
+            Err(e) => tracing::debug!(error = %e, "API server check failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }

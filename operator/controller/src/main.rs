@@ -1,10 +1,15 @@
-//! `cirrus-operator`: flags, logging, signals; the controllers are in the
-//! library.
+//! `cirrus-operator`: flags, logging, signals, the admin port and leader
+//! election; the controllers are in the library.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use cirrus_operator::lease::LeaseConfig;
+use cirrus_operator::metrics::Metrics;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,6 +26,26 @@ struct Args {
     /// Log as JSON.
     #[arg(long, env = "CIRRUS_LOG_JSON")]
     log_json: bool,
+    /// Admin port: /metrics, /healthz, /readyz.
+    #[arg(long, env = "CIRRUS_OPERATOR_ADMIN", default_value = "0.0.0.0:8080")]
+    admin: SocketAddr,
+    /// Reconcile only while holding a Lease, so that several replicas can
+    /// run (one active, the others standing by).
+    #[arg(long, env = "CIRRUS_OPERATOR_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the pod's namespace, POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "CIRRUS_OPERATOR_LEASE_NAME",
+        default_value = "cirrus-operator"
+    )]
+    lease_name: String,
+    /// Seconds a leader may go without renewing before another takes over.
+    #[arg(long, env = "CIRRUS_OPERATOR_LEASE_SECS", default_value_t = 15)]
+    lease_secs: u64,
 }
 
 #[tokio::main]
@@ -38,29 +63,65 @@ async fn main() -> anyhow::Result<()> {
     }
     let client = kube::Client::try_default().await?;
     let shutdown = CancellationToken::new();
+    // Registered before anything else runs, so that no SIGTERM is missed.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
         trigger.cancel();
     });
-    #[cfg(unix)]
-    {
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                term.recv().await;
-                trigger.cancel();
-            }
-        });
-    }
-    cirrus_operator::run(
+
+    let metrics = Arc::new(Metrics::default());
+    let admin = tokio::net::TcpListener::bind(args.admin).await?;
+    info!(addr = %admin.local_addr()?, "admin port (/metrics, /healthz, /readyz)");
+    let lease_secs = args.lease_secs.max(3);
+    // Ready while the API server answered within two of its checks.
+    let ready_within = Duration::from_secs(lease_secs.max(10) * 2);
+    let m = metrics.clone();
+    tokio::spawn(cirrus_admin::serve(
+        admin,
+        shutdown.clone(),
+        move |path: String| {
+            let m = m.clone();
+            async move { m.route(&path, ready_within) }
+        },
+    ));
+    tokio::spawn(cirrus_operator::watch_api(
+        client.clone(),
+        metrics.clone(),
+        Duration::from_secs(10),
+        shutdown.clone(),
+    ));
+
+    let ctx = cirrus_operator::Context::new(
         client,
         Duration::from_secs(args.resync_secs),
-        args.namespace,
-        shutdown,
-    )
-    .await;
+        args.namespace.clone(),
+        metrics.clone(),
+    );
+    if args.leader_elect {
+        let namespace = args.lease_namespace.or(args.namespace).ok_or_else(|| {
+            anyhow::anyhow!("--leader-elect needs --lease-namespace (or POD_NAMESPACE)")
+        })?;
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("cirrus-operator-{}", std::process::id()));
+        let lease = LeaseConfig {
+            namespace,
+            name: args.lease_name,
+            identity,
+            duration: Duration::from_secs(lease_secs),
+            renew: Duration::from_secs(lease_secs / 3),
+        };
+        cirrus_operator::run_elected(ctx, lease, shutdown).await;
+    } else {
+        metrics.set_leader(true);
+        cirrus_operator::run(ctx, shutdown).await;
+    }
     Ok(())
 }

@@ -18,7 +18,8 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -236,7 +237,13 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             ..Default::default()
         });
     }
-    if let Some(url) = &s.redis.url {
+    if s.redis.managed {
+        env.push(EnvVar {
+            name: "CIRRUS_REDIS_URL".into(),
+            value: Some(managed_redis_url(b)),
+            ..Default::default()
+        });
+    } else if let Some(url) = &s.redis.url {
         env.push(EnvVar {
             name: "CIRRUS_REDIS_URL".into(),
             value: Some(url.clone()),
@@ -399,6 +406,140 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             },
             ..Default::default()
         },
+        ..Default::default()
+    }
+}
+
+/// The managed Redis (`redis.managed`): its Deployment and Service name.
+pub fn managed_redis_name(b: &MqttBroker) -> String {
+    format!("{}-redis", b.name_any())
+}
+
+pub fn managed_redis_url(b: &MqttBroker) -> String {
+    format!(
+        "redis://{}.{}.svc:{REDIS_PORT}",
+        managed_redis_name(b),
+        b.namespace().unwrap_or_default()
+    )
+}
+
+pub const REDIS_PORT: i32 = 6379;
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.2-alpine";
+
+fn redis_labels(b: &MqttBroker) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "redis".to_string()),
+        ("app.kubernetes.io/instance".to_string(), b.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "cirrus-operator".to_string(),
+        ),
+    ])
+}
+
+fn redis_selector(b: &MqttBroker) -> BTreeMap<String, String> {
+    let mut l = redis_labels(b);
+    l.remove("app.kubernetes.io/managed-by");
+    l
+}
+
+/// One Redis pod for development: no persistence (an emptyDir for its
+/// working directory), non-root, read-only root filesystem. Recreated, not
+/// rolled: two would split the brokers' state.
+pub fn managed_redis_deployment(b: &MqttBroker) -> Deployment {
+    let name = managed_redis_name(b);
+    let tcp_probe = |period: i32| Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("redis".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "redis".into(),
+        image: Some(
+            b.spec
+                .redis
+                .managed_image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_REDIS_IMAGE.into()),
+        ),
+        args: Some(
+            ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+                .map(String::from)
+                .to_vec(),
+        ),
+        ports: Some(vec![port("redis", REDIS_PORT)]),
+        readiness_probe: Some(tcp_probe(5)),
+        liveness_probe: Some(tcp_probe(10)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(b, name, redis_labels(b)),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(redis_selector(b)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                rolling_update: None,
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(redis_labels(b)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "data".into(),
+                        empty_dir: Some(Default::default()),
+                        ..Default::default()
+                    }]),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        // The redis image's own user.
+                        run_as_user: Some(999),
+                        run_as_group: Some(999),
+                        fs_group: Some(999),
+                        ..Default::default()
+                    }),
+                    automount_service_account_token: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+pub fn managed_redis_service(b: &MqttBroker) -> Service {
+    Service {
+        metadata: meta(b, managed_redis_name(b), redis_labels(b)),
+        spec: Some(ServiceSpec {
+            selector: Some(redis_selector(b)),
+            ports: Some(vec![service_port("redis", REDIS_PORT)]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
 use crate::broker::{condition, publish};
+use crate::metrics::Kind;
 use crate::resources::{self, PASSWORD_KEY};
 use crate::{auth, Context, Error};
 
@@ -24,7 +25,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     Controller::new(ctx.scoped::<MqttUser>(), cfg.clone())
         .owns(ctx.scoped::<Secret>(), cfg)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |u, ctx| async move {
+                let t = std::time::Instant::now();
+                let r = reconcile(u, ctx.clone()).await;
+                let err = r.as_ref().err().map(Error::metric_label);
+                ctx.metrics.reconciled(Kind::User, t.elapsed(), err);
+                r
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 warn!(error = %e, "user reconcile failed");

@@ -28,12 +28,13 @@ struct Operator(CancellationToken, Option<tokio::task::JoinHandle<()>>);
 impl Operator {
     fn start(client: &Client, ns: &str) -> Operator {
         let token = CancellationToken::new();
-        let h = tokio::spawn(cirrus_operator::run(
+        let ctx = cirrus_operator::Context::new(
             client.clone(),
             RESYNC,
             Some(ns.to_string()),
-            token.clone(),
-        ));
+            Default::default(),
+        );
+        let h = tokio::spawn(cirrus_operator::run(ctx, token.clone()));
         Operator(token, Some(h))
     }
 
@@ -736,3 +737,5 @@ async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
     })
     .await;
 }
+
+mod ha;
