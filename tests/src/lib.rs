@@ -15,6 +15,7 @@
 pub mod certs;
 pub mod client;
 pub mod k8s;
+pub mod otlp;
 pub mod process;
 pub mod redis;
 

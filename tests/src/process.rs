@@ -107,9 +107,18 @@ impl BrokerProcess {
 
     /// Start one pod of a cluster on the given Redis.
     pub fn start_on_redis(redis_url: &str, args: &[&str]) -> BrokerProcess {
+        Self::start_on_redis_with_env(redis_url, args, &[])
+    }
+
+    /// [`Self::start_on_redis`] with extra environment variables.
+    pub fn start_on_redis_with_env(
+        redis_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let mut all = vec!["--redis", redis_url, "--node-timeout-ms", "1000"];
         all.extend_from_slice(args);
-        Self::spawn(&all, None, &[])
+        Self::spawn(&all, None, env)
     }
 
     fn spawn(args: &[&str], config_file: Option<PathBuf>, env: &[(&str, &str)]) -> BrokerProcess {

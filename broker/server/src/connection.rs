@@ -830,10 +830,17 @@ where
             }
         }
 
+        // Tracing off: no span, no work (see `crate::trace`).
+        let span = if crate::trace::enabled() {
+            crate::trace::receive(&p.properties, &self.client_id, &p.topic, p.qos.as_u8())
+        } else {
+            tracing::Span::none()
+        };
+        let _in_span = span.enter();
         let mut remote = None;
         let code = if p.topic.starts_with("$SYS") {
             reason::NOT_AUTHORIZED
-        } else if !self.may_publish(&p.topic) {
+        } else if !self.may_publish_traced(&p.topic) {
             Stats::inc(&self.broker.stats.acl_denied);
             Stats::inc(&self.broker.stats.acl_denied_publish);
             reason::NOT_AUTHORIZED
@@ -843,8 +850,18 @@ where
             reason::PAYLOAD_FORMAT_INVALID
         } else {
             let publisher = Some(self.client_id.clone());
-            let msg =
-                Message::from_wire(p.topic, p.payload, p.qos, p.retain, p.properties, publisher);
+            let route = if span.is_none() {
+                tracing::Span::none()
+            } else {
+                crate::trace::route()
+            };
+            let _in_route = route.enter();
+            let mut props = p.properties;
+            if !route.is_none() {
+                // Subscribers and other pods continue the trace from here.
+                crate::trace::stamp(&mut props, &route);
+            }
+            let msg = Message::from_wire(p.topic, p.payload, p.qos, p.retain, props, publisher);
             let msg = Arc::new(msg);
             let outcome = self.broker.publish(msg, &mut self.scratch);
             if outcome.backlogged.is_some() {
@@ -911,6 +928,16 @@ where
             _ => {}
         }
         Ok(())
+    }
+
+    /// [`Self::may_publish`], in an `authorize` span when tracing.
+    fn may_publish_traced(&mut self, topic: &ByteString) -> bool {
+        if crate::trace::enabled() && !tracing::Span::current().is_none() {
+            let span = crate::trace::authorize();
+            let _in = span.enter();
+            return self.may_publish(topic);
+        }
+        self.may_publish(topic)
     }
 
     /// The ACL's answer for publishing to `topic`, cached per connection.

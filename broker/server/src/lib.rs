@@ -33,6 +33,7 @@ pub mod router;
 pub mod session;
 pub mod stats;
 pub mod tls;
+pub mod trace;
 pub mod websocket;
 
 use std::net::SocketAddr;

@@ -161,19 +161,6 @@ impl Args {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 async fn signalled() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
@@ -195,7 +182,12 @@ async fn signalled() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = cirrus_telemetry::init(
+        "cirrus-broker",
+        matches!(args.log_format, LogFormat::Json),
+        &[cirrus_telemetry::TRACE_TARGET],
+    )?;
     // One descriptor per client: use what the hard limit allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open files limit"),
@@ -210,5 +202,7 @@ async fn main() -> anyhow::Result<()> {
         trigger.cancel();
     });
     bound.serve(shutdown).await;
+    // Export the spans still buffered.
+    telemetry.shutdown();
     Ok(())
 }

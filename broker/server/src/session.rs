@@ -158,6 +158,12 @@ impl Session {
     /// Queue a delivery. Bounded: a full queue drops the new message, and a
     /// QoS 0 message for an offline session is dropped; both are counted.
     pub fn enqueue(&self, d: Delivery, limits: QueueLimits, stats: &Stats) -> Enqueued {
+        let span = if crate::trace::enabled() {
+            crate::trace::deliver(&self.client_id)
+        } else {
+            None
+        };
+        let _in_span = span.as_ref().map(tracing::Span::enter);
         let mut st = self.state.lock();
         if st.ended {
             return Enqueued::Dropped;

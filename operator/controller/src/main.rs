@@ -51,16 +51,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    // Logs, and OTLP traces of every reconcile when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set (the same variables as the broker).
+    let telemetry = cirrus_telemetry::init("cirrus-operator", args.log_json, &["cirrus_operator"])?;
     let client = kube::Client::try_default().await?;
     let shutdown = CancellationToken::new();
     // Registered before anything else runs, so that no SIGTERM is missed.
@@ -123,5 +116,6 @@ async fn main() -> anyhow::Result<()> {
         metrics.set_leader(true);
         cirrus_operator::run(ctx, shutdown).await;
     }
+    telemetry.shutdown();
     Ok(())
 }

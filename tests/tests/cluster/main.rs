@@ -496,3 +496,5 @@ async fn a_pod_taken_for_dead_announces_itself_again() {
     until_routed(&mut publisher, &mut sub, "p/after").await;
     assert!(p[0].log().contains("taken for dead"), "{}", p[0].log());
 }
+
+mod tracing;

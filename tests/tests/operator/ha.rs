@@ -221,7 +221,11 @@ async fn the_operator_binary_serves_probes_and_metrics() {
     let port = cirrus_e2e::process::free_port();
     let admin_addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let admin = admin_addr.to_string();
+    let otlp = cirrus_e2e::otlp::OtlpReceiver::start().await;
     let mut child = std::process::Command::new(cirrus_e2e::process::operator_bin())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .args(["--namespace", &ns, "--admin", &admin, "--leader-elect"])
         .args(["--lease-secs", "3", "--resync-secs", "2"])
         .env("KUBECONFIG", cirrus_e2e::k8s::kubeconfig())
@@ -266,6 +270,17 @@ async fn the_operator_binary_serves_probes_and_metrics() {
     })
     .await;
     assert!(text.contains("cirrus_operator_leader 1\n"), "{text}");
+    // Each reconcile is a trace, exported with OTLP.
+    let spans = otlp
+        .wait_for(WAIT, "a reconcile span", |s| {
+            s.iter()
+                .any(|x| x.service == "cirrus-operator" && x.name == "reconcile")
+        })
+        .await;
+    assert!(spans.iter().any(|x| x.name == "reconcile"
+        && x.attributes
+            .iter()
+            .any(|(k, v)| k == "broker" && v == "bin")));
     assert!(text.contains("cirrus_operator_broker_reconcile_seconds_count"));
     let l: k8s_openapi::api::coordination::v1::Lease =
         get(&c, &ns, "cirrus-operator").await.expect("the Lease");

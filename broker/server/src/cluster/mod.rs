@@ -762,9 +762,14 @@ impl Cluster {
         let mut dones = Vec::new();
         let mut acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         let owners = self.owners.read().clone();
+        // Spans of traced messages: they end when the pipeline is done.
+        let mut spans = Vec::new();
         for op in batch.drain(..) {
             match op {
                 Op::Forward { msg, targets, done } => {
+                    if crate::trace::enabled() {
+                        spans.extend(crate::trace::redis_append(&msg, targets.len()));
+                    }
                     let bytes = wire::message_bytes(&msg);
                     for node in &targets.nodes {
                         let buf = inbox.entry(node.clone()).or_default();
@@ -1281,7 +1286,11 @@ impl Cluster {
                         };
                         match wire::decode_message(b) {
                             Ok((m, _)) => {
-                                if !broker.deliver_stored(&session, Arc::new(m), id.clone(), dup) {
+                                let (m, span) = crate::trace::remote(m, "session");
+                                let queued = span.in_scope(|| {
+                                    broker.deliver_stored(&session, Arc::new(m), id.clone(), dup)
+                                });
+                                if !queued {
                                     self.ack(&session.client_id, &id);
                                 }
                             }
@@ -1524,7 +1533,9 @@ impl Cluster {
             match rec {
                 Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
                     Ok((m, _)) => {
-                        if let Some(s) = broker.deliver_remote(Arc::new(m)) {
+                        let (m, span) = crate::trace::remote(m, "inbox");
+                        let backlogged = span.in_scope(|| broker.deliver_remote(Arc::new(m)));
+                        if let Some(s) = backlogged {
                             s.wait_for_space(BACKPRESSURE_WAIT).await;
                         }
                     }
@@ -1712,7 +1723,8 @@ impl Cluster {
             };
             for e in list {
                 if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
-                    broker.deliver_shared(full, Arc::new(m));
+                    let (m, span) = crate::trace::remote(m, "share");
+                    span.in_scope(|| broker.deliver_shared(full, Arc::new(m)));
                 }
                 acks.push(
                     redis::cmd("XACK")
@@ -1757,7 +1769,8 @@ impl Cluster {
             };
             for e in entries(list) {
                 if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
-                    broker.deliver_shared(full, Arc::new(m));
+                    let (m, span) = crate::trace::remote(m, "share");
+                    span.in_scope(|| broker.deliver_shared(full, Arc::new(m)));
                 }
                 acks.push(
                     redis::cmd("XACK")

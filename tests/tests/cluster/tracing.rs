@@ -1,0 +1,154 @@
+//! OpenTelemetry traces across pods: a publish carrying a W3C
+//! `traceparent` yields spans of that trace from the pod that received it
+//! and from the pod that delivered it, exported over OTLP/HTTP to a real
+//! receiver, and the subscriber gets the trace context too.
+
+use super::*;
+use cirrus_e2e::client::publish_packet;
+use cirrus_e2e::otlp::OtlpReceiver;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+fn traced_pod(url: &str, otlp: &OtlpReceiver, name: &str) -> BrokerProcess {
+    let endpoint = otlp.endpoint();
+    BrokerProcess::start_on_redis_with_env(
+        url,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", name),
+            // Export quickly: the test waits for the spans.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_publish_is_one_trace_across_pods() {
+    let r = RedisServer::start();
+    let otlp = OtlpReceiver::start().await;
+    let a = traced_pod(&r.url(), &otlp, "pod-a");
+    let b = traced_pod(&r.url(), &otlp, "pod-b");
+    let mut sub = Client::connect_ok(b.addr, Opts::v5("sub")).await;
+    assert_eq!(sub.subscribe("traced/#", QoS::AtLeastOnce).await, 1);
+    let mut publisher = Client::connect_ok(a.addr, Opts::v5("pub")).await;
+    until_routed(&mut publisher, &mut sub, "traced/probe").await;
+
+    let mut p = publish_packet("traced/x", b"hello", QoS::AtLeastOnce, false, None);
+    p.properties.user_properties.push((
+        ByteString::from("traceparent"),
+        ByteString::from(format!("00-{TRACE}-{PARENT}-01")),
+    ));
+    p.properties
+        .user_properties
+        .push((ByteString::from("tracestate"), ByteString::from("vendor=7")));
+    p.properties
+        .user_properties
+        .push((ByteString::from("app"), ByteString::from("kept")));
+    assert_eq!(publisher.publish_full(p).await, 0);
+    let m = sub.recv_ack().await;
+    assert_eq!(&m.payload[..], b"hello");
+    // The subscriber continues the same trace, from a span of pod B's.
+    let props = &m.properties.user_properties;
+    let tp = props
+        .iter()
+        .find(|(k, _)| &**k == "traceparent")
+        .map(|(_, v)| v.to_string())
+        .expect("a traceparent for the subscriber");
+    assert!(tp.starts_with(&format!("00-{TRACE}-")), "{tp}");
+    assert!(
+        !tp.contains(PARENT),
+        "the broker's own span, not the publisher's: {tp}"
+    );
+    assert_eq!(
+        props.iter().filter(|(k, _)| &**k == "traceparent").count(),
+        1
+    );
+    assert!(props
+        .iter()
+        .any(|(k, v)| &**k == "tracestate" && &**v == "vendor=7"));
+    assert!(props.iter().any(|(k, v)| &**k == "app" && &**v == "kept"));
+
+    let want = |spans: &[cirrus_e2e::otlp::SpanRecord], svc: &str, name: &str| {
+        spans
+            .iter()
+            .any(|s| s.trace_id == TRACE && s.service == svc && s.name == name)
+    };
+    // The probes, published without a traceparent, are traces of their
+    // own (the default sampler records every publish): each `remote.read`
+    // on pod B hangs under a `route` of pod A in the same trace.
+    let parented = |spans: &[cirrus_e2e::otlp::SpanRecord], read: &cirrus_e2e::otlp::SpanRecord| {
+        spans.iter().any(|r| {
+            r.service == "pod-a"
+                && r.name == "route"
+                && r.span_id == read.parent_span_id
+                && r.trace_id == read.trace_id
+        })
+    };
+    let spans = otlp
+        .wait_for(Duration::from_secs(20), "spans of both pods", |s| {
+            ["mqtt.publish", "authorize", "route", "redis.append"]
+                .iter()
+                .all(|n| want(s, "pod-a", n))
+                && ["remote.read", "deliver"]
+                    .iter()
+                    .all(|n| want(s, "pod-b", n))
+                && s.iter()
+                    .filter(|r| r.name == "remote.read")
+                    .all(|r| parented(s, r))
+        })
+        .await;
+    let of = |svc: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == TRACE && s.service == svc && s.name == name)
+            .unwrap()
+            .clone()
+    };
+    // The tree: publisher → mqtt.publish → {authorize, route → redis.append}
+    // on pod A; route → remote.read → deliver on pod B.
+    let publish = of("pod-a", "mqtt.publish");
+    assert_eq!(publish.parent_span_id, PARENT);
+    assert!(publish
+        .attributes
+        .iter()
+        .any(|(k, v)| k == "messaging.destination.name" && v == "traced/x"));
+    let route = of("pod-a", "route");
+    assert_eq!(route.parent_span_id, publish.span_id);
+    assert_eq!(of("pod-a", "authorize").parent_span_id, publish.span_id);
+    assert_eq!(of("pod-a", "redis.append").parent_span_id, route.span_id);
+    let read = of("pod-b", "remote.read");
+    assert_eq!(read.parent_span_id, route.span_id);
+    let deliver = of("pod-b", "deliver");
+    assert_eq!(deliver.parent_span_id, read.span_id);
+    assert!(deliver
+        .attributes
+        .iter()
+        .any(|(k, v)| k == "messaging.client_id" && v == "sub"));
+    // What the subscriber got points at pod B's span.
+    assert!(tp.contains(&read.span_id), "{tp} vs {}", read.span_id);
+}
+
+#[tokio::test]
+async fn tracing_off_passes_trace_context_through_untouched() {
+    let r = RedisServer::start();
+    let p = pods(&r.url(), 2);
+    let mut sub = Client::connect_ok(p[1].addr, Opts::v5("sub")).await;
+    assert_eq!(sub.subscribe("plain/#", QoS::AtLeastOnce).await, 1);
+    let mut publisher = Client::connect_ok(p[0].addr, Opts::v5("pub")).await;
+    until_routed(&mut publisher, &mut sub, "plain/probe").await;
+    let tp = format!("00-{TRACE}-{PARENT}-01");
+    let mut m = publish_packet("plain/x", b"x", QoS::AtLeastOnce, false, None);
+    m.properties.user_properties.push((
+        ByteString::from("traceparent"),
+        ByteString::from(tp.clone()),
+    ));
+    assert_eq!(publisher.publish_full(m).await, 0);
+    let got = sub.recv_ack().await;
+    assert_eq!(
+        got.properties.user_properties,
+        vec![(ByteString::from("traceparent"), ByteString::from(tp))]
+    );
+}
