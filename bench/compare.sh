@@ -22,24 +22,9 @@ mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 
-need=()
-[ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-[ -x /usr/bin/redis-server ] || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-cargo build --release --locked -q -p cirrus-broker -p cirrus-bench
-BROKER=target/release/cirrus-broker
-BENCH=target/release/cirrus-bench
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536 2>/dev/null || true
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; PIDS=(); }
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_setup
 
 # Redis commands and publishes so far on pod A (from its /metrics).
 scrape() {
@@ -71,9 +56,8 @@ start() {
       $BROKER --listen 127.0.0.1:"$p1" --admin 127.0.0.1:0 --sys-interval 0 --max-connections 200000 >"$OUT/cirrus.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB ;;
     redis-1|redis-2|redis-4)
-      rp=$(free_port); ADMIN_A=127.0.0.1:$(free_port)
-      redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &
-      PIDS+=("$!"); wait_port "$rp"
+      ADMIN_A=127.0.0.1:$(free_port)
+      start_redis; rp=$RP
       $BROKER --listen 127.0.0.1:"$p1" --admin "$ADMIN_A" --sys-interval 0 --max-connections 200000 --redis redis://127.0.0.1:"$rp" >"$OUT/cirrus-a.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB
       if [ "$1" != redis-1 ]; then

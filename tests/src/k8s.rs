@@ -106,3 +106,62 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The Helm binary: `$CIRRUS_HELM`, else `scripts/helm-install.sh` (cached
+/// under `~/.cache/cirrus-helm`).
+pub fn helm() -> PathBuf {
+    if let Ok(p) = std::env::var("CIRRUS_HELM") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(workspace().join("scripts/helm-install.sh"))
+        .output()
+        .expect("run scripts/helm-install.sh");
+    assert!(
+        out.status.success(),
+        "installing helm failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Run `program args`, at most `timeout`; returns (success, stdout, stderr).
+pub fn run(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (bool, String, String) {
+    let child = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(workspace())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+    let pid = child.id();
+    // Output is read while waiting (it may be larger than a pipe holds).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(r) => r.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{} {args:?} ran longer than {timeout:?}", program.display());
+        }
+    };
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The workspace root (for paths in tests).
+pub fn workspace_root() -> PathBuf {
+    workspace()
+}

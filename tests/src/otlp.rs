@@ -1,7 +1,8 @@
-//! A real OTLP/HTTP trace receiver on 127.0.0.1: accepts
-//! `POST /v1/traces` with an `ExportTraceServiceRequest` in protobuf (what
-//! the OpenTelemetry SDK's OTLP exporter sends), decodes it with the
-//! published `opentelemetry-proto` types and keeps every span.
+//! A real OTLP trace receiver on 127.0.0.1: over HTTP it accepts
+//! `POST /v1/traces` with an `ExportTraceServiceRequest` in protobuf, over
+//! gRPC the `TraceService/Export` call (what the OpenTelemetry SDK's OTLP
+//! exporter sends, by protocol); it decodes them with the published
+//! `opentelemetry-proto` types and keeps every span.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -133,6 +134,50 @@ impl OtlpReceiver {
                         Duration::from_secs(60),
                         hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service),
+                    )
+                    .await;
+                });
+            }
+        });
+        OtlpReceiver { addr, spans }
+    }
+
+    /// The same receiver speaking OTLP/gRPC (`TraceService/Export` over
+    /// HTTP/2, the generated tonic service of `opentelemetry-proto`).
+    pub async fn start_grpc() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+            TraceService, TraceServiceServer,
+        };
+
+        struct Sink(Arc<Mutex<Vec<SpanRecord>>>);
+
+        #[tonic::async_trait]
+        impl TraceService for Sink {
+            async fn export(
+                &self,
+                req: tonic::Request<ExportTraceServiceRequest>,
+            ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+                self.0.lock().unwrap().extend(records(req.into_inner()));
+                Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the OTLP/gRPC receiver");
+        let addr = listener.local_addr().expect("addr");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let svc = TraceServiceServer::new(Sink(spans.clone()));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(TokioIo::new(stream), svc),
                     )
                     .await;
                 });

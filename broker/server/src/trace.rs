@@ -20,7 +20,9 @@ use crate::message::Message;
 
 pub use cirrus_telemetry::enabled;
 
-/// The span of one PUBLISH received from a client.
+/// The span of one PUBLISH received from a client; `Span::none()` when the
+/// sampler drops it, so that an unsampled publish does no more tracing work
+/// (its publisher's `traceparent`, if any, passes through untouched).
 pub fn receive(props: &Properties, client_id: &str, topic: &str, qos: u8) -> Span {
     let span = tracing::info_span!(
         target: TRACE_TARGET,
@@ -32,7 +34,11 @@ pub fn receive(props: &Properties, client_id: &str, topic: &str, qos: u8) -> Spa
         mqtt.qos = qos,
     );
     cirrus_telemetry::set_parent(&span, cirrus_telemetry::extract(&props.user_properties));
-    span
+    if cirrus_telemetry::is_sampled(&span) {
+        span
+    } else {
+        Span::none()
+    }
 }
 
 pub fn authorize() -> Span {
@@ -110,6 +116,9 @@ pub fn remote(mut msg: Message, source: &'static str) -> (Message, Span) {
         &span,
         cirrus_telemetry::extract(&msg.properties.user_properties),
     );
+    if !cirrus_telemetry::is_sampled(&span) {
+        return (msg, Span::none());
+    }
     stamp(&mut msg.properties, &span);
     (msg, span)
 }

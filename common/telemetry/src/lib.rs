@@ -239,6 +239,12 @@ pub fn set_parent(span: &tracing::Span, cx: Context) {
     }
 }
 
+/// Whether `span` is sampled (recorded and exported). A span the sampler
+/// dropped still carries its trace, but nothing under it needs building.
+pub fn is_sampled(span: &tracing::Span) -> bool {
+    !span.is_none() && span.context().span().span_context().is_sampled()
+}
+
 /// The trace id of `span` in hex (for logs and tests); `None` outside a
 /// trace.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {

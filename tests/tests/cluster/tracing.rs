@@ -152,3 +152,92 @@ async fn tracing_off_passes_trace_context_through_untouched() {
         vec![(ByteString::from("traceparent"), ByteString::from(tp))]
     );
 }
+
+/// The sampler comes from the standard variables: parent-based with a
+/// ratio of 0 records nothing of its own, but follows a publisher whose
+/// `traceparent` says sampled, and drops one that says not sampled.
+#[tokio::test]
+async fn the_sampler_follows_the_otel_variables_and_the_parent() {
+    let r = RedisServer::start();
+    let otlp = OtlpReceiver::start().await;
+    let endpoint = otlp.endpoint();
+    let pod = BrokerProcess::start_on_redis_with_env(
+        &r.url(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", "sampled"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let mut sub = Client::connect_ok(pod.addr, Opts::v5("sub")).await;
+    assert_eq!(sub.subscribe("s/#", QoS::AtMostOnce).await, 0);
+    let mut publisher = Client::connect_ok(pod.addr, Opts::v5("pub")).await;
+    let not_sampled = "0af7651916cd43dd8448eb211c80319c";
+    for (trace, flags) in [(TRACE, "01"), (not_sampled, "00")] {
+        let mut p = publish_packet("s/x", b"x", QoS::AtMostOnce, false, None);
+        p.properties.user_properties.push((
+            ByteString::from("traceparent"),
+            ByteString::from(format!("00-{trace}-{PARENT}-{flags}")),
+        ));
+        publisher.publish_full(p).await;
+        sub.recv_publish().await;
+    }
+    // Ratio 0: the untraced publish is not recorded either.
+    publisher.publish("s/y", b"y", QoS::AtMostOnce, false).await;
+    sub.recv_publish().await;
+    otlp.wait_for(Duration::from_secs(20), "the sampled publish", |s| {
+        s.iter().any(|x| x.trace_id == TRACE && x.name == "route")
+    })
+    .await;
+    // Give anything else time to arrive: the batch delay is 100 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spans = otlp.spans();
+    assert!(
+        spans.iter().all(|s| s.trace_id == TRACE),
+        "spans of unsampled traces: {:?}",
+        spans
+            .iter()
+            .filter(|s| s.trace_id != TRACE)
+            .map(|s| (&s.name, &s.trace_id))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`: the same spans over OTLP/gRPC.
+#[tokio::test]
+async fn traces_go_out_over_grpc_too() {
+    let r = RedisServer::start();
+    let otlp = OtlpReceiver::start_grpc().await;
+    let endpoint = otlp.endpoint();
+    let pod = BrokerProcess::start_on_redis_with_env(
+        &r.url(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_SERVICE_NAME", "grpc-pod"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let mut sub = Client::connect_ok(pod.addr, Opts::v5("sub")).await;
+    assert_eq!(sub.subscribe("g/#", QoS::AtMostOnce).await, 0);
+    let mut publisher = Client::connect_ok(pod.addr, Opts::v5("pub")).await;
+    let mut p = publish_packet("g/x", b"x", QoS::AtMostOnce, false, None);
+    p.properties.user_properties.push((
+        ByteString::from("traceparent"),
+        ByteString::from(format!("00-{TRACE}-{PARENT}-01")),
+    ));
+    publisher.publish_full(p).await;
+    sub.recv_publish().await;
+    otlp.wait_for(Duration::from_secs(20), "spans over gRPC", |s| {
+        ["mqtt.publish", "route", "deliver"].iter().all(|n| {
+            s.iter()
+                .any(|x| x.trace_id == TRACE && x.service == "grpc-pod" && x.name == *n)
+        })
+    })
+    .await;
+}

@@ -738,4 +738,5 @@ async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
     .await;
 }
 
+mod chart;
 mod ha;

@@ -1,4 +1,5 @@
-//! Writes `crds/<plural>.mqtt.cirrus.dev.yaml` for every CRD. Never edit
+//! Writes `crds/<plural>.mqtt.cirrus.dev.yaml` for every CRD, and the same
+//! files into the Helm chart (`charts/cirrus-operator/crds/`). Never edit
 //! those files by hand: run `cargo run -p cirrus-operator-api --bin crdgen`.
 //!
 //! `--stdout` prints them instead; `--json DIR` writes them as JSON files
@@ -14,7 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../crds");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dirs = [root.join("crds"), root.join("charts/cirrus-operator/crds")];
     for crd in cirrus_operator_api::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         if let Some(d) = &json_dir {
@@ -32,7 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if stdout {
             println!("---\n{yaml}");
         } else {
-            std::fs::write(dir.join(format!("{name}.yaml")), yaml)?;
+            for dir in &dirs {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(format!("{name}.yaml")), &yaml)?;
+            }
         }
     }
     Ok(())

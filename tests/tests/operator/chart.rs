@@ -1,0 +1,382 @@
+//! The Helm chart: lint and render it (default values and every option
+//! on), apply it to the real API server, check its RBAC with `kubectl auth
+//! can-i`, and run the operator binary as the chart's service account
+//! (impersonated), so that a missing permission fails a reconcile here.
+
+use super::*;
+use cirrus_e2e::k8s::{helm, kubeconfig, run, workspace_root};
+use cirrus_e2e::process::{operator_bin, tool};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const CHART: &str = "charts/cirrus-operator";
+const ALL_ON: &str = "charts/cirrus-operator/ci/all-on-values.yaml";
+const CMD: Duration = Duration::from_secs(120);
+
+/// Helm with its caches in a private directory (hermetic, no network).
+fn helm_cmd(args: &[&str]) -> (bool, String, String) {
+    let home = std::env::temp_dir().join(format!("cirrus-helm-home-{}", std::process::id()));
+    let h = |d: &str| home.join(d).to_string_lossy().into_owned();
+    let (c, cfg, data) = (h("cache"), h("config"), h("data"));
+    run(
+        &helm(),
+        args,
+        &[
+            ("HELM_CACHE_HOME", &c),
+            ("HELM_CONFIG_HOME", &cfg),
+            ("HELM_DATA_HOME", &data),
+        ],
+        CMD,
+    )
+}
+
+fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn template(release: &str, ns: &str, extra: &[&str]) -> String {
+    let mut args = vec!["template", release, CHART, "--namespace", ns];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = helm_cmd(&args);
+    assert!(ok, "helm template {extra:?} failed: {err}");
+    out
+}
+
+#[test]
+fn chart_lints_and_renders_with_defaults_and_with_every_option_on() {
+    for extra in [&[][..], &["--values", ALL_ON][..]] {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = helm_cmd(&args);
+        assert!(ok, "helm lint --strict {extra:?}:\n{out}{err}");
+    }
+    // values.schema.json refuses what makes no sense.
+    for bad in [
+        "replicaCount=0",
+        "image.pullPolicy=Sometimes",
+        "telemetry.protocol=carrier-pigeon",
+    ] {
+        let (ok, out, err) = helm_cmd(&["lint", "--strict", CHART, "--set", bad]);
+        assert!(!ok, "{bad} passed the schema");
+        let text = format!("{out}{err}");
+        assert!(text.contains("schema"), "{bad}: {text}");
+    }
+
+    let d = docs(&template("rel", "cirrus-system", &[]));
+    let kinds: std::collections::BTreeSet<&str> =
+        d.iter().filter_map(|x| x["kind"].as_str()).collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        vec![
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    let dep = of_kind(&d, "Deployment")[0];
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(args.contains(&"--leader-elect"), "{args:?}");
+    assert!(args.contains(&"--admin=0.0.0.0:8080"), "{args:?}");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    // No wildcard anywhere in the rules.
+    for role in of_kind(&d, "ClusterRole")
+        .iter()
+        .chain(&of_kind(&d, "Role"))
+    {
+        for rule in role["rules"].as_sequence().unwrap() {
+            for key in ["apiGroups", "resources", "verbs"] {
+                for v in rule[key].as_sequence().unwrap() {
+                    assert_ne!(v.as_str(), Some("*"), "wildcard in {rule:?}");
+                }
+            }
+        }
+    }
+
+    // Every option on.
+    let d = docs(&template("rel", "cirrus-system", &["--values", ALL_ON]));
+    assert_eq!(of_kind(&d, "ServiceMonitor").len(), 1);
+    assert!(
+        of_kind(&d, "ClusterRole").is_empty(),
+        "one namespace: a Role"
+    );
+    let roles = of_kind(&d, "Role");
+    assert!(roles.iter().any(|r| r["metadata"]["namespace"] == "mqtt"));
+    let dep = of_kind(&d, "Deployment")[0];
+    assert_eq!(dep["spec"]["replicas"], 3);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let text = serde_yaml::to_string(c).unwrap();
+    for want in [
+        "--namespace=mqtt",
+        "--lease-secs=20",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "grpc",
+        "registry.example.com/cirrus/cirrus-operator:0.1.0-test",
+    ] {
+        assert!(text.contains(want), "{want} missing from {text}");
+    }
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["serviceAccountName"],
+        "cirrus-operator-sa"
+    );
+
+    // The chart installs exactly the generated CRDs.
+    let with_crds = docs(&template("rel", "cirrus-system", &["--include-crds"]));
+    let crds = of_kind(&with_crds, "CustomResourceDefinition");
+    assert_eq!(crds.len(), 2);
+    for crd in crds {
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        let file = workspace_root().join(format!("crds/{name}.yaml"));
+        let want: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(crd, &want, "{name} differs from crds/");
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn kubectl(args: &[&str]) -> (bool, String, String) {
+    let kc = kubeconfig();
+    let mut all = vec!["--kubeconfig", kc.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(&tool("kubectl"), &all, &[], CMD)
+}
+
+fn can_i(sa: &str, ns: &str, verb: &str, what: &str, sub: Option<&str>) -> bool {
+    let mut args = vec!["auth", "can-i", verb, what, "--as", sa, "-n", ns];
+    let s;
+    if let Some(x) = sub {
+        s = format!("--subresource={x}");
+        args.push(&s);
+    }
+    let (_, out, _) = kubectl(&args);
+    out.trim() == "yes"
+}
+
+/// A kubeconfig for the test API server that acts as `user`.
+fn impersonating(user: &str, dir: &Path) -> PathBuf {
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
+    v["users"][0]["user"]["as"] = serde_yaml::Value::from(user);
+    let p = dir.join("kubeconfig-as-operator");
+    std::fs::write(&p, serde_yaml::to_string(&v).unwrap()).unwrap();
+    p
+}
+
+/// Removes the cluster-wide objects a test applied.
+struct Applied(PathBuf);
+impl Drop for Applied {
+    fn drop(&mut self) {
+        let _ = kubectl(&[
+            "delete",
+            "--ignore-not-found",
+            "-f",
+            self.0.to_str().unwrap(),
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() {
+    let c = client().await;
+    let release_ns = namespace(&c, "chart").await;
+    let watched = namespace(&c, "chart-mq").await;
+    let other = namespace(&c, "chart-other").await;
+    let release = format!(
+        "cirrus{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir().join(format!("cirrus-chart-{release}"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The chart as a user installs it (every namespace), with one replica.
+    let rendered = dir.join("cluster.yaml");
+    std::fs::write(
+        &rendered,
+        template(&release, &release_ns, &["--set", "replicaCount=1"]),
+    )
+    .unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", rendered.to_str().unwrap()]);
+    assert!(ok, "kubectl apply: {err}");
+    let _applied = Applied(rendered);
+    let sa = format!("system:serviceaccount:{release_ns}:{release}-cirrus-operator");
+
+    // Everything the operator does...
+    let yes: &[(&str, &str, Option<&str>)] = &[
+        ("list", "mqttbrokers.mqtt.cirrus.dev", None),
+        ("watch", "mqttusers.mqtt.cirrus.dev", None),
+        ("patch", "mqttbrokers.mqtt.cirrus.dev", Some("status")),
+        ("patch", "mqttusers.mqtt.cirrus.dev", Some("status")),
+        ("patch", "configmaps", None),
+        ("watch", "secrets", None),
+        ("create", "secrets", None),
+        ("patch", "deployments.apps", None),
+        ("delete", "deployments.apps", None),
+        ("delete", "services", None),
+        ("patch", "horizontalpodautoscalers.autoscaling", None),
+        ("patch", "poddisruptionbudgets.policy", None),
+        ("create", "events.events.k8s.io", None),
+    ];
+    for (verb, what, sub) in yes {
+        assert!(
+            can_i(&sa, &watched, verb, what, *sub),
+            "cannot {verb} {what} {sub:?}"
+        );
+    }
+    for verb in ["get", "create", "update"] {
+        assert!(can_i(
+            &sa,
+            &release_ns,
+            verb,
+            "leases.coordination.k8s.io",
+            None
+        ));
+    }
+    // ...and nothing more.
+    let no: &[(&str, &str, Option<&str>)] = &[
+        ("*", "*", None),
+        ("create", "pods", None),
+        ("delete", "secrets", None),
+        ("update", "mqttbrokers.mqtt.cirrus.dev", None),
+        ("delete", "mqttbrokers.mqtt.cirrus.dev", None),
+        ("patch", "mqttbrokers.mqtt.cirrus.dev", None),
+        ("delete", "configmaps", None),
+        ("create", "clusterroles.rbac.authorization.k8s.io", None),
+        ("create", "rolebindings.rbac.authorization.k8s.io", None),
+        ("delete", "namespaces", None),
+        ("create", "serviceaccounts/token", None),
+    ];
+    for (verb, what, sub) in no {
+        assert!(
+            !can_i(&sa, &watched, verb, what, *sub),
+            "can {verb} {what} {sub:?}"
+        );
+    }
+    assert!(!can_i(
+        &sa,
+        &watched,
+        "get",
+        "leases.coordination.k8s.io",
+        None
+    ));
+
+    // Scoped to one namespace, it reaches no Secret elsewhere.
+    let scoped = dir.join("scoped.yaml");
+    let scoped_release = format!("{release}s");
+    std::fs::write(
+        &scoped,
+        template(
+            &scoped_release,
+            &release_ns,
+            &["--set", &format!("watchNamespace={watched}")],
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", scoped.to_str().unwrap()]);
+    assert!(ok, "kubectl apply: {err}");
+    let _scoped = Applied(scoped);
+    let scoped_sa = format!("system:serviceaccount:{release_ns}:{scoped_release}-cirrus-operator");
+    assert!(can_i(&scoped_sa, &watched, "get", "secrets", None));
+    assert!(!can_i(&scoped_sa, &other, "get", "secrets", None));
+    assert!(!can_i(&scoped_sa, "kube-system", "list", "secrets", None));
+
+    // The operator itself, as that service account: every kind of child,
+    // status, events, the Lease, and a deletion.
+    let kc = impersonating(&sa, &dir);
+    let log = dir.join("operator.log");
+    let port = cirrus_e2e::process::free_port();
+    let child = std::process::Command::new(operator_bin())
+        .args(["--leader-elect", "--lease-namespace", &release_ns])
+        .args(["--lease-name", &release, "--resync-secs", "2"])
+        .args(["--admin", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kc)
+        .env("POD_NAME", "operator-0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _op = Kill(child);
+    create::<MqttBroker>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: rbac}\nspec:\n  autoscaling: {minReplicas: 1, maxReplicas: 3}\n  listeners: {mqtt: 1883, mqtts: 8883}\n  tls: {enabled: true}\n  redis: {managed: true}\n").await;
+    create::<MqttUser>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: alice}\nspec: {brokerRef: rbac, acl: [{topic: 'a/#', access: all}]}\n").await;
+    user_ready(&c, &watched, "alice", ("True", "Configured")).await;
+    let f = auth_file(&c, &watched, "rbac").await;
+    assert_eq!(f.users.len(), 1);
+    for name in ["rbac-tls", "cirrus-ca", "alice-mqtt-credentials"] {
+        eventually(WAIT, name, || async {
+            get::<Secret>(&c, &watched, name).await
+        })
+        .await;
+    }
+    eventually(WAIT, "HPA", || async {
+        get::<HorizontalPodAutoscaler>(&c, &watched, "rbac").await
+    })
+    .await;
+    eventually(WAIT, "PDB", || async {
+        get::<PodDisruptionBudget>(&c, &watched, "rbac").await
+    })
+    .await;
+    eventually(WAIT, "managed Redis", || async {
+        get::<Deployment>(&c, &watched, "rbac-redis").await
+    })
+    .await;
+    broker_ready(&c, &watched, "rbac", ("False", "Unavailable")).await;
+    // Deletions: autoscaling and the managed Redis turned off.
+    Api::<MqttBroker>::namespaced(c.clone(), &watched)
+        .patch(
+            "rbac",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"autoscaling": null, "redis": {"managed": false}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "HPA and Redis gone", || async {
+        let h = get::<HorizontalPodAutoscaler>(&c, &watched, "rbac").await;
+        let d = get::<Deployment>(&c, &watched, "rbac-redis").await;
+        let s = get::<Service>(&c, &watched, "rbac-redis").await;
+        (h.is_none() && d.is_none() && s.is_none()).then_some(())
+    })
+    .await;
+    // Events were recorded (the chart allows events.k8s.io).
+    let (ok, out, err) = kubectl(&["get", "events.events.k8s.io", "-n", &watched, "-o", "name"]);
+    assert!(ok && !out.trim().is_empty(), "no events: {out}{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.to_lowercase().contains("forbidden"),
+        "the operator was refused something:\n{text}"
+    );
+}
