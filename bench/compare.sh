@@ -15,16 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-QUICK=${QUICK:-0}
-OUT=target/bench
-mkdir -p "$OUT"
-RESULTS=$OUT/results.jsonl
-: >"$RESULTS"
-
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-bench_setup
+bench_setup results.jsonl
 
 # Redis commands and publishes so far on pod A (from its /metrics).
 scrape() {

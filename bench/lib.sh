@@ -1,7 +1,15 @@
 # Shared by the benchmark scripts (sourced): build, ports, processes.
 # shellcheck shell=bash
 
+# bench_setup RESULTS_FILE: ROUNDS, QUICK, OUT and RESULTS (emptied), the
+# packages and release binaries, and the process cleanup.
 bench_setup() {
+  ROUNDS=${ROUNDS:-3}
+  QUICK=${QUICK:-0}
+  OUT=target/bench
+  mkdir -p "$OUT"
+  RESULTS=$OUT/$1
+  : >"$RESULTS"
   local need=()
   [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
   [ -x /usr/bin/redis-server ] || need+=(redis-server)

@@ -9,24 +9,23 @@
 # sends to a local OTLP/HTTP sink that accepts and discards. Metrics
 # counters are always on (relaxed atomics), so "off" already includes them;
 # "scraped" adds the cost of rendering /metrics.
+# With BASELINE_BROKER=path/to/cirrus-broker (a build of a commit before
+# tracing existed), a "baseline" variant runs that binary: "off" against it
+# is the cost of the tracing code when tracing is off.
 # Variants are interleaved in each of ROUNDS rounds (default 3); the table
 # shows medians and the ratio to "off".
 #
 #   bash bench/telemetry.sh
 #   ROUNDS=1 QUICK=1 bash bench/telemetry.sh
+#   git worktree add /tmp/before 5b496f6 &&
+#     (cd /tmp/before && cargo build --release -p cirrus-broker) &&
+#     BASELINE_BROKER=/tmp/before/target/release/cirrus-broker bash bench/telemetry.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-QUICK=${QUICK:-0}
-OUT=target/bench
-mkdir -p "$OUT"
-RESULTS=$OUT/telemetry.jsonl
-: >"$RESULTS"
-
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-bench_setup
+bench_setup telemetry.jsonl
 
 # An OTLP/HTTP sink: 200 to every POST, body discarded.
 SINK_PORT=$(free_port)
@@ -58,7 +57,9 @@ broker() {
   esac
   local redis=()
   [ -n "${4:-}" ] && redis=(--redis "$4")
-  env "${env[@]}" $BROKER --listen 127.0.0.1:"$1" --admin "$2" --sys-interval 0 "${redis[@]}" >>"$OUT/cirrus-telemetry.log" 2>&1 &
+  local bin=$BROKER
+  [ "$3" = baseline ] && bin=$BASELINE_BROKER
+  env "${env[@]}" "$bin" --listen 127.0.0.1:"$1" --admin "$2" --sys-interval 0 "${redis[@]}" >>"$OUT/cirrus-telemetry.log" 2>&1 &
   PIDS+=("$!"); wait_port "$1"
 }
 
@@ -98,7 +99,9 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   for s in "${SCEN[@]}"; do
     name=${s%%|*}; args=${s#*|}
-    for v in off scraped traced-1pct traced-all; do
+    variants=(off scraped traced-1pct traced-all)
+    [ -n "${BASELINE_BROKER:-}" ] && variants=(baseline "${variants[@]}")
+    for v in "${variants[@]}"; do
       # shellcheck disable=SC2086
       run memory "$v" "$name" $args
     done
@@ -129,7 +132,7 @@ print("| store | scenario | variant | msg/s (median) | × off | p50 ms | p99 ms 
 print("|---|---|---|---:|---:|---:|---:|")
 for store, name in order:
     base = med(rows.get((store, name, "off"), []), "delivered_per_sec")
-    for v in ["off", "scraped", "traced-1pct", "traced-all"]:
+    for v in ["baseline", "off", "scraped", "traced-1pct", "traced-all"]:
         ds = rows.get((store, name, v))
         if not ds:
             continue

@@ -346,3 +346,14 @@ pub async fn run_python(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// A child process killed (and reaped) when the guard goes, test failure or
+/// not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

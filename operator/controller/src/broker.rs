@@ -40,13 +40,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         })
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            |b, ctx| async move {
-                let t = std::time::Instant::now();
-                let r = reconcile(b, ctx.clone()).await;
-                let err = r.as_ref().err().map(Error::metric_label);
-                ctx.metrics.reconciled(Kind::Broker, t.elapsed(), err);
-                r
-            },
+            |b, ctx| async move { crate::timed(&ctx.clone(), Kind::Broker, reconcile(b, ctx)).await },
             error_policy,
             ctx,
         )

@@ -143,6 +143,23 @@ where
     Ok(())
 }
 
+/// Run one reconcile and count it (and its error class, if it failed) in
+/// the operator's metrics.
+pub(crate) async fn timed<F>(
+    ctx: &Context,
+    kind: metrics::Kind,
+    reconcile: F,
+) -> Result<kube::runtime::controller::Action, Error>
+where
+    F: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>,
+{
+    let t = std::time::Instant::now();
+    let r = reconcile.await;
+    let err = r.as_ref().err().map(Error::metric_label);
+    ctx.metrics.reconciled(kind, t.elapsed(), err);
+    r
+}
+
 /// Run both controllers until `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let b = broker::run(ctx.clone(), shutdown.clone());

@@ -197,6 +197,21 @@ pub fn config_hash(config_yaml: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// A container that runs as non-root, on a read-only root filesystem,
+/// with every capability dropped and no way to gain privileges.
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
+}
+
 fn port(name: &str, p: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.into()),
@@ -342,16 +357,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
         // Ready: listeners bound, Redis reachable, not draining.
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(restricted()),
         volume_mounts: Some(mounts),
         ..Default::default()
     };
@@ -473,16 +479,7 @@ pub fn managed_redis_deployment(b: &MqttBroker) -> Deployment {
         ports: Some(vec![port("redis", REDIS_PORT)]),
         readiness_probe: Some(tcp_probe(5)),
         liveness_probe: Some(tcp_probe(10)),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(restricted()),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
             mount_path: "/data".into(),

@@ -26,13 +26,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .owns(ctx.scoped::<Secret>(), cfg)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            |u, ctx| async move {
-                let t = std::time::Instant::now();
-                let r = reconcile(u, ctx.clone()).await;
-                let err = r.as_ref().err().map(Error::metric_label);
-                ctx.metrics.reconciled(Kind::User, t.elapsed(), err);
-                r
-            },
+            |u, ctx| async move { crate::timed(&ctx.clone(), Kind::User, reconcile(u, ctx)).await },
             error_policy,
             ctx,
         )

@@ -321,14 +321,7 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _op = Kill(child);
+    let _op = cirrus_e2e::process::KillOnDrop(child);
     create::<MqttBroker>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: rbac}\nspec:\n  autoscaling: {minReplicas: 1, maxReplicas: 3}\n  listeners: {mqtt: 1883, mqtts: 8883}\n  tls: {enabled: true}\n  redis: {managed: true}\n").await;
     create::<MqttUser>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: alice}\nspec: {brokerRef: rbac, acl: [{topic: 'a/#', access: all}]}\n").await;
     user_ready(&c, &watched, "alice", ("True", "Configured")).await;

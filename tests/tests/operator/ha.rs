@@ -222,7 +222,7 @@ async fn the_operator_binary_serves_probes_and_metrics() {
     let admin_addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let admin = admin_addr.to_string();
     let otlp = cirrus_e2e::otlp::OtlpReceiver::start().await;
-    let mut child = std::process::Command::new(cirrus_e2e::process::operator_bin())
+    let child = std::process::Command::new(cirrus_e2e::process::operator_bin())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -234,13 +234,7 @@ async fn the_operator_binary_serves_probes_and_metrics() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    let mut child = cirrus_e2e::process::KillOnDrop(child);
     let get_path = |path: &'static str| async move {
         tokio::task::spawn_blocking(move || cirrus_e2e::process::try_http_get(admin_addr, path))
             .await
@@ -289,13 +283,13 @@ async fn the_operator_binary_serves_probes_and_metrics() {
         Some("operator-0")
     );
     // SIGTERM: it stops and hands the Lease back.
-    let pid = child.id();
+    let pid = child.0.id();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
     let t = std::time::Instant::now();
     loop {
-        if child.try_wait().unwrap().is_some() {
+        if child.0.try_wait().unwrap().is_some() {
             break;
         }
         assert!(
@@ -304,7 +298,6 @@ async fn the_operator_binary_serves_probes_and_metrics() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _k = Kill(child);
     let l: k8s_openapi::api::coordination::v1::Lease =
         get(&c, &ns, "cirrus-operator").await.unwrap();
     assert_eq!(l.spec.unwrap().holder_identity, None);
