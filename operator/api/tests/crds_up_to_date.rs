@@ -13,6 +13,22 @@ fn committed_crds_match_the_types() {
     }
 }
 
+#[test]
+fn broker_chart_values_schema_is_generated() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("charts/cirrus-broker/values.schema.json");
+    let want = format!(
+        "{}\n",
+        serde_json::to_string_pretty(&cirrus_operator_api::broker_chart_values_schema()).unwrap()
+    );
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "{} is out of date: run `cargo run -p cirrus-operator-api --bin crdgen` and commit",
+        path.display()
+    );
+}
+
 fn check(dir: &std::path::Path) {
     let mut names = Vec::new();
     for crd in cirrus_operator_api::crds() {

@@ -1,5 +1,6 @@
 //! Writes `crds/<plural>.mqtt.cirrus.dev.yaml` for every CRD, and the same
-//! files into the Helm chart (`charts/cirrus-operator/crds/`). Never edit
+//! files into the Helm chart (`charts/cirrus-operator/crds/`), and the
+//! `cirrus-broker` chart's `values.schema.json` from the same types. Never edit
 //! those files by hand: run `cargo run -p cirrus-operator-api --bin crdgen`.
 //!
 //! `--stdout` prints them instead; `--json DIR` writes them as JSON files
@@ -39,6 +40,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 std::fs::write(dir.join(format!("{name}.yaml")), &yaml)?;
             }
         }
+    }
+    // The broker chart's values are checked by the same schema.
+    let schema = serde_json::to_string_pretty(&cirrus_operator_api::broker_chart_values_schema())?;
+    if !stdout && json_dir.is_none() {
+        std::fs::write(
+            root.join("charts/cirrus-broker/values.schema.json"),
+            format!("{schema}\n"),
+        )?;
     }
     Ok(())
 }
