@@ -162,8 +162,8 @@ for n in names:
         cost = f"{statistics.median(c):.3f}" if c else "–"
         print(f"| {n} | {t} | {v:,.0f} | {ratio} | {lost:.0f} | {med(ds, 'latency_ms_p50'):.2f} | {med(ds, 'latency_ms_p99'):.2f} | {cost} |" if v is not None else f"| {n} | {t} | failed | | | | | |")
 print()
-print("| idle connections | target | connects/s | broker bytes per connection |")
-print("|---|---|---:|---:|")
+print("| idle connections | target | connects/s | broker bytes per connection | per added connection |")
+print("|---|---|---:|---:|---:|")
 for n in names:
     if not n.startswith("idle-") or n.startswith("idle-pods"):
         continue
@@ -171,5 +171,7 @@ for n in names:
         ds = rows.get((n, t))
         if ds:
             c = med(ds, "connects_per_sec"); b = med(ds, "broker_bytes_per_connection")
-            print(f"| {n} | {t} | {c:,.0f} | {b:,.0f} |" if c and b else f"| {n} | {t} | {c} | {b} |")
+            m = med(ds, "broker_bytes_per_added_connection")
+            ms = f"{m:,.0f}" if m else "–"
+            print(f"| {n} | {t} | {c:,.0f} | {b:,.0f} | {ms} |" if c and b else f"| {n} | {t} | {c} | {b} | {ms} |")
 PY

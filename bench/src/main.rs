@@ -421,23 +421,37 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
     let rss_before = a.broker_pid.and_then(rss_kib);
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(a.connections);
-    for i in 0..a.connections {
-        let permit = sem.clone().acquire_owned().await?;
-        let a2 = a.clone();
-        tasks.push(tokio::spawn(async move {
-            let id = format!("{}-idle-{i}", a2.prefix);
-            let r = connect(a2.broker, &id, a2.protocol, source(&a2, i)).await;
-            drop(permit);
-            r
-        }));
-    }
     let mut held = Vec::with_capacity(a.connections);
     let mut failed = 0;
-    for t in tasks {
-        match t.await? {
-            Ok(c) => held.push(c),
-            Err(_) => failed += 1,
+    // Two halves: the broker's memory after the first half and after the
+    // second gives the cost of one more connection (the slope), apart from
+    // what the first connections grow once (allocator arenas, tables).
+    let half = a.connections / 2;
+    let mut rss_half = None;
+    let mut connect_secs = 0.0;
+    for range in [0..half, half..a.connections] {
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(range.len());
+        for i in range {
+            let permit = sem.clone().acquire_owned().await?;
+            let a2 = a.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("{}-idle-{i}", a2.prefix);
+                let r = connect(a2.broker, &id, a2.protocol, source(&a2, i)).await;
+                drop(permit);
+                r
+            }));
+        }
+        for t in tasks {
+            match t.await? {
+                Ok(c) => held.push(c),
+                Err(_) => failed += 1,
+            }
+        }
+        connect_secs += start.elapsed().as_secs_f64();
+        if rss_half.is_none() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rss_half = Some((a.broker_pid.and_then(rss_kib), held.len()));
         }
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -449,16 +463,23 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
         }
         _ => None,
     };
+    let marginal = match (rss_half, rss_after) {
+        (Some((Some(m), n)), Some(f)) if held.len() > n => {
+            Some((f.saturating_sub(m) as f64 * 1024.0) / (held.len() - n) as f64)
+        }
+        _ => None,
+    };
     Ok(serde_json::json!({
         "scenario": "connections",
         "label": a.label,
         "connections": held.len(),
         "connect_failures": failed,
         "seconds": secs,
-        "connects_per_sec": held.len() as f64 / secs,
+        "connects_per_sec": held.len() as f64 / connect_secs.max(1e-9),
         "broker_rss_kib_before": rss_before,
         "broker_rss_kib_after": rss_after,
         "broker_bytes_per_connection": per_conn,
+        "broker_bytes_per_added_connection": marginal,
     }))
 }
 
