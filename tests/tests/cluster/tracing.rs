@@ -10,19 +10,39 @@ use cirrus_e2e::otlp::OtlpReceiver;
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
-fn traced_pod(url: &str, otlp: &OtlpReceiver, name: &str) -> BrokerProcess {
+/// A pod on `url` exporting to `otlp` (protocol `protocol`) as service
+/// `name`, with extra `OTEL_*` variables.
+fn traced_pod_with(
+    url: &str,
+    otlp: &OtlpReceiver,
+    protocol: &str,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> BrokerProcess {
     let endpoint = otlp.endpoint();
-    BrokerProcess::start_on_redis_with_env(
-        url,
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_SERVICE_NAME", name),
-            // Export quickly: the test waits for the spans.
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    )
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+        ("OTEL_SERVICE_NAME", name),
+        // Export quickly: the tests wait for the spans.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    env.extend_from_slice(extra);
+    BrokerProcess::start_on_redis_with_env(url, &[], &env)
+}
+
+fn traced_pod(url: &str, otlp: &OtlpReceiver, name: &str) -> BrokerProcess {
+    traced_pod_with(url, otlp, "http/protobuf", name, &[])
+}
+
+/// A traced QoS 0 publish of `topic` carrying `traceparent`.
+fn traced_publish(topic: &str, traceparent: String) -> cirrus_codec::Publish {
+    let mut p = publish_packet(topic, b"x", QoS::AtMostOnce, false, None);
+    p.properties.user_properties.push((
+        ByteString::from("traceparent"),
+        ByteString::from(traceparent),
+    ));
+    p
 }
 
 #[tokio::test]
@@ -160,17 +180,14 @@ async fn tracing_off_passes_trace_context_through_untouched() {
 async fn the_sampler_follows_the_otel_variables_and_the_parent() {
     let r = RedisServer::start();
     let otlp = OtlpReceiver::start().await;
-    let endpoint = otlp.endpoint();
-    let pod = BrokerProcess::start_on_redis_with_env(
+    let pod = traced_pod_with(
         &r.url(),
-        &[],
+        &otlp,
+        "http/protobuf",
+        "sampled",
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_SERVICE_NAME", "sampled"),
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "0"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
     let mut sub = Client::connect_ok(pod.addr, Opts::v5("sub")).await;
@@ -178,12 +195,12 @@ async fn the_sampler_follows_the_otel_variables_and_the_parent() {
     let mut publisher = Client::connect_ok(pod.addr, Opts::v5("pub")).await;
     let not_sampled = "0af7651916cd43dd8448eb211c80319c";
     for (trace, flags) in [(TRACE, "01"), (not_sampled, "00")] {
-        let mut p = publish_packet("s/x", b"x", QoS::AtMostOnce, false, None);
-        p.properties.user_properties.push((
-            ByteString::from("traceparent"),
-            ByteString::from(format!("00-{trace}-{PARENT}-{flags}")),
-        ));
-        publisher.publish_full(p).await;
+        publisher
+            .publish_full(traced_publish(
+                "s/x",
+                format!("00-{trace}-{PARENT}-{flags}"),
+            ))
+            .await;
         sub.recv_publish().await;
     }
     // Ratio 0: the untraced publish is not recorded either.
@@ -212,26 +229,13 @@ async fn the_sampler_follows_the_otel_variables_and_the_parent() {
 async fn traces_go_out_over_grpc_too() {
     let r = RedisServer::start();
     let otlp = OtlpReceiver::start_grpc().await;
-    let endpoint = otlp.endpoint();
-    let pod = BrokerProcess::start_on_redis_with_env(
-        &r.url(),
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_SERVICE_NAME", "grpc-pod"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    );
+    let pod = traced_pod_with(&r.url(), &otlp, "grpc", "grpc-pod", &[]);
     let mut sub = Client::connect_ok(pod.addr, Opts::v5("sub")).await;
     assert_eq!(sub.subscribe("g/#", QoS::AtMostOnce).await, 0);
     let mut publisher = Client::connect_ok(pod.addr, Opts::v5("pub")).await;
-    let mut p = publish_packet("g/x", b"x", QoS::AtMostOnce, false, None);
-    p.properties.user_properties.push((
-        ByteString::from("traceparent"),
-        ByteString::from(format!("00-{TRACE}-{PARENT}-01")),
-    ));
-    publisher.publish_full(p).await;
+    publisher
+        .publish_full(traced_publish("g/x", format!("00-{TRACE}-{PARENT}-01")))
+        .await;
     sub.recv_publish().await;
     otlp.wait_for(Duration::from_secs(20), "spans over gRPC", |s| {
         ["mqtt.publish", "route", "deliver"].iter().all(|n| {
