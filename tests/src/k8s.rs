@@ -17,7 +17,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 
-fn workspace() -> PathBuf {
+/// The workspace root (for paths in tests).
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -26,7 +27,7 @@ pub fn kubeconfig() -> PathBuf {
     if let Ok(p) = std::env::var("CIRRUS_TEST_KUBECONFIG") {
         return PathBuf::from(p);
     }
-    let run = workspace().join("target/k8s-test-env");
+    let run = workspace_root().join("target/k8s-test-env");
     std::fs::create_dir_all(&run).expect("run dir");
     let lock = std::fs::File::create(run.with_extension("lock")).expect("lock file");
     lock.lock().expect("lock");
@@ -48,7 +49,7 @@ pub fn kubeconfig() -> PathBuf {
             .unwrap();
         }
         let out = Command::new("bash")
-            .arg(workspace().join("scripts/k8s-apiserver.sh"))
+            .arg(workspace_root().join("scripts/k8s-apiserver.sh"))
             .arg("start")
             .arg(&run)
             .env("CIRRUS_K8S_CRDS_JSON", &crds)
@@ -114,7 +115,7 @@ pub fn helm() -> PathBuf {
         return PathBuf::from(p);
     }
     let out = Command::new("bash")
-        .arg(workspace().join("scripts/helm-install.sh"))
+        .arg(workspace_root().join("scripts/helm-install.sh"))
         .output()
         .expect("run scripts/helm-install.sh");
     assert!(
@@ -135,7 +136,7 @@ pub fn run(
     let child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
-        .current_dir(workspace())
+        .current_dir(workspace_root())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -159,9 +160,4 @@ pub fn run(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// The workspace root (for paths in tests).
-pub fn workspace_root() -> PathBuf {
-    workspace()
 }

@@ -840,7 +840,10 @@ where
         let mut remote = None;
         let code = if p.topic.starts_with("$SYS") {
             reason::NOT_AUTHORIZED
-        } else if !self.may_publish_traced(&p.topic) {
+        } else if !{
+            let _authorize = (!span.is_none()).then(|| crate::trace::authorize().entered());
+            self.may_publish(&p.topic)
+        } {
             Stats::inc(&self.broker.stats.acl_denied);
             Stats::inc(&self.broker.stats.acl_denied_publish);
             reason::NOT_AUTHORIZED
@@ -928,16 +931,6 @@ where
             _ => {}
         }
         Ok(())
-    }
-
-    /// [`Self::may_publish`], in an `authorize` span when tracing.
-    fn may_publish_traced(&mut self, topic: &ByteString) -> bool {
-        if crate::trace::enabled() && !tracing::Span::current().is_none() {
-            let span = crate::trace::authorize();
-            let _in = span.enter();
-            return self.may_publish(topic);
-        }
-        self.may_publish(topic)
     }
 
     /// The ACL's answer for publishing to `topic`, cached per connection.

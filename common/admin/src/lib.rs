@@ -106,8 +106,19 @@ impl Exposition {
     ) {
         self.head(name, kind, help);
         for (l, v) in rows {
-            let _ = writeln!(self.0, "{name}{{{label}=\"{l}\"}} {v}");
+            self.sample(name, &[(label, l)], *v);
         }
+    }
+
+    /// One sample line with any labels (after its `head`).
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
+        let _ = write!(self.0, "{name}");
+        for (i, (k, l)) in labels.iter().enumerate() {
+            let sep = if i == 0 { '{' } else { ',' };
+            let _ = write!(self.0, "{sep}{k}=\"{l}\"");
+        }
+        let close = if labels.is_empty() { "" } else { "}" };
+        let _ = writeln!(self.0, "{close} {v}");
     }
 
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {

@@ -69,11 +69,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether traces are exported.
-    pub fn tracing(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flush buffered spans (at most a few seconds) and stop exporting.
     pub fn shutdown(mut self) {
         self.stop();
@@ -245,14 +240,6 @@ pub fn is_sampled(span: &tracing::Span) -> bool {
     !span.is_none() && span.context().span().span_context().is_sampled()
 }
 
-/// The trace id of `span` in hex (for logs and tests); `None` outside a
-/// trace.
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -286,6 +273,5 @@ mod tests {
     #[test]
     fn nothing_to_inject_outside_a_trace() {
         assert!(inject(&tracing::Span::none()).is_empty());
-        assert!(trace_id(&tracing::Span::none()).is_none());
     }
 }

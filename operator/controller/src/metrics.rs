@@ -93,17 +93,15 @@ impl Metrics {
             "counter",
             "Reconciles that failed (and are retried), by controller and error class.",
         );
-        let mut text = o.finish();
         for k in Kind::ALL {
             for (i, l) in ERROR_LABELS.iter().enumerate() {
-                let v = self.errors[k as usize][i].load(Ordering::Relaxed);
-                text.push_str(&format!(
-                    "cirrus_operator_reconcile_errors_total{{controller=\"{}\",error=\"{l}\"}} {v}\n",
-                    k.label()
-                ));
+                o.sample(
+                    "cirrus_operator_reconcile_errors_total",
+                    &[("controller", k.label()), ("error", l)],
+                    self.errors[k as usize][i].load(Ordering::Relaxed),
+                );
             }
         }
-        let mut o = Exposition::new();
         o.histogram(
             "cirrus_operator_broker_reconcile_seconds",
             "Duration of one MqttBroker reconcile.",
@@ -126,8 +124,7 @@ impl Metrics {
             "Times this replica became the leader.",
             self.lease_transitions.load(Ordering::Relaxed),
         );
-        text.push_str(&o.finish());
-        text
+        o.finish()
     }
 
     /// The admin port's answer for `path`.
