@@ -123,8 +123,6 @@ pub struct Auth {
     max_failed_per_minute: u32,
     last_seen: Mutex<Option<Vec<u8>>>,
     dummy: String,
-    /// Tells connections that a new policy is in force.
-    changed: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +170,6 @@ impl Auth {
             } else {
                 String::new()
             },
-            changed: tokio::sync::watch::channel(0).0,
         };
         if let Some(p) = &path {
             let (f, bytes) = load(p)?;
@@ -183,11 +180,14 @@ impl Auth {
     }
 
     fn install(&self, f: AuthFile, bytes: Vec<u8>) {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // Installs come one at a time (start-up, then the reload task).
+        // The generation moves after the policy: a connection that read it
+        // before logging in knows whether its login may predate the policy.
+        let generation = self.generation.load(Ordering::Acquire) + 1;
         self.policy
             .store(Arc::new(Some(Policy::compile(f, generation))));
+        self.generation.store(generation, Ordering::Release);
         *self.last_seen.lock() = Some(bytes);
-        self.changed.send_replace(generation);
     }
 
     pub fn enabled(&self) -> bool {
@@ -195,12 +195,7 @@ impl Auth {
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
-    }
-
-    /// Resolves each time a new policy is installed.
-    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn policy(&self) -> arc_swap::Guard<Arc<Option<Policy>>> {

@@ -17,8 +17,6 @@ use cirrus_codec::{
     SubscriptionOptions,
 };
 use parking_lot::Mutex;
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, Pending};
 use crate::config::Config;
@@ -26,7 +24,8 @@ use crate::message::{Delivery, Message};
 use crate::retained::{RetainedStore, SetOutcome};
 use crate::router::{Match, Router, Subscriber};
 use crate::session::{
-    Attachment, Enqueued, Inflight, OutState, PendingWill, QueueLimits, Session, SubscriptionEntry,
+    Attachment, Enqueued, Inflight, OutState, PendingWill, QueueLimits, Session, Signal,
+    SubscriptionEntry,
 };
 use crate::stats::Stats;
 
@@ -44,8 +43,7 @@ pub struct Grant {
     pub session: Arc<Session>,
     pub session_present: bool,
     pub epoch: u64,
-    pub wake: Arc<Notify>,
-    pub kick: CancellationToken,
+    pub signal: Arc<Signal>,
 }
 
 /// Result of routing one publish.
@@ -324,8 +322,7 @@ impl Broker {
     /// The local half of a connect; returns whether the local session was
     /// there already.
     fn attach(&self, req: ConnectRequest, epoch: u64) -> (Grant, bool) {
-        let wake = Arc::new(Notify::new());
-        let kick = CancellationToken::new();
+        let signal = Arc::new(Signal::default());
         let mut ended = None;
         let (session, session_present) = {
             let mut sessions = self.sessions.lock();
@@ -343,12 +340,11 @@ impl Broker {
             };
             let mut st = session.state.lock();
             if let Some(a) = st.attached.take() {
-                a.kick.cancel();
+                a.signal.kick();
             }
             st.attached = Some(Attachment {
                 epoch,
-                wake: wake.clone(),
-                kick: kick.clone(),
+                signal: signal.clone(),
             });
             st.epoch = epoch;
             st.protocol = req.protocol;
@@ -369,8 +365,7 @@ impl Broker {
                 session,
                 session_present,
                 epoch,
-                wake,
-                kick,
+                signal,
             },
             session_present,
         )
@@ -474,7 +469,7 @@ impl Broker {
                         publish_now = Some(w);
                     } else {
                         let due = now + Duration::from_secs(u64::from(delay));
-                        st.pending_will = Some(PendingWill { will: w, due });
+                        st.pending_will = Some(Box::new(PendingWill { will: w, due }));
                         self.add_timer(due, session, epoch, TimerKind::Will);
                     }
                 }
@@ -545,7 +540,7 @@ impl Broker {
             st.ended = true;
             if kick {
                 if let Some(a) = st.attached.take() {
-                    a.kick.cancel();
+                    a.signal.kick();
                 }
             }
             st.queue.clear();
@@ -791,12 +786,23 @@ impl Broker {
         session.enqueue(d, self.queue_limits(), &self.stats) != Enqueued::Dropped
     }
 
+    /// Ring every attached connection's signal (shutdown, auth reload):
+    /// connections keep no per-connection future for such rare events.
+    pub fn signal_all(&self, ring: fn(&Signal)) {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            if let Some(a) = &s.state.lock().attached {
+                ring(&a.signal);
+            }
+        }
+    }
+
     /// Redis store: another pod took this client over.
     pub fn kick_local(&self, client_id: &str) {
         let s = self.sessions.lock().get(client_id).cloned();
         if let Some(s) = s {
             if let Some(a) = &s.state.lock().attached {
-                a.kick.cancel();
+                a.signal.kick();
             }
         }
     }

@@ -1,28 +1,35 @@
 //! One task per client: the MQTT protocol state machine.
 //!
-//! The task owns the socket and two buffers (in the struct, so every
-//! `select!` branch is cancel-safe). It reads frames, answers them into the
-//! write buffer, pulls messages queued for its session (woken by
-//! `Attachment::wake`), and writes everything gathered in one `write_all`.
-//! A client that does not read is not buffered for: its session queue is
-//! bounded, and a write that blocks longer than the write timeout ends it.
+//! The task owns the socket and two buffers. It reads frames, answers them
+//! into the write buffer, pulls messages queued for its session (woken by
+//! its [`Signal`]), and writes everything gathered at once. A client that
+//! does not read is not buffered for: its session queue is bounded, and a
+//! write that blocks longer than the write timeout ends it.
+//!
+//! Idle connections are most of a broker's connections, so what one keeps
+//! while it waits is kept small: the wait is a hand-written poll over the
+//! socket, the keep-alive timer and the signal (no stored futures); an idle
+//! connection holds no read or write buffer (a read lands on the stack
+//! first); rare states (subscribe, backpressure, Redis waits, a write that
+//! blocks) are boxed while they last.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use cirrus_codec::encode::{encode_publish_parts, PublishExtras, PublishHeader};
 use cirrus_codec::topic::parse_filter;
 use cirrus_codec::{
     reason, ByteString, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, PacketId,
     Properties, Protocol, PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -31,13 +38,14 @@ use crate::broker::{Broker, ConnectRequest, SubscribeError};
 use crate::cluster::Pending;
 use crate::message::{Delivery, Message};
 use crate::router::Match;
-use crate::session::{Inflight, OutState, Session};
+use crate::session::{Inflight, OutState, Rung, Session, Signal};
 use crate::stats::{DropReason, Refused, Stats};
 use cirrus_config::auth::Access;
 
-/// Read buffer of a connection whose last read was small (idle clients).
-const IDLE_READ: usize = 512;
-/// Read buffer of a connection whose last read filled the small one.
+/// Reads of a connection whose last read was small (most clients) land in
+/// a buffer of this size on the stack, and are copied to the read buffer.
+const IDLE_READ: usize = 2048;
+/// Read buffer of a connection whose last read filled the stack buffer.
 const BUSY_READ: usize = 16 * 1024;
 /// Flush the write buffer once it holds this much.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
@@ -83,43 +91,73 @@ impl From<DecodeError> for Close {
 }
 
 /// Serve one client connection until it ends. `cert_user` is the user name
-/// a verified client certificate stands for (`tls.cert_as_username`).
-pub async fn serve<S>(
+/// a verified client certificate stands for (`tls.cert_as_username`);
+/// `permit`, its place under the connection limit, is given back then.
+///
+/// Not an `async fn`: its arguments would stay in the task's state for the
+/// connection's life. They go into the boxed opening state instead.
+pub fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
     cert_user: Option<String>,
     shutdown: CancellationToken,
-) where
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut io = stream;
-    let mut rbuf = BytesMut::with_capacity(IDLE_READ);
-    // The states before and after the session are boxed: the task keeps
-    // only the running connection's state for its life.
-    let connect = match Box::pin(read_connect(&broker, &mut io, &mut rbuf, &shutdown)).await {
+    let args = Box::new((broker, stream, peer, cert_user, shutdown));
+    async move {
+        // Held (by reference: not moved into a second slot) until the end.
+        let _permit = &permit;
+        // The states before and after the session are boxed: the task
+        // keeps only the running connection's state for its life.
+        // Moved out in a block of its own, which frees the box at once.
+        let (broker, stream, peer, cert_user, shutdown) = {
+            let args = args;
+            *args
+        };
+        let Some((mut conn, shutdown)) =
+            Box::pin(open(broker, stream, peer, cert_user, shutdown)).await
+        else {
+            return;
+        };
+        let stats = &conn.broker.stats;
+        stats
+            .connections_current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::inc(&stats.connections_total);
+        let close = conn.run(&shutdown).await;
+        conn.broker
+            .stats
+            .connections_current
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(conn.finish(close)).await;
+    }
+}
+
+/// Read CONNECT and accept it: the connection, or None if it ended.
+async fn open<S>(
+    broker: Arc<Broker>,
+    mut io: S,
+    peer: SocketAddr,
+    cert_user: Option<String>,
+    shutdown: CancellationToken,
+) -> Option<(Conn<S>, CancellationToken)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut rbuf = BytesMut::new();
+    let connect = match read_connect(&broker, &mut io, &mut rbuf, &shutdown).await {
         Ok(c) => c,
         Err(why) => {
             debug!(%peer, why, "connection closed before CONNECT was accepted");
-            return;
+            return None;
         }
     };
-    let Some(mut conn) =
-        Box::pin(accept(broker.clone(), io, rbuf, peer, *connect, cert_user)).await
-    else {
-        return;
-    };
-    broker
-        .stats
-        .connections_current
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Stats::inc(&broker.stats.connections_total);
-    let close = conn.run(&shutdown).await;
-    broker
-        .stats
-        .connections_current
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    Box::pin(conn.finish(close)).await;
+    let conn = accept(broker, io, rbuf, peer, *connect, cert_user).await?;
+    Some((conn, shutdown))
 }
 
 /// Read the first packet, which must be CONNECT, within the connect timeout.
@@ -158,7 +196,7 @@ where
                 return Err("invalid CONNECT");
             }
         }
-        rbuf.reserve(1024);
+        rbuf.reserve(256);
         tokio::select! {
             _ = shutdown.cancelled() => return Err("shutting down"),
             _ = tokio::time::sleep_until(deadline) => return Err("no CONNECT within the connect timeout"),
@@ -187,7 +225,10 @@ struct Out {
     /// Largest packet the client accepts.
     client_max_packet: usize,
     /// Topic aliases we set towards the client.
-    alias_out: std::collections::HashMap<ByteString, u16>,
+    /// Boxed, like the other per-connection maps: most clients use none,
+    /// and a map in place is 48 bytes of every idle connection.
+    #[allow(clippy::box_collection)]
+    alias_out: Option<Box<std::collections::HashMap<ByteString, u16>>>,
     client_alias_max: u16,
 }
 
@@ -199,33 +240,36 @@ struct Conn<S> {
     peer: SocketAddr,
     protocol: Protocol,
     session: Arc<Session>,
-    client_id: ByteString,
     epoch: u64,
-    wake: Arc<Notify>,
-    kick: CancellationToken,
-    keep_alive: Option<Duration>,
+    signal: Arc<Signal>,
+    /// Keep alive in seconds (0: none).
+    keep_alive: u16,
     /// Expiry asked for in CONNECT (a DISCONNECT may not raise it from 0).
     connect_expiry: u32,
     will: Option<Box<LastWill>>,
     /// Outgoing QoS 1/2 window: min(client Receive Maximum, our max_inflight).
-    window: usize,
+    window: u16,
     /// Topic aliases the client set towards us (index = alias).
     alias_in: Vec<Option<ByteString>>,
     scratch: Vec<Match>,
     /// A subscriber this connection's publishes are outrunning.
     backlogged: Option<Arc<Session>>,
     identity: Identity,
+    /// The auth policy generation `identity` was made under.
+    auth_generation: u64,
     /// Publish decisions by topic, for the policy generation they were made
     /// under: no ACL evaluation (or allocation) per message.
-    acl_cache: std::collections::HashMap<ByteString, bool>,
-    publish_rate: Option<crate::stats::RateLimit>,
+    #[allow(clippy::box_collection)]
+    acl_cache: Option<Box<std::collections::HashMap<ByteString, bool>>>,
+    publish_rate: Option<Box<crate::stats::RateLimit>>,
     /// Set when the publish rate is exceeded: read nothing more until then.
     throttle_until: Option<tokio::time::Instant>,
     /// Redis store: a QoS 0 publish waiting for room in the store's queue.
-    blocked: Option<Pending>,
-    /// Redis store: PUBACK/PUBREC waiting for Redis, in arrival order.
-    acks: FuturesOrdered<AckFuture>,
-    /// The last read filled the small buffer: read into a large one.
+    blocked: Option<Box<Pending>>,
+    /// Redis store: PUBACK/PUBREC waiting for Redis, in arrival order
+    /// (made on first use).
+    acks: Option<Box<FuturesOrdered<AckFuture>>>,
+    /// The last read filled the stack buffer: read into a large one.
     busy_reader: bool,
 }
 
@@ -239,14 +283,16 @@ async fn accept<S>(
     cert_user: Option<String>,
 ) -> Option<Conn<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let cfg = broker.config.clone();
     let v5 = c.protocol.is_v5();
     let mut ack = ConnAck::default();
     let refuse = |code: u8| if v5 { code } else { reason::connack_v3(code) };
 
-    let mut client_id = c.client_id.clone();
+    // A copy: a slice would keep the whole CONNECT frame's buffer alive
+    // for as long as the session lives.
+    let mut client_id = ByteString::from(&*c.client_id);
     let mut assigned = false;
     if client_id.is_empty() {
         if v5 || (c.clean_start && c.protocol == Protocol::V3_1_1) {
@@ -264,6 +310,9 @@ where
         ack.reason_code = refuse(reason::BAD_AUTHENTICATION_METHOD);
     }
     let mut identity = None;
+    // Read before logging in: a policy installed after this is checked
+    // when the connection starts serving.
+    let auth_generation = broker.auth.generation();
     if ack.reason_code == 0 {
         if broker.auth.blocked(peer.ip()) {
             ack.reason_code = refuse(reason::CONNECTION_RATE_EXCEEDED);
@@ -369,12 +418,11 @@ where
     };
     ack.session_present = grant.session_present;
 
-    let window = usize::from(
-        c.properties
-            .receive_maximum
-            .unwrap_or(u16::MAX)
-            .min(cfg.limits.max_inflight),
-    );
+    let window = c
+        .properties
+        .receive_maximum
+        .unwrap_or(u16::MAX)
+        .min(cfg.limits.max_inflight);
     let client_max_packet = c
         .properties
         .maximum_packet_size
@@ -387,7 +435,7 @@ where
             wbuf: BytesMut::new(),
             protocol: c.protocol,
             client_max_packet,
-            alias_out: std::collections::HashMap::new(),
+            alias_out: None,
             client_alias_max: if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -397,11 +445,9 @@ where
         peer,
         protocol: c.protocol,
         session: grant.session,
-        client_id,
         epoch: grant.epoch,
-        wake: grant.wake,
-        kick: grant.kick,
-        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        signal: grant.signal,
+        keep_alive,
         connect_expiry: expiry,
         will: c.will.map(Box::new),
         window,
@@ -409,11 +455,12 @@ where
         scratch: Vec::new(),
         backlogged: None,
         identity,
-        acl_cache: std::collections::HashMap::new(),
-        publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate),
+        auth_generation,
+        acl_cache: None,
+        publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate).map(Box::new),
         throttle_until: None,
         blocked: None,
-        acks: FuturesOrdered::new(),
+        acks: None,
         busy_reader: false,
     };
     conn.send(&Packet::ConnAck(ack));
@@ -421,7 +468,7 @@ where
         conn.resend_inflight();
     }
     conn.pump();
-    debug!(%peer, client_id = %conn.client_id, protocol = %conn.protocol, "client connected");
+    debug!(%peer, client_id = %conn.session.client_id, protocol = %conn.protocol, "client connected");
     Some(conn)
 }
 
@@ -454,12 +501,29 @@ enum Event {
     Close(Close),
 }
 
+/// What became of the next buffered frame.
+enum Frame<'a> {
+    /// No complete frame is buffered.
+    None,
+    Handled,
+    /// Answered once this (subscribe, unsubscribe) completes.
+    Later(BoxFuture<'a, Result<(), Close>>),
+}
+
 /// Publish decisions remembered per connection; cleared when full.
 const ACL_CACHE_MAX: usize = 1024;
 
+/// Why the signal sends a connection away.
+fn leave(r: Rung) -> Close {
+    match r {
+        Rung::Shutdown => Close::Shutdown,
+        _ => Close::TakenOver,
+    }
+}
+
 impl<S> Conn<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     fn v5(&self) -> bool {
         self.protocol.is_v5()
@@ -470,19 +534,39 @@ where
         Stats::inc(&self.broker.stats.messages_sent);
     }
 
+    /// Write what the socket takes now; Ready once all of it is written.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.out.wbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            Stats::add(&self.broker.stats.bytes_sent, n as u64);
+            self.out.wbuf.advance(n);
+        }
+        // flush() matters for framed transports (WebSocket); on TCP it is free.
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
     async fn flush(&mut self) -> Result<(), Close> {
         if self.out.wbuf.is_empty() {
             return Ok(());
         }
-        let n = self.out.wbuf.len();
-        // flush() matters for framed transports (WebSocket); on TCP it is free.
-        let write = async {
-            self.io.write_all(&self.out.wbuf).await?;
-            self.io.flush().await
+        // Most writes go out at once: no timer for those. One that blocks
+        // (a slow reader) gets the write timeout, in a boxed state.
+        let done = match poll_fn(|cx| Poll::Ready(self.poll_write_out(cx))).await {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let timeout = self.broker.config.write_timeout();
+                let write = poll_fn(|cx| self.poll_write_out(cx));
+                match Box::pin(tokio::time::timeout(timeout, write)).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(Close::Io),
+                }
+            }
         };
-        match tokio::time::timeout(self.broker.config.write_timeout(), write).await {
-            Ok(Ok(())) => {
-                Stats::add(&self.broker.stats.bytes_sent, n as u64);
+        match done {
+            Ok(()) => {
                 self.out.wbuf.clear();
                 // An idle connection does not keep a burst's buffer.
                 if self.out.wbuf.capacity() > WRITE_HIGH_WATER {
@@ -490,42 +574,54 @@ where
                 }
                 Ok(())
             }
-            _ => Err(Close::Io),
+            Err(_) => Err(Close::Io),
         }
+    }
+
+    fn acks_len(&self) -> usize {
+        self.acks.as_ref().map_or(0, |a| a.len())
+    }
+
+    /// Must the connection stop reading for a while (see `wait_to_read`)?
+    fn must_wait(&self) -> bool {
+        self.backlogged.is_some()
+            || self.throttle_until.is_some()
+            || self.blocked.is_some()
+            || self.acks_len() >= MAX_PENDING_ACKS
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Close {
         let max_in = self.broker.config.limits.max_packet_size as usize;
-        let ka = self
-            .keep_alive
-            .unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+        // The client may be silent for 1.5 times its keep alive.
+        let ka = match self.keep_alive {
+            0 => Duration::from_secs(u64::from(u32::MAX)),
+            secs => Duration::from_millis(u64::from(secs) * 1500),
+        };
         let keepalive = tokio::time::sleep(ka);
         tokio::pin!(keepalive);
-        let wake = self.wake.clone();
-        let kick = self.kick.clone();
-        let mut auth_changes = self.broker.auth.subscribe_changes();
+        // Shutdown and auth reloads ring the signals of connections attached
+        // by then; this one may have attached (or logged in) just after.
+        if shutdown.is_cancelled() {
+            return Close::Shutdown;
+        }
+        if self.broker.auth.generation() != self.auth_generation {
+            self.signal.auth_changed();
+        }
         loop {
             // Answer every complete frame already buffered.
             loop {
-                match cirrus_codec::decode(&mut self.rbuf, self.protocol, max_in) {
-                    Ok(Some(p)) => {
-                        Stats::inc(&self.broker.stats.messages_received);
-                        if let Err(c) = self.handle(p).await {
+                match self.next_frame(max_in) {
+                    Ok(Frame::Handled) => {}
+                    Ok(Frame::Later(later)) => {
+                        if let Err(c) = later.await {
                             return c;
                         }
-                        if self.backlogged.is_some()
-                            || self.throttle_until.is_some()
-                            || self.blocked.is_some()
-                            || self.acks.len() >= MAX_PENDING_ACKS
-                        {
-                            break;
-                        }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        Stats::inc(&self.broker.stats.decode_errors);
-                        return e.into();
-                    }
+                    Ok(Frame::None) => break,
+                    Err(c) => return c,
+                }
+                if self.must_wait() {
+                    break;
                 }
                 if self.out.wbuf.len() >= WRITE_HIGH_WATER {
                     if let Err(c) = self.flush().await {
@@ -536,78 +632,17 @@ where
             if let Err(c) = self.flush().await {
                 return c;
             }
-            // Backpressure: read no more from this publisher until a
-            // subscriber it outran has drained, for a bounded time.
-            // Frames still buffered are handled next, before any new read.
-            if let Some(s) = self.backlogged.take() {
-                tokio::select! {
-                    biased;
-                    _ = kick.cancelled() => return Close::TakenOver,
-                    _ = shutdown.cancelled() => return Close::Shutdown,
-                    _ = s.wait_for_space(BACKPRESSURE_WAIT) => {}
+            if self.must_wait() {
+                if let Err(c) = Box::pin(self.wait_to_read()).await {
+                    return c;
                 }
                 continue;
             }
-            // Redis store: the store's queue is full, or too many
-            // acknowledgements wait for it: read on once it caught up.
-            if let Some(p) = self.blocked.take() {
-                tokio::select! {
-                    biased;
-                    _ = kick.cancelled() => return Close::TakenOver,
-                    _ = shutdown.cancelled() => return Close::Shutdown,
-                    _ = Box::pin(p.finish()) => {}
-                }
-                continue;
-            }
-            if self.acks.len() >= MAX_PENDING_ACKS {
-                let r = tokio::select! {
-                    biased;
-                    _ = kick.cancelled() => return Close::TakenOver,
-                    _ = shutdown.cancelled() => return Close::Shutdown,
-                    r = self.acks.next() => r,
-                };
-                if let Some(r) = r {
-                    if let Err(c) = self.on_stored(r) {
-                        return c;
-                    }
-                }
-                continue;
-            }
-            // Rate limit: the client is slowed down by reading it later.
-            if let Some(until) = self.throttle_until.take() {
-                tokio::select! {
-                    biased;
-                    _ = kick.cancelled() => return Close::TakenOver,
-                    _ = shutdown.cancelled() => return Close::Shutdown,
-                    _ = tokio::time::sleep_until(until) => {}
-                }
-                continue;
-            }
-            // Idle connections (most of them) read into a small buffer;
-            // one that filled its buffer last time gets a large one.
-            if self.rbuf.is_empty() && self.rbuf.capacity() > BUSY_READ && !self.busy_reader {
-                self.rbuf = BytesMut::new();
-            }
-            self.rbuf.reserve(if self.busy_reader {
-                BUSY_READ
-            } else {
-                IDLE_READ
-            });
-            let ev = tokio::select! {
-                biased;
-                _ = kick.cancelled() => Event::Close(Close::TakenOver),
-                _ = shutdown.cancelled() => Event::Close(Close::Shutdown),
-                _ = &mut keepalive => Event::Close(Close::KeepAlive),
-                r = self.io.read_buf(&mut self.rbuf) => Event::Read(r),
-                _ = wake.notified() => Event::Wake,
-                Some(r) = self.acks.next(), if !self.acks.is_empty() => Event::Acked(r),
-                Ok(()) = auth_changes.changed() => Event::AuthChanged,
-            };
+            let ev = poll_fn(|cx| self.poll_event(cx, keepalive.as_mut())).await;
             match ev {
                 Event::Close(c) => return c,
                 Event::Read(Ok(0)) | Event::Read(Err(_)) => return Close::Io,
                 Event::Read(Ok(n)) => {
-                    self.busy_reader = n >= IDLE_READ;
                     Stats::add(&self.broker.stats.bytes_received, n as u64);
                     keepalive.as_mut().reset(tokio::time::Instant::now() + ka);
                 }
@@ -620,6 +655,7 @@ where
                 Event::AuthChanged => {
                     // Users still allowed keep their connection with the new
                     // rules; revoked or re-keyed ones are let go.
+                    self.auth_generation = self.broker.auth.generation();
                     let policy = self.broker.auth.policy();
                     if let Some(p) = policy.as_ref() {
                         if !p.still_valid(&self.identity) {
@@ -630,10 +666,122 @@ where
                         }
                         self.identity = p.refresh(&self.identity);
                     }
-                    self.acl_cache.clear();
+                    self.acl_cache = None;
                 }
             }
         }
+    }
+
+    /// The wait of a running connection, in order of urgency: leave (kick,
+    /// shutdown), keep-alive timeout, the socket, queued messages, stored
+    /// publishes, an auth reload. Holds nothing between polls but the
+    /// signal's waker; when it is about to sleep, it lets go of empty
+    /// buffers.
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        keepalive: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Event> {
+        if let Some(r) = self.signal.poll_leave(cx) {
+            return Poll::Ready(Event::Close(leave(r)));
+        }
+        if keepalive.poll(cx).is_ready() {
+            return Poll::Ready(Event::Close(Close::KeepAlive));
+        }
+        if let Poll::Ready(r) = self.poll_read(cx) {
+            return Poll::Ready(Event::Read(r));
+        }
+        if self.signal.take(Rung::Wake) {
+            return Poll::Ready(Event::Wake);
+        }
+        if let Some(acks) = self.acks.as_mut().filter(|a| !a.is_empty()) {
+            if let Poll::Ready(Some(r)) = Pin::new(&mut **acks).poll_next(cx) {
+                return Poll::Ready(Event::Acked(r));
+            }
+        }
+        if self.signal.take(Rung::AuthChanged) {
+            return Poll::Ready(Event::AuthChanged);
+        }
+        // Going to sleep: an idle connection keeps no buffers.
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && !self.busy_reader {
+            self.rbuf = BytesMut::new();
+        }
+        if self.out.wbuf.is_empty() && self.out.wbuf.capacity() > 0 {
+            self.out.wbuf = BytesMut::new();
+        }
+        Poll::Pending
+    }
+
+    /// Read from the socket. A client that sends little is read through a
+    /// buffer on the stack, so that it holds no read buffer while it waits;
+    /// one whose last read filled that gets a large buffer of its own.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.busy_reader {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * BUSY_READ {
+                self.rbuf = BytesMut::new();
+            }
+            self.rbuf.reserve(BUSY_READ);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.rbuf
+            ))?;
+            self.busy_reader = n >= IDLE_READ;
+            return Poll::Ready(Ok(n));
+        }
+        let mut stack = [0u8; IDLE_READ];
+        let mut buf = ReadBuf::new(&mut stack);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.rbuf.extend_from_slice(buf.filled());
+        self.busy_reader = n >= IDLE_READ;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Read nothing more for a while: a subscriber this publisher outran
+    /// drains (bounded), the Redis store's queue has room, too many
+    /// acknowledgements wait for Redis, or the publish rate limit.
+    async fn wait_to_read(&mut self) -> Result<(), Close> {
+        let signal = self.signal.clone();
+        if let Some(s) = self.backlogged.take() {
+            tokio::select! {
+                biased;
+                r = signal.leave() => return Err(leave(r)),
+                _ = s.wait_for_space(BACKPRESSURE_WAIT) => {}
+            }
+            return Ok(());
+        }
+        if let Some(p) = self.blocked.take() {
+            tokio::select! {
+                biased;
+                r = signal.leave() => return Err(leave(r)),
+                _ = p.finish() => {}
+            }
+            return Ok(());
+        }
+        if self.acks_len() >= MAX_PENDING_ACKS {
+            let Some(acks) = self.acks.as_mut() else {
+                return Ok(());
+            };
+            let r = tokio::select! {
+                biased;
+                r = signal.leave() => return Err(leave(r)),
+                r = acks.next() => r,
+            };
+            if let Some(r) = r {
+                self.on_stored(r)?;
+            }
+            return Ok(());
+        }
+        if let Some(until) = self.throttle_until.take() {
+            // Rate limit: the client is slowed down by reading it later.
+            tokio::select! {
+                biased;
+                r = signal.leave() => return Err(leave(r)),
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Send the last words and hand the session back to the broker.
@@ -649,11 +797,11 @@ where
             ),
             Close::Io => (None, self.will.take(), None),
             Close::Violation(code, what) => {
-                info!(peer = %self.peer, client_id = %self.client_id, reason_code = code, what, "closing connection");
+                info!(peer = %self.peer, client_id = %self.session.client_id, reason_code = code, what, "closing connection");
                 (Some(code), self.will.take(), None)
             }
             Close::KeepAlive => {
-                info!(peer = %self.peer, client_id = %self.client_id, "keep-alive timeout");
+                info!(peer = %self.peer, client_id = %self.session.client_id, "keep-alive timeout");
                 (Some(reason::KEEP_ALIVE_TIMEOUT), self.will.take(), None)
             }
             Close::TakenOver => (Some(reason::SESSION_TAKEN_OVER), self.will.take(), None),
@@ -672,10 +820,43 @@ where
         .await;
         self.broker
             .disconnect(&self.session, self.epoch, will.map(|w| *w), new_expiry);
-        debug!(peer = %self.peer, client_id = %self.client_id, "client disconnected");
+        debug!(peer = %self.peer, client_id = %self.session.client_id, "client disconnected");
     }
 
-    async fn handle(&mut self, p: Packet) -> Result<(), Close> {
+    /// Decode and answer the next buffered frame (a sync step: the decoded
+    /// packet is never kept in the task's state).
+    fn next_frame(&mut self, max_in: usize) -> Result<Frame<'_>, Close> {
+        match cirrus_codec::decode(&mut self.rbuf, self.protocol, max_in) {
+            Ok(Some(p)) => {
+                Stats::inc(&self.broker.stats.messages_received);
+                Ok(match self.handle(p)? {
+                    Some(later) => Frame::Later(later),
+                    None => Frame::Handled,
+                })
+            }
+            Ok(None) => Ok(Frame::None),
+            Err(e) => {
+                Stats::inc(&self.broker.stats.decode_errors);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Answer one packet. Subscribe and unsubscribe may wait for Redis:
+    /// they come back as a boxed future, so that their states do not
+    /// enlarge every idle connection's task.
+    fn handle(&mut self, p: Packet) -> Result<Option<BoxFuture<'_, Result<(), Close>>>, Close> {
+        match p {
+            Packet::Subscribe(s) => Ok(Some(Box::pin(self.on_subscribe(s)))),
+            Packet::Unsubscribe(u) => Ok(Some(Box::pin(async move {
+                self.on_unsubscribe(u).await;
+                Ok(())
+            }))),
+            p => self.handle_now(p).map(|()| None),
+        }
+    }
+
+    fn handle_now(&mut self, p: Packet) -> Result<(), Close> {
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
@@ -705,13 +886,6 @@ where
                 self.complete(r.packet_id, OutState::AwaitComp);
                 Ok(())
             }
-            // Boxed: rare, and their states (Redis round trips) would
-            // otherwise enlarge every idle connection's task.
-            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
-            Packet::Unsubscribe(u) => {
-                Box::pin(self.on_unsubscribe(u)).await;
-                Ok(())
-            }
             Packet::PingReq => {
                 self.send(&Packet::PingResp);
                 Ok(())
@@ -725,6 +899,7 @@ where
                 reason::PROTOCOL_ERROR,
                 "AUTH without enhanced authentication",
             )),
+            Packet::Subscribe(_) | Packet::Unsubscribe(_) => Ok(()),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
                 Close::Violation(reason::PROTOCOL_ERROR, "a packet only a server may send"),
             ),
@@ -832,7 +1007,12 @@ where
 
         // Tracing off: no span, no work (see `crate::trace`).
         let span = if crate::trace::enabled() {
-            crate::trace::receive(&p.properties, &self.client_id, &p.topic, p.qos.as_u8())
+            crate::trace::receive(
+                &p.properties,
+                &self.session.client_id,
+                &p.topic,
+                p.qos.as_u8(),
+            )
         } else {
             tracing::Span::none()
         };
@@ -852,7 +1032,7 @@ where
         {
             reason::PAYLOAD_FORMAT_INVALID
         } else {
-            let publisher = Some(self.client_id.clone());
+            let publisher = Some(self.session.client_id.clone());
             let route = if span.is_none() {
                 tracing::Span::none()
             } else {
@@ -881,13 +1061,14 @@ where
         };
         let Some(id) = p.packet_id else {
             // QoS 0: nothing to acknowledge; wait only for room in the queue.
-            self.blocked = remote;
+            self.blocked = remote.map(Box::new);
             return Ok(());
         };
-        if remote.is_some() || !self.acks.is_empty() {
+        if remote.is_some() || self.acks_len() > 0 {
             // Acknowledge once Redis holds it, and in order.
             let qos = p.qos;
-            self.acks.push_back(Box::pin(async move {
+            let acks = self.acks.get_or_insert_with(Default::default);
+            acks.push_back(Box::pin(async move {
                 let stored = match remote {
                     Some(r) => r.finish().await,
                     None => true,
@@ -938,16 +1119,17 @@ where
         if !self.broker.auth.enabled() {
             return true;
         }
-        if let Some(&ok) = self.acl_cache.get(topic) {
+        let cache = self.acl_cache.get_or_insert_with(Default::default);
+        if let Some(&ok) = cache.get(topic) {
             return ok;
         }
         let ok = self
             .identity
-            .allowed(&self.client_id, Access::Publish, topic);
-        if self.acl_cache.len() >= ACL_CACHE_MAX {
-            self.acl_cache.clear();
+            .allowed(&self.session.client_id, Access::Publish, topic);
+        if cache.len() >= ACL_CACHE_MAX {
+            cache.clear();
         }
-        self.acl_cache.insert(topic.clone(), ok);
+        cache.insert(topic.clone(), ok);
         ok
     }
 
@@ -1008,7 +1190,7 @@ where
     /// Redis store: the client has a message of its session stream.
     fn stream_ack(&self, id: Option<ByteString>) {
         if let (Some(id), Some(c)) = (id, self.broker.cluster()) {
-            c.ack(&self.client_id, &id);
+            c.ack(&self.session.client_id, &id);
         }
     }
 
@@ -1024,7 +1206,7 @@ where
                 Ok(fr)
                     if self.broker.auth.enabled()
                         && !self.identity.allowed(
-                            &self.client_id,
+                            &self.session.client_id,
                             Access::Subscribe,
                             fr.filter,
                         ) =>
@@ -1148,7 +1330,7 @@ where
         let mut n = 0;
         while n < PUMP_BATCH && self.out.wbuf.len() < WRITE_HIGH_WATER {
             let Some(front) = st.queue.front() else { break };
-            if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.window {
+            if front.qos != QoS::AtMostOnce && st.inflight.len() >= usize::from(self.window) {
                 break;
             }
             let Some(d) = st.queue.pop_front() else { break };
@@ -1180,10 +1362,9 @@ where
                 });
             }
         }
-        let more = st
-            .queue
-            .front()
-            .is_some_and(|f| f.qos == QoS::AtMostOnce || st.inflight.len() < self.window);
+        let more = st.queue.front().is_some_and(|f| {
+            f.qos == QoS::AtMostOnce || st.inflight.len() < usize::from(self.window)
+        });
         let queued = st.queue.len();
         drop(st);
         if n > 0 {
@@ -1191,7 +1372,7 @@ where
         }
         if more {
             // Batch bound reached: continue after this write.
-            self.wake.notify_one();
+            self.signal.wake();
         }
     }
 }
@@ -1212,12 +1393,13 @@ impl Out {
         let mut alias = None;
         let mut new_alias = false;
         if self.client_alias_max > 0 {
-            if let Some(&a) = self.alias_out.get(&m.topic) {
+            let aliases = self.alias_out.get_or_insert_with(Default::default);
+            if let Some(&a) = aliases.get(&m.topic) {
                 alias = Some(a);
                 topic = "";
-            } else if self.alias_out.len() < usize::from(self.client_alias_max) {
-                let a = self.alias_out.len() as u16 + 1;
-                self.alias_out.insert(m.topic.clone(), a);
+            } else if aliases.len() < usize::from(self.client_alias_max) {
+                let a = aliases.len() as u16 + 1;
+                aliases.insert(m.topic.clone(), a);
                 alias = Some(a);
                 new_alias = true;
             }
@@ -1243,8 +1425,8 @@ impl Out {
         );
         if len > self.client_max_packet {
             self.wbuf.truncate(start);
-            if new_alias {
-                self.alias_out.remove(&m.topic);
+            if let (true, Some(aliases)) = (new_alias, self.alias_out.as_mut()) {
+                aliases.remove(&m.topic);
             }
             return false;
         }
@@ -1259,23 +1441,36 @@ impl Out {
 
 #[cfg(test)]
 mod tests {
-    /// What an idle connection costs is mostly its task's future: keep it
-    /// small (the subscribe/Redis/handshake states are boxed out of it).
+    use std::sync::Arc;
+
+    /// What an idle connection costs is mostly its task: keep the state it
+    /// holds while it waits small (the opening, subscribe, Redis and
+    /// blocked-write states are boxed out of it, nothing is stored twice).
     #[tokio::test]
     async fn an_idle_connection_task_stays_small() {
-        let cfg = std::sync::Arc::new(crate::config::Config::default());
+        let cfg = Arc::new(crate::config::Config::default());
         let auth = crate::auth::Auth::new(None, 10).unwrap();
         let broker = crate::broker::Broker::new(cfg, auth);
-        let (a, _b) = tokio::io::duplex(64);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
         let f = super::serve(
             broker,
-            a,
+            stream,
             "127.0.0.1:1".parse().unwrap(),
             None,
             tokio_util::sync::CancellationToken::new(),
+            permit,
         );
         let size = std::mem::size_of_val(&f);
-        assert!(size <= 3072, "connection future is {size} bytes");
-        assert!(std::mem::size_of::<super::Conn<tokio::io::DuplexStream>>() <= 768);
+        assert!(size <= 768, "connection future is {size} bytes");
+        let conn = std::mem::size_of::<super::Conn<tokio::net::TcpStream>>();
+        assert!(conn <= 480, "connection state is {conn} bytes");
+        let session = std::mem::size_of::<crate::session::Session>();
+        assert!(session <= 320, "session is {session} bytes");
     }
 }

@@ -221,6 +221,9 @@ impl Bound {
         }
         shutdown.cancelled().await;
         info!("shutting down");
+        // Connections attached before this see the signal; later ones see
+        // the cancelled token when they start serving.
+        broker.signal_all(session::Signal::shutdown);
         tracker.close();
         let deadline = broker.config.shutdown_timeout();
         if tokio::time::timeout(deadline, tracker.wait())
@@ -271,7 +274,10 @@ async fn run_auth_reload(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {
                 let b = broker.clone();
-                let _ = tokio::task::spawn_blocking(move || b.auth.reload_if_changed()).await;
+                let changed = tokio::task::spawn_blocking(move || b.auth.reload_if_changed()).await;
+                if matches!(changed, Ok(true)) {
+                    broker.signal_all(session::Signal::auth_changed);
+                }
             }
         }
     }

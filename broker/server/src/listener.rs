@@ -10,7 +10,7 @@ use std::time::Duration;
 use cirrus_codec::{reason, ConnAck, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -67,42 +67,42 @@ pub async fn serve_listener(
         match permits.clone().try_acquire_owned() {
             Ok(permit) if rate_ok => {
                 let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    // Each kind's future is boxed: the task holds only the
-                    // one it runs (a TLS or WebSocket connection's state is
-                    // several times a plain TCP one's), which keeps idle
-                    // connections small.
-                    match kind {
-                        Kind::Tcp => {
-                            Box::pin(crate::connection::serve(
-                                broker, stream, peer, None, shutdown,
-                            ))
-                            .await
-                        }
-                        Kind::Tls(tls) => {
-                            Box::pin(async move {
-                                if let Some((s, user)) =
-                                    tls_handshake(&broker, stream, peer, &tls).await
-                                {
-                                    crate::connection::serve(broker, s, peer, user, shutdown).await;
-                                }
-                            })
-                            .await
-                        }
-                        Kind::Ws => Box::pin(serve_ws(broker, stream, peer, None, shutdown)).await,
-                        Kind::Wss(tls) => {
-                            Box::pin(async move {
-                                if let Some((s, user)) =
-                                    tls_handshake(&broker, stream, peer, &tls).await
-                                {
-                                    serve_ws(broker, s, peer, user, shutdown).await;
-                                }
-                            })
-                            .await
-                        }
+                // One spawn per kind: each task is as large as its own kind's
+                // state (a TLS or WebSocket connection's is several times a
+                // plain TCP one's), which keeps idle connections small.
+                match kind {
+                    // Spawned as it is: wrapped in another async block, the
+                    // future would be stored twice (captured, then awaited).
+                    Kind::Tcp => {
+                        tracker.spawn(crate::connection::serve(
+                            broker, stream, peer, None, shutdown, permit,
+                        ));
                     }
-                    drop(permit);
-                });
+                    Kind::Tls(tls) => {
+                        tracker.spawn(async move {
+                            if let Some((s, user)) =
+                                tls_handshake(&broker, stream, peer, &tls).await
+                            {
+                                drop(tls);
+                                crate::connection::serve(broker, s, peer, user, shutdown, permit)
+                                    .await;
+                            }
+                        });
+                    }
+                    Kind::Ws => {
+                        tracker.spawn(serve_ws(broker, stream, peer, None, shutdown, permit));
+                    }
+                    Kind::Wss(tls) => {
+                        tracker.spawn(async move {
+                            if let Some((s, user)) =
+                                tls_handshake(&broker, stream, peer, &tls).await
+                            {
+                                drop(tls);
+                                serve_ws(broker, s, peer, user, shutdown, permit).await;
+                            }
+                        });
+                    }
+                }
             }
             _ => {
                 broker.stats.refused(crate::stats::Refused::ConnectionLimit);
@@ -177,13 +177,14 @@ async fn serve_ws<S>(
     peer: SocketAddr,
     cert_user: Option<String>,
     shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     // A WebSocket message carries at least one whole MQTT packet.
     let max = broker.config.limits.max_packet_size as usize + 16;
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::websocket::accept(stream, max)).await {
-        Ok(Ok(ws)) => crate::connection::serve(broker, ws, peer, cert_user, shutdown).await,
+        Ok(Ok(ws)) => crate::connection::serve(broker, ws, peer, cert_user, shutdown, permit).await,
         Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
         Err(_) => debug!(%peer, "WebSocket upgrade timed out"),
     }

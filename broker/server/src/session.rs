@@ -6,14 +6,15 @@
 //! lock shared by all sessions on the publish path.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use cirrus_codec::{ByteString, LastWill, PacketId, Protocol, QoS, SubscriptionOptions};
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::message::Delivery;
 use crate::stats::{DropReason, Stats};
@@ -49,10 +50,93 @@ pub struct Attachment {
     /// Increases with every connection; a connection whose epoch is no
     /// longer current has been taken over and must not touch the session.
     pub epoch: u64,
-    /// Wakes the connection when something was queued for it.
-    pub wake: Arc<Notify>,
-    /// Cancelled to make the connection leave (takeover).
-    pub kick: CancellationToken,
+    /// How the connection is woken (messages queued) or sent away.
+    pub signal: Arc<Signal>,
+}
+
+/// What a connection's task is told from outside. One small allocation per
+/// connection, polled by the task without a stored future (an idle
+/// connection's memory is mostly what its task keeps while it waits).
+#[derive(Debug, Default)]
+pub struct Signal {
+    flags: AtomicU8,
+    waker: AtomicWaker,
+}
+
+/// What [`Signal::poll`] reports, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rung {
+    /// Another connection took the session over, or the session ended.
+    Kicked,
+    /// The broker is shutting down.
+    Shutdown,
+    /// A new auth policy was installed.
+    AuthChanged,
+    /// Messages were queued for the session.
+    Wake,
+}
+
+impl Signal {
+    const KICK: u8 = 1;
+    const SHUTDOWN: u8 = 2;
+    const AUTH: u8 = 4;
+    const WAKE: u8 = 8;
+
+    fn ring(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    pub fn wake(&self) {
+        self.ring(Self::WAKE);
+    }
+
+    /// Make the connection leave; it stays kicked.
+    pub fn kick(&self) {
+        self.ring(Self::KICK);
+    }
+
+    pub fn shutdown(&self) {
+        self.ring(Self::SHUTDOWN);
+    }
+
+    pub fn auth_changed(&self) {
+        self.ring(Self::AUTH);
+    }
+
+    /// Register the task to be woken, and say whether it must leave.
+    pub fn poll_leave(&self, cx: &mut Context<'_>) -> Option<Rung> {
+        self.waker.register(cx.waker());
+        let f = self.flags.load(Ordering::Acquire);
+        if f & Self::KICK != 0 {
+            Some(Rung::Kicked)
+        } else if f & Self::SHUTDOWN != 0 {
+            Some(Rung::Shutdown)
+        } else {
+            None
+        }
+    }
+
+    /// Take a wake or an auth change if it was rung (after `poll_leave`
+    /// registered the task).
+    pub fn take(&self, rung: Rung) -> bool {
+        let flag = match rung {
+            Rung::Wake => Self::WAKE,
+            Rung::AuthChanged => Self::AUTH,
+            Rung::Kicked | Rung::Shutdown => return false,
+        };
+        self.flags.load(Ordering::Acquire) & flag != 0
+            && self.flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0
+    }
+
+    /// Resolves once the connection must leave (kick or shutdown).
+    pub async fn leave(&self) -> Rung {
+        std::future::poll_fn(|cx| match self.poll_leave(cx) {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        })
+        .await
+    }
 }
 
 /// A will waiting for its delay, or for the session to end.
@@ -76,7 +160,8 @@ pub struct SessionState {
     pub attached: Option<Attachment>,
     pub epoch: u64,
     pub disconnected_at: Option<Instant>,
-    pub pending_will: Option<PendingWill>,
+    /// Boxed: most sessions have none, and the session stays small.
+    pub pending_will: Option<Box<PendingWill>>,
     /// Set once the session is discarded; enqueues after that are refused.
     pub ended: bool,
 }
@@ -182,7 +267,7 @@ impl Session {
         let Some(a) = &st.attached else {
             return Enqueued::Queued;
         };
-        a.wake.notify_one();
+        a.signal.wake();
         if st.queue.len() > limits.max_queued / 2 {
             self.backlogged.store(true, Ordering::Relaxed);
             return Enqueued::Backlogged;
