@@ -6,12 +6,17 @@
 #   redis-1        cirrus-broker on a local redis-server, one pod
 #   redis-2        two pods on one redis-server: publishers on pod A,
 #                  subscribers on pod B
+#   before         with BASELINE_BROKER=path/to/cirrus-broker (another
+#                  build, e.g. of an earlier commit): that binary, memory
+#                  store, to see what a change did
 # Targets are interleaved within each round, ROUNDS rounds (default 3), and
 # the table shows medians and the ratio to Mosquitto. Raw JSON lines go to
-# target/bench/results.jsonl.
+# target/bench/results.jsonl. TARGETS="a b ..." runs only those targets.
 #
 #   bash bench/compare.sh            # everything (about 10 minutes)
 #   ROUNDS=1 QUICK=1 bash bench/compare.sh
+#   BASELINE_BROKER=/tmp/before/target/release/cirrus-broker \
+#     TARGETS="mosquitto before memory" bash bench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,8 +50,9 @@ start() {
       printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 1000\nmax_inflight_messages 100\nmax_connections -1\n' "$p1" >"$OUT/mosquitto.conf"
       /usr/sbin/mosquitto -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB ;;
-    memory)
-      $BROKER --listen 127.0.0.1:"$p1" --admin 127.0.0.1:0 --sys-interval 0 --max-connections 200000 >"$OUT/cirrus.log" 2>&1 &
+    memory|before)
+      local bin=$BROKER; [ "$1" = before ] && bin=$BASELINE_BROKER
+      $bin --listen 127.0.0.1:"$p1" --admin 127.0.0.1:0 --sys-interval 0 --max-connections 200000 >"$OUT/cirrus.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB ;;
     redis-1|redis-2|redis-4)
       ADMIN_A=127.0.0.1:$(free_port)
@@ -88,6 +94,11 @@ run() {
   cleanup
 }
 
+TARGETS=${TARGETS:-mosquitto memory redis-1 redis-2 redis-4}
+[ -n "${BASELINE_BROKER:-}" ] && [[ " $TARGETS " != *" before "* ]] && TARGETS="$TARGETS before"
+# wanted T...: those of the targets given that this run measures.
+wanted() { for t in "$@"; do [[ " $TARGETS " == *" $t "* ]] && echo "$t"; done; return 0; }
+
 M=50000; [ "$QUICK" = 1 ] && M=10000
 SCEN=(
   "fanin-q0|--scenario fan-in --qos 0 --messages $M"
@@ -103,22 +114,22 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   for s in "${SCEN[@]}"; do
     name=${s%%|*}; args=${s#*|}
-    for t in mosquitto memory redis-1 redis-2; do
+    for t in $(wanted mosquitto before memory redis-1 redis-2); do
       # shellcheck disable=SC2086
       run "$t" "$name" $args
     done
   done
   # Persistent sessions on the Redis store (QoS 1 through session streams).
-  for t in mosquitto memory redis-2; do
+  for t in $(wanted mosquitto before memory redis-2); do
     run "$t" persistent-q1 --scenario pairs --qos 1 --protocol 5 --persistent --messages $((M / 5))
   done
   # Idle pods must not make a publish dearer (invariant 3).
-  for t in redis-2 redis-4; do
+  for t in $(wanted redis-2 redis-4); do
     run "$t" idle-pods-q1 --scenario pairs --qos 1 --rate 1000 --messages 5000
   done
   # Idle connections: connect rate and broker memory per connection.
   C=${CONNS:-9000}; [ "$QUICK" = 1 ] && C=5000
-  for t in mosquitto memory redis-1; do
+  for t in $(wanted mosquitto before memory redis-1); do
     start "$t"
     timeout 180 $BENCH --scenario connections --broker "$PUB" --connections "$C" --source-ips 4 \
       --broker-pid "$BPID" --label "$t|idle-$C" >>"$RESULTS" || echo "{\"label\":\"$t|idle-$C\",\"failed\":true}" >>"$RESULTS"
@@ -144,7 +155,7 @@ def med(ds, k):
     v = [d[k] for d in ds if d.get(k) is not None and not d.get("failed")]
     return statistics.median(v) if v else None
 names = sorted({n for n, _ in rows}, key=lambda n: list(dict.fromkeys(n for n, _ in rows)).index(n))
-targets = ["mosquitto", "memory", "redis-1", "redis-2", "redis-4"]
+targets = ["mosquitto", "before", "memory", "redis-1", "redis-2", "redis-4"]
 print("| scenario | target | msg/s (median) | × Mosquitto | lost | p50 ms | p99 ms | Redis cmds per publish (pod A) |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for n in names:

@@ -413,6 +413,17 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) a process has used so far: fields 14 and 15
+/// of /proc/PID/stat, in USER_HZ ticks (100 a second on Linux).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 fn source(a: &Args, i: usize) -> Option<IpAddr> {
     (a.source_ips > 1).then(|| IpAddr::from([127, 0, 0, 1 + (i % usize::from(a.source_ips)) as u8]))
 }
@@ -429,8 +440,12 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
     let half = a.connections / 2;
     let mut rss_half = None;
     let mut connect_secs = 0.0;
+    // The broker's CPU while connecting: what a connect costs it, apart
+    // from the generator that shares the machine.
+    let mut broker_cpu = 0.0;
     for range in [0..half, half..a.connections] {
         let start = Instant::now();
+        let cpu_start = a.broker_pid.and_then(cpu_secs);
         let mut tasks = Vec::with_capacity(range.len());
         for i in range {
             let permit = sem.clone().acquire_owned().await?;
@@ -449,6 +464,9 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
             }
         }
         connect_secs += start.elapsed().as_secs_f64();
+        if let (Some(s), Some(e)) = (cpu_start, a.broker_pid.and_then(cpu_secs)) {
+            broker_cpu += e - s;
+        }
         if rss_half.is_none() {
             tokio::time::sleep(Duration::from_millis(500)).await;
             rss_half = Some((a.broker_pid.and_then(rss_kib), held.len()));
@@ -480,6 +498,7 @@ async fn connections(a: &Args) -> anyhow::Result<serde_json::Value> {
         "broker_rss_kib_after": rss_after,
         "broker_bytes_per_connection": per_conn,
         "broker_bytes_per_added_connection": marginal,
+        "broker_cpu_us_per_connect": a.broker_pid.map(|_| broker_cpu * 1e6 / held.len().max(1) as f64),
     }))
 }
 

@@ -47,6 +47,12 @@ use cirrus_config::auth::Access;
 const IDLE_READ: usize = 2048;
 /// Read buffer of a connection whose last read filled the stack buffer.
 const BUSY_READ: usize = 16 * 1024;
+/// A connection lets go of its empty buffers this long after it last went
+/// to sleep with them: an idle one holds none, a busy one reallocates them
+/// about once this often (not once per message).
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// Buffers up to this size are let go of as soon as the connection sleeps.
+const SMALL_BUFFER: usize = 1024;
 /// Flush the write buffer once it holds this much.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Messages moved from the session queue per wake-up, so one busy session
@@ -251,7 +257,6 @@ struct Conn<S> {
     window: u16,
     /// Topic aliases the client set towards us (index = alias).
     alias_in: Vec<Option<ByteString>>,
-    scratch: Vec<Match>,
     /// A subscriber this connection's publishes are outrunning.
     backlogged: Option<Arc<Session>>,
     identity: Identity,
@@ -261,9 +266,8 @@ struct Conn<S> {
     /// under: no ACL evaluation (or allocation) per message.
     #[allow(clippy::box_collection)]
     acl_cache: Option<Box<std::collections::HashMap<ByteString, bool>>>,
-    publish_rate: Option<Box<crate::stats::RateLimit>>,
-    /// Set when the publish rate is exceeded: read nothing more until then.
-    throttle_until: Option<tokio::time::Instant>,
+    /// `limits.max_publish_rate`, when set.
+    publish_rate: Option<Box<Throttle>>,
     /// Redis store: a QoS 0 publish waiting for room in the store's queue.
     blocked: Option<Box<Pending>>,
     /// Redis store: PUBACK/PUBREC waiting for Redis, in arrival order
@@ -271,6 +275,10 @@ struct Conn<S> {
     acks: Option<Box<FuturesOrdered<AckFuture>>>,
     /// The last read filled the stack buffer: read into a large one.
     busy_reader: bool,
+    /// When the client will have been silent too long (keep alive).
+    ka_deadline: tokio::time::Instant,
+    /// The timer is set to let go of the buffers (see `poll_event`).
+    release_pending: bool,
 }
 
 /// Validate CONNECT, attach the session and answer CONNACK.
@@ -452,16 +460,17 @@ where
         will: c.will.map(Box::new),
         window,
         alias_in: Vec::new(),
-        scratch: Vec::new(),
         backlogged: None,
         identity,
         auth_generation,
         acl_cache: None,
-        publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate).map(Box::new),
-        throttle_until: None,
+        publish_rate: crate::stats::RateLimit::new(cfg.limits.max_publish_rate)
+            .map(|rate| Box::new(Throttle { rate, until: None })),
         blocked: None,
         acks: None,
         busy_reader: false,
+        ka_deadline: tokio::time::Instant::now(),
+        release_pending: false,
     };
     conn.send(&Packet::ConnAck(ack));
     if grant.session_present {
@@ -495,10 +504,24 @@ async fn refuse_connect<S>(
 
 enum Event {
     Read(std::io::Result<usize>),
+    /// The keep-alive deadline, or the time to let go of the buffers.
+    Timer,
     Acked((bool, QoS, PacketId, u8)),
     Wake,
     AuthChanged,
     Close(Close),
+}
+
+/// The publish rate limit of a connection, and until when it is not read.
+struct Throttle {
+    rate: crate::stats::RateLimit,
+    until: Option<tokio::time::Instant>,
+}
+
+thread_local! {
+    /// Route matches of one publish, reused by every connection this
+    /// thread serves (rather than kept by each connection).
+    static SCRATCH: std::cell::RefCell<Vec<Match>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What became of the next buffered frame.
@@ -578,6 +601,14 @@ where
         }
     }
 
+    /// How long the client may be silent: 1.5 times its keep alive.
+    fn silence_allowed(&self) -> Duration {
+        match self.keep_alive {
+            0 => Duration::from_secs(u64::from(u32::MAX)),
+            secs => Duration::from_millis(u64::from(secs) * 1500),
+        }
+    }
+
     fn acks_len(&self) -> usize {
         self.acks.as_ref().map_or(0, |a| a.len())
     }
@@ -585,19 +616,19 @@ where
     /// Must the connection stop reading for a while (see `wait_to_read`)?
     fn must_wait(&self) -> bool {
         self.backlogged.is_some()
-            || self.throttle_until.is_some()
+            || self
+                .publish_rate
+                .as_ref()
+                .is_some_and(|t| t.until.is_some())
             || self.blocked.is_some()
             || self.acks_len() >= MAX_PENDING_ACKS
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Close {
-        let max_in = self.broker.config.limits.max_packet_size as usize;
-        // The client may be silent for 1.5 times its keep alive.
-        let ka = match self.keep_alive {
-            0 => Duration::from_secs(u64::from(u32::MAX)),
-            secs => Duration::from_millis(u64::from(secs) * 1500),
-        };
-        let keepalive = tokio::time::sleep(ka);
+        // One timer for the keep-alive deadline and for letting go of the
+        // buffers.
+        self.ka_deadline = tokio::time::Instant::now() + self.silence_allowed();
+        let keepalive = tokio::time::sleep_until(self.ka_deadline);
         tokio::pin!(keepalive);
         // Shutdown and auth reloads ring the signals of connections attached
         // by then; this one may have attached (or logged in) just after.
@@ -610,7 +641,7 @@ where
         loop {
             // Answer every complete frame already buffered.
             loop {
-                match self.next_frame(max_in) {
+                match self.next_frame() {
                     Ok(Frame::Handled) => {}
                     Ok(Frame::Later(later)) => {
                         if let Err(c) = later.await {
@@ -644,7 +675,25 @@ where
                 Event::Read(Ok(0)) | Event::Read(Err(_)) => return Close::Io,
                 Event::Read(Ok(n)) => {
                     Stats::add(&self.broker.stats.bytes_received, n as u64);
-                    keepalive.as_mut().reset(tokio::time::Instant::now() + ka);
+                    self.ka_deadline = tokio::time::Instant::now() + self.silence_allowed();
+                    // A pending release fires first and then sets this.
+                    if !self.release_pending {
+                        keepalive.as_mut().reset(self.ka_deadline);
+                    }
+                }
+                Event::Timer => {
+                    if tokio::time::Instant::now() >= self.ka_deadline {
+                        return Close::KeepAlive;
+                    }
+                    self.release_pending = false;
+                    if self.rbuf.is_empty() {
+                        self.rbuf = BytesMut::new();
+                        self.busy_reader = false;
+                    }
+                    if self.out.wbuf.is_empty() {
+                        self.out.wbuf = BytesMut::new();
+                    }
+                    keepalive.as_mut().reset(self.ka_deadline);
                 }
                 Event::Wake => self.pump(),
                 Event::Acked(r) => {
@@ -673,54 +722,70 @@ where
     }
 
     /// The wait of a running connection, in order of urgency: leave (kick,
-    /// shutdown), keep-alive timeout, the socket, queued messages, stored
-    /// publishes, an auth reload. Holds nothing between polls but the
-    /// signal's waker; when it is about to sleep, it lets go of empty
-    /// buffers.
+    /// shutdown), the timer (keep-alive deadline or buffer release), the
+    /// socket, queued messages, stored publishes, an auth reload. Holds
+    /// nothing between polls but the signal's waker.
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
-        keepalive: Pin<&mut tokio::time::Sleep>,
+        mut timer: Pin<&mut tokio::time::Sleep>,
     ) -> Poll<Event> {
-        if let Some(r) = self.signal.poll_leave(cx) {
-            return Poll::Ready(Event::Close(leave(r)));
-        }
-        if keepalive.poll(cx).is_ready() {
-            return Poll::Ready(Event::Close(Close::KeepAlive));
-        }
-        if let Poll::Ready(r) = self.poll_read(cx) {
-            return Poll::Ready(Event::Read(r));
-        }
-        if self.signal.take(Rung::Wake) {
-            return Poll::Ready(Event::Wake);
-        }
-        if let Some(acks) = self.acks.as_mut().filter(|a| !a.is_empty()) {
-            if let Poll::Ready(Some(r)) = Pin::new(&mut **acks).poll_next(cx) {
-                return Poll::Ready(Event::Acked(r));
+        loop {
+            if let Some(r) = self.signal.resume() {
+                return Poll::Ready(Event::Close(leave(r)));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if let Poll::Ready(r) = self.poll_read(cx) {
+                return Poll::Ready(Event::Read(r));
+            }
+            if self.signal.take(Rung::Wake) {
+                return Poll::Ready(Event::Wake);
+            }
+            if let Some(acks) = self.acks.as_mut().filter(|a| !a.is_empty()) {
+                if let Poll::Ready(Some(r)) = Pin::new(&mut **acks).poll_next(cx) {
+                    return Poll::Ready(Event::Acked(r));
+                }
+            }
+            if self.signal.take(Rung::AuthChanged) {
+                return Poll::Ready(Event::AuthChanged);
+            }
+            // Going to sleep: small empty buffers go at once (getting them
+            // back is cheap), large ones in a while, unless that is arranged.
+            if self.rbuf.is_empty() && (1..=SMALL_BUFFER).contains(&self.rbuf.capacity()) {
+                self.rbuf = BytesMut::new();
+            }
+            let wcap = self.out.wbuf.capacity();
+            if self.out.wbuf.is_empty() && (1..=SMALL_BUFFER).contains(&wcap) {
+                self.out.wbuf = BytesMut::new();
+            }
+            let holding = self.rbuf.capacity() > 0 || self.out.wbuf.capacity() > 0;
+            if holding && !self.release_pending {
+                self.release_pending = true;
+                let at = tokio::time::Instant::now() + RELEASE_AFTER;
+                timer.as_mut().reset(at.min(self.ka_deadline));
+                continue;
+            }
+            if self.signal.park(cx) {
+                return Poll::Pending;
             }
         }
-        if self.signal.take(Rung::AuthChanged) {
-            return Poll::Ready(Event::AuthChanged);
-        }
-        // Going to sleep: an idle connection keeps no buffers.
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && !self.busy_reader {
-            self.rbuf = BytesMut::new();
-        }
-        if self.out.wbuf.is_empty() && self.out.wbuf.capacity() > 0 {
-            self.out.wbuf = BytesMut::new();
-        }
-        Poll::Pending
     }
 
-    /// Read from the socket. A client that sends little is read through a
-    /// buffer on the stack, so that it holds no read buffer while it waits;
-    /// one whose last read filled that gets a large buffer of its own.
+    /// Read from the socket: into the read buffer if the connection has
+    /// one with room; else through a buffer on the stack (so that a
+    /// connection without a buffer holds none while it waits). One whose
+    /// last read filled that gets a large buffer.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.busy_reader {
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        if self.busy_reader || room >= IDLE_READ {
             if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * BUSY_READ {
                 self.rbuf = BytesMut::new();
             }
-            self.rbuf.reserve(BUSY_READ);
+            if self.busy_reader {
+                self.rbuf.reserve(BUSY_READ);
+            }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
@@ -773,7 +838,7 @@ where
             }
             return Ok(());
         }
-        if let Some(until) = self.throttle_until.take() {
+        if let Some(until) = self.publish_rate.as_mut().and_then(|t| t.until.take()) {
             // Rate limit: the client is slowed down by reading it later.
             tokio::select! {
                 biased;
@@ -825,7 +890,8 @@ where
 
     /// Decode and answer the next buffered frame (a sync step: the decoded
     /// packet is never kept in the task's state).
-    fn next_frame(&mut self, max_in: usize) -> Result<Frame<'_>, Close> {
+    fn next_frame(&mut self) -> Result<Frame<'_>, Close> {
+        let max_in = self.broker.config.limits.max_packet_size as usize;
         match cirrus_codec::decode(&mut self.rbuf, self.protocol, max_in) {
             Ok(Some(p)) => {
                 Stats::inc(&self.broker.stats.messages_received);
@@ -932,10 +998,10 @@ where
             &self.broker.stats.payload_bytes_received_qos[q],
             p.payload.len() as u64,
         );
-        if let Some(r) = &mut self.publish_rate {
-            let wait = r.take_or_wait(Instant::now());
+        if let Some(t) = &mut self.publish_rate {
+            let wait = t.rate.take_or_wait(Instant::now());
             if !wait.is_zero() {
-                self.throttle_until = Some(tokio::time::Instant::now() + wait);
+                t.until = Some(tokio::time::Instant::now() + wait);
             }
         }
         if let Some(alias) = p.properties.topic_alias.take() {
@@ -1046,7 +1112,15 @@ where
             }
             let msg = Message::from_wire(p.topic, p.payload, p.qos, p.retain, props, publisher);
             let msg = Arc::new(msg);
-            let outcome = self.broker.publish(msg, &mut self.scratch);
+            let outcome = SCRATCH.with(|s| match s.try_borrow_mut() {
+                Ok(mut scratch) => {
+                    let outcome = self.broker.publish(msg, &mut scratch);
+                    // Matches hold sessions: let go of them now.
+                    scratch.clear();
+                    outcome
+                }
+                Err(_) => self.broker.publish(msg, &mut Vec::new()),
+            });
             if outcome.backlogged.is_some() {
                 self.backlogged = outcome.backlogged;
             }

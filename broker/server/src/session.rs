@@ -81,10 +81,17 @@ impl Signal {
     const SHUTDOWN: u8 = 2;
     const AUTH: u8 = 4;
     const WAKE: u8 = 8;
+    /// The connection is parked on the waker. Only then does a ring wake
+    /// it: a running connection looks at the flags before it parks, so
+    /// publishers do not make busy connections poll again for nothing.
+    const PARKED: u8 = 16;
 
     fn ring(&self, flag: u8) {
-        self.flags.fetch_or(flag, Ordering::AcqRel);
-        self.waker.wake();
+        // One atomic orders ring and park: either the parking connection
+        // sees this flag, or this sees it parked and wakes it.
+        if self.flags.fetch_or(flag, Ordering::AcqRel) & Self::PARKED != 0 {
+            self.waker.wake();
+        }
     }
 
     pub fn wake(&self) {
@@ -104,10 +111,7 @@ impl Signal {
         self.ring(Self::AUTH);
     }
 
-    /// Register the task to be woken, and say whether it must leave.
-    pub fn poll_leave(&self, cx: &mut Context<'_>) -> Option<Rung> {
-        self.waker.register(cx.waker());
-        let f = self.flags.load(Ordering::Acquire);
+    fn leaving(f: u8) -> Option<Rung> {
         if f & Self::KICK != 0 {
             Some(Rung::Kicked)
         } else if f & Self::SHUTDOWN != 0 {
@@ -117,8 +121,13 @@ impl Signal {
         }
     }
 
-    /// Take a wake or an auth change if it was rung (after `poll_leave`
-    /// registered the task).
+    /// The connection is running: rings need not wake it. Says whether it
+    /// must leave.
+    pub fn resume(&self) -> Option<Rung> {
+        Self::leaving(self.flags.fetch_and(!Self::PARKED, Ordering::AcqRel))
+    }
+
+    /// Take a wake or an auth change if it was rung.
     pub fn take(&self, rung: Rung) -> bool {
         let flag = match rung {
             Rung::Wake => Self::WAKE,
@@ -129,11 +138,23 @@ impl Signal {
             && self.flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0
     }
 
-    /// Resolves once the connection must leave (kick or shutdown).
+    /// Park the task on the waker: true if it may sleep, false if something
+    /// was rung meanwhile (look again).
+    pub fn park(&self, cx: &mut Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.flags.fetch_or(Self::PARKED, Ordering::AcqRel) & !Self::PARKED == 0
+    }
+
+    /// Resolves once the connection must leave (kick or shutdown); for a
+    /// connection waiting on something else meanwhile.
     pub async fn leave(&self) -> Rung {
-        std::future::poll_fn(|cx| match self.poll_leave(cx) {
-            Some(r) => Poll::Ready(r),
-            None => Poll::Pending,
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let f = self.flags.fetch_or(Self::PARKED, Ordering::AcqRel);
+            match Self::leaving(f) {
+                Some(r) => Poll::Ready(r),
+                None => Poll::Pending,
+            }
         })
         .await
     }
@@ -313,5 +334,78 @@ impl SessionState {
 
     pub fn find_inflight(&self, pid: PacketId) -> Option<usize> {
         self.inflight.iter().position(|i| i.packet_id == pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Context;
+
+    use futures_util::task::{waker, ArcWake};
+
+    use super::{Rung, Signal};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl ArcWake for Count {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_ring_wakes_a_parked_connection_once_and_a_running_one_never() {
+        let s = Signal::default();
+        let count = Arc::new(Count::default());
+        let w = waker(count.clone());
+        let mut cx = Context::from_waker(&w);
+        let woken = || count.0.load(Ordering::SeqCst);
+
+        // Running: rung, not woken; it sees the wake before parking.
+        assert_eq!(s.resume(), None);
+        s.wake();
+        assert_eq!(woken(), 0);
+        assert!(!s.park(&mut cx), "a wake rung before parking is seen");
+        assert!(s.take(Rung::Wake));
+        assert!(!s.take(Rung::Wake), "a wake is taken once");
+
+        // Parked: the first ring wakes it; until it resumes, nothing more.
+        assert!(s.park(&mut cx));
+        s.wake();
+        s.auth_changed();
+        assert_eq!(woken(), 1);
+        assert_eq!(s.resume(), None);
+        assert!(s.take(Rung::Wake));
+        assert!(s.take(Rung::AuthChanged));
+        s.wake();
+        assert_eq!(woken(), 1, "a running connection is not woken");
+        assert!(s.take(Rung::Wake));
+
+        // A kick stays: every resume after it says leave.
+        assert!(s.park(&mut cx));
+        s.kick();
+        assert_eq!(woken(), 2);
+        assert_eq!(s.resume(), Some(Rung::Kicked));
+        assert!(!s.park(&mut cx));
+        assert_eq!(s.resume(), Some(Rung::Kicked));
+    }
+
+    #[tokio::test]
+    async fn leave_resolves_on_shutdown_only() {
+        let s = Arc::new(Signal::default());
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { s.leave().await }
+        });
+        s.wake();
+        s.auth_changed();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        s.shutdown();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert_eq!(r.unwrap().unwrap(), Rung::Shutdown);
+        assert!(s.take(Rung::Wake), "wakes are left for the connection");
     }
 }
