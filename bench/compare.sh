@@ -134,6 +134,7 @@ for round in $(seq "$ROUNDS"); do
     timeout 180 $BENCH --scenario connections --broker "$PUB" --connections "$C" --source-ips 4 \
       --broker-pid "$BPID" --label "$t|idle-$C" >>"$RESULTS" || echo "{\"label\":\"$t|idle-$C\",\"failed\":true}" >>"$RESULTS"
     cleanup
+    sleep 2 # the sockets of C connections close
   done
 done
 
@@ -173,8 +174,8 @@ for n in names:
         cost = f"{statistics.median(c):.3f}" if c else "–"
         print(f"| {n} | {t} | {v:,.0f} | {ratio} | {lost:.0f} | {med(ds, 'latency_ms_p50'):.2f} | {med(ds, 'latency_ms_p99'):.2f} | {cost} |" if v is not None else f"| {n} | {t} | failed | | | | | |")
 print()
-print("| idle connections | target | connects/s | broker bytes per connection | per added connection |")
-print("|---|---|---:|---:|---:|")
+print("| idle connections | target | connects/s | broker bytes per connection | per added connection | broker CPU µs per connect |")
+print("|---|---|---:|---:|---:|---:|")
 for n in names:
     if not n.startswith("idle-") or n.startswith("idle-pods"):
         continue
@@ -184,5 +185,7 @@ for n in names:
             c = med(ds, "connects_per_sec"); b = med(ds, "broker_bytes_per_connection")
             m = med(ds, "broker_bytes_per_added_connection")
             ms = f"{m:,.0f}" if m else "–"
-            print(f"| {n} | {t} | {c:,.0f} | {b:,.0f} | {ms} |" if c and b else f"| {n} | {t} | {c} | {b} | {ms} |")
+            u = med(ds, "broker_cpu_us_per_connect")
+            us = f"{u:.0f}" if u else "–"
+            print(f"| {n} | {t} | {c:,.0f} | {b:,.0f} | {ms} | {us} |" if c and b else f"| {n} | {t} | {c} | {b} | {ms} | {us} |")
 PY
