@@ -79,10 +79,24 @@ impl Bound {
     }
 }
 
+/// Connections the kernel completes before the broker accepts them (capped
+/// by `net.core.somaxconn`). When a pod restarts, its clients reconnect at
+/// once: with the usual 128, a burst of a few hundred overflows the queue
+/// and every dropped handshake waits a second for the client's retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let l = bind().map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = l.local_addr()?;
     Ok((l, local))
 }
@@ -303,5 +317,37 @@ async fn run_sys(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => broker.publish_sys(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A reconnect storm: far more handshakes than the usual backlog of 128
+    /// complete while the broker is not accepting. With a short backlog
+    /// the kernel drops the handshakes past it and each client waits a
+    /// second to retry.
+    #[tokio::test]
+    async fn a_burst_of_connects_is_not_dropped_by_the_listen_queue() {
+        let (listener, addr) = super::listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let connects: Vec<_> = (0..600)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_millis(700),
+                    tokio::net::TcpStream::connect(addr),
+                ))
+            })
+            .collect();
+        let mut done = 0;
+        let mut held = Vec::new();
+        for c in connects {
+            if let Ok(Ok(Ok(s))) = c.await {
+                done += 1;
+                held.push(s);
+            }
+        }
+        assert_eq!(done, 600, "handshakes dropped by the listen queue");
+        drop(listener);
     }
 }
