@@ -686,13 +686,7 @@ where
                         return Close::KeepAlive;
                     }
                     self.release_pending = false;
-                    if self.rbuf.is_empty() {
-                        self.rbuf = BytesMut::new();
-                        self.busy_reader = false;
-                    }
-                    if self.out.wbuf.is_empty() {
-                        self.out.wbuf = BytesMut::new();
-                    }
+                    self.release_buffers(usize::MAX);
                     keepalive.as_mut().reset(self.ka_deadline);
                 }
                 Event::Wake => self.pump(),
@@ -753,13 +747,7 @@ where
             }
             // Going to sleep: small empty buffers go at once (getting them
             // back is cheap), large ones in a while, unless that is arranged.
-            if self.rbuf.is_empty() && (1..=SMALL_BUFFER).contains(&self.rbuf.capacity()) {
-                self.rbuf = BytesMut::new();
-            }
-            let wcap = self.out.wbuf.capacity();
-            if self.out.wbuf.is_empty() && (1..=SMALL_BUFFER).contains(&wcap) {
-                self.out.wbuf = BytesMut::new();
-            }
+            self.release_buffers(SMALL_BUFFER);
             let holding = self.rbuf.capacity() > 0 || self.out.wbuf.capacity() > 0;
             if holding && !self.release_pending {
                 self.release_pending = true;
@@ -770,6 +758,18 @@ where
             if self.signal.park(cx) {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Let go of the empty buffers of at most `up_to` bytes.
+    fn release_buffers(&mut self, up_to: usize) {
+        if self.rbuf.is_empty() && (1..=up_to).contains(&self.rbuf.capacity()) {
+            self.rbuf = BytesMut::new();
+            self.busy_reader = false;
+        }
+        let wbuf = &mut self.out.wbuf;
+        if wbuf.is_empty() && (1..=up_to).contains(&wbuf.capacity()) {
+            *wbuf = BytesMut::new();
         }
     }
 
@@ -803,48 +803,36 @@ where
         Poll::Ready(Ok(n))
     }
 
-    /// Read nothing more for a while: a subscriber this publisher outran
-    /// drains (bounded), the Redis store's queue has room, too many
-    /// acknowledgements wait for Redis, or the publish rate limit.
+    /// Read nothing more for a while (or until the connection must leave):
+    /// a subscriber this publisher outran drains (bounded), the Redis
+    /// store's queue has room, too many acknowledgements wait for Redis, or
+    /// the publish rate limit.
     async fn wait_to_read(&mut self) -> Result<(), Close> {
         let signal = self.signal.clone();
+        tokio::select! {
+            biased;
+            r = signal.leave() => Err(leave(r)),
+            r = self.wait_for_room() => r,
+        }
+    }
+
+    /// The wait of `wait_to_read`: the first reason that applies.
+    async fn wait_for_room(&mut self) -> Result<(), Close> {
         if let Some(s) = self.backlogged.take() {
-            tokio::select! {
-                biased;
-                r = signal.leave() => return Err(leave(r)),
-                _ = s.wait_for_space(BACKPRESSURE_WAIT) => {}
-            }
-            return Ok(());
-        }
-        if let Some(p) = self.blocked.take() {
-            tokio::select! {
-                biased;
-                r = signal.leave() => return Err(leave(r)),
-                _ = p.finish() => {}
-            }
-            return Ok(());
-        }
-        if self.acks_len() >= MAX_PENDING_ACKS {
-            let Some(acks) = self.acks.as_mut() else {
-                return Ok(());
+            s.wait_for_space(BACKPRESSURE_WAIT).await;
+        } else if let Some(p) = self.blocked.take() {
+            let _ = p.finish().await;
+        } else if self.acks_len() >= MAX_PENDING_ACKS {
+            let stored = match self.acks.as_mut() {
+                Some(acks) => acks.next().await,
+                None => None,
             };
-            let r = tokio::select! {
-                biased;
-                r = signal.leave() => return Err(leave(r)),
-                r = acks.next() => r,
-            };
-            if let Some(r) = r {
+            if let Some(r) = stored {
                 self.on_stored(r)?;
             }
-            return Ok(());
-        }
-        if let Some(until) = self.publish_rate.as_mut().and_then(|t| t.until.take()) {
+        } else if let Some(until) = self.publish_rate.as_mut().and_then(|t| t.until.take()) {
             // Rate limit: the client is slowed down by reading it later.
-            tokio::select! {
-                biased;
-                r = signal.leave() => return Err(leave(r)),
-                _ = tokio::time::sleep_until(until) => {}
-            }
+            tokio::time::sleep_until(until).await;
         }
         Ok(())
     }

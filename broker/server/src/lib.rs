@@ -85,7 +85,7 @@ impl Bound {
 /// and every dropped handshake waits a second for the client's retry.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let bind = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -136,12 +136,12 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         ("wss", ls.wss, tls_state.clone().map(listener::Kind::Wss)),
     ];
     let admin = match ls.admin {
-        Some(a) => Some(listen(a).await?),
+        Some(a) => Some(listen(a)?),
         None => None,
     };
     for (name, addr, kind) in wanted {
         if let (Some(addr), Some(kind)) = (addr, kind) {
-            let (listener, addr) = listen(addr).await?;
+            let (listener, addr) = listen(addr)?;
             listeners.push(BoundListener {
                 name,
                 addr,
@@ -330,7 +330,7 @@ mod tests {
     /// second to retry.
     #[tokio::test]
     async fn a_burst_of_connects_is_not_dropped_by_the_listen_queue() {
-        let (listener, addr) = super::listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (listener, addr) = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let connects: Vec<_> = (0..600)
             .map(|_| {
                 tokio::spawn(tokio::time::timeout(

@@ -83,7 +83,6 @@ pub async fn serve_listener(
                             if let Some((s, user)) =
                                 tls_handshake(&broker, stream, peer, &tls).await
                             {
-                                drop(tls);
                                 crate::connection::serve(broker, s, peer, user, shutdown, permit)
                                     .await;
                             }
@@ -97,7 +96,6 @@ pub async fn serve_listener(
                             if let Some((s, user)) =
                                 tls_handshake(&broker, stream, peer, &tls).await
                             {
-                                drop(tls);
                                 serve_ws(broker, s, peer, user, shutdown, permit).await;
                             }
                         });
