@@ -194,6 +194,12 @@ pub async fn render(broker: &Broker) -> String {
         "reason",
     );
     o.one(
+        "cirrus_publish_store_failures_total",
+        "counter",
+        "QoS 1/2 publishes answered with an error code because the store did not take them.",
+        g(&s.publish_store_failed),
+    );
+    o.one(
         "cirrus_decode_errors_total",
         "counter",
         "Malformed or oversized packets (the connection was closed).",

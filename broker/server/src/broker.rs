@@ -17,10 +17,11 @@ use cirrus_codec::{
     SubscriptionOptions,
 };
 use parking_lot::Mutex;
+use tracing::debug;
 
 use crate::cluster::{Cluster, Pending};
 use crate::config::Config;
-use crate::message::{Delivery, Message};
+use crate::message::{Delivery, Message, StoreAck};
 use crate::retained::{RetainedStore, SetOutcome};
 use crate::router::{Match, Router, Subscriber};
 use crate::session::{
@@ -62,14 +63,33 @@ pub struct PublishOutcome {
 
 impl PublishOutcome {
     /// For publishes nobody acknowledges (wills): make sure the remote
-    /// part is still sent.
-    fn detach(self) {
-        if let Some(p) = self.remote {
+    /// part is still sent, under the store's tasks.
+    fn detach(self, cluster: Option<&Arc<Cluster>>) {
+        if let (Some(p), Some(c)) = (self.remote, cluster) {
             if p.must_wait() {
-                tokio::spawn(p.finish());
+                c.spawn(async move {
+                    if p.finish().await.is_err() {
+                        debug!("a will or store message could not be written to Redis");
+                    }
+                });
             }
         }
     }
+}
+
+/// What became of a message read from a Redis stream for a session here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Queued; its entry goes when the client acknowledges it.
+    Queued,
+    /// Not for this session (no matching subscription any more, or QoS 0):
+    /// the entry can go now.
+    NotWanted,
+    /// The session ended here (or has no online member): leave the entry
+    /// for whoever serves it next.
+    Gone,
+    /// The session's queue is full: read it again later.
+    Full,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +132,14 @@ pub struct Broker {
     claiming: Mutex<std::collections::HashSet<ByteString>>,
     /// Redis store: sessions whose release is being written.
     releasing: Mutex<HashMap<ByteString, tokio::sync::watch::Receiver<bool>>>,
+    /// Redis store: kicks that arrived before their connection attached
+    /// (client id → epoch, when).
+    kicked: Mutex<HashMap<ByteString, (u64, Instant)>>,
 }
+
+/// Kicks remembered for connections not attached yet, and for how long.
+const MAX_EARLY_KICKS: usize = 10_000;
+const EARLY_KICK_TTL: Duration = Duration::from_secs(10);
 
 impl Broker {
     pub fn new(config: Arc<Config>, auth: crate::auth::Auth) -> Arc<Broker> {
@@ -133,6 +160,7 @@ impl Broker {
             cluster: OnceLock::new(),
             claiming: Mutex::new(std::collections::HashSet::new()),
             releasing: Mutex::new(HashMap::new()),
+            kicked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -296,6 +324,10 @@ impl Broker {
             }
         }
         grant.session_present = claim.present || local_present;
+        if self.kicked_early(&cid, epoch) {
+            // Another pod took the client over while this connect ran.
+            grant.signal.kick();
+        }
         if persistent {
             // A session kept on this pod already holds what the previous
             // connection read from its stream: continue after it.
@@ -305,7 +337,7 @@ impl Broker {
                     .iter()
                     .map(|i| &i.delivery)
                     .chain(st.queue.iter())
-                    .filter_map(|d| d.ack.as_deref())
+                    .filter_map(|d| d.ack.as_deref().and_then(StoreAck::session_id))
                     .fold(None::<&str>, |m, id| match m {
                         Some(m) if crate::cluster::stream_id_le(id, m) => Some(m),
                         _ => Some(id),
@@ -432,6 +464,12 @@ impl Broker {
                     .collect();
                 let c = cluster.clone();
                 let cid = session.client_id.clone();
+                // A will with a delay is kept in Redis and published by
+                // whichever pod sees it due, unless the client is back.
+                let has_will = will.is_some();
+                let will_now =
+                    will.filter(|w| w.properties.will_delay_interval.unwrap_or(0).min(expiry) == 0);
+                let delayed_will = has_will && will_now.is_none();
                 // A reconnect to this pod waits for the release, so that it
                 // finds what the release wrote (PUBREL state).
                 let (done, wait) = tokio::sync::watch::channel(false);
@@ -439,8 +477,9 @@ impl Broker {
                 drop(claiming);
                 drop(st);
                 self.end_session(session, false);
-                tokio::spawn(async move {
-                    c.release(&cid, epoch, expiry, &rel).await;
+                let task = c.clone();
+                task.spawn(async move {
+                    c.release(&cid, epoch, expiry, &rel, delayed_will).await;
                     let _ = done.send(true);
                     if let Some(b) = c.broker() {
                         let mut r = b.releasing.lock();
@@ -449,13 +488,8 @@ impl Broker {
                         }
                     }
                 });
-                if let Some(w) = will {
-                    let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
-                    if delay == 0 {
-                        self.publish_will(w, &session.client_id);
-                    } else {
-                        self.delayed_will(cluster, w, session.client_id.clone(), delay);
-                    }
+                if let Some(w) = will_now {
+                    self.publish_will(w, &session.client_id);
                 }
                 return;
             }
@@ -485,27 +519,6 @@ impl Broker {
         if end_now {
             self.end_session(session, false);
         }
-    }
-
-    /// Redis store: a will with a delay goes out when the delay passed and
-    /// the client has not come back to any pod.
-    fn delayed_will(
-        &self,
-        cluster: &Arc<Cluster>,
-        will: LastWill,
-        client_id: ByteString,
-        delay: u32,
-    ) {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            if cluster.is_connected(&client_id).await {
-                return;
-            }
-            if let Some(b) = cluster.broker() {
-                b.publish_will(will, &client_id);
-            }
-        });
     }
 
     fn add_timer(&self, due: Instant, session: &Arc<Session>, epoch: u64, kind: TimerKind) {
@@ -621,7 +634,7 @@ impl Broker {
     /// Publish a message nobody waits for (wills).
     pub fn publish_message(&self, msg: Arc<Message>) {
         let mut scratch = Vec::new();
-        self.publish(msg, &mut scratch).detach();
+        self.publish(msg, &mut scratch).detach(self.cluster());
     }
 
     /// Route a message to every matching session. `scratch` is the caller's
@@ -652,12 +665,11 @@ impl Broker {
         }
     }
 
-    /// A message from another pod's publish: local subscribers only.
-    /// Returns a subscriber whose queue is past half full, for the reader
-    /// to wait on (the same backpressure local publishers get).
-    pub fn deliver_remote(&self, msg: Arc<Message>) -> Option<Arc<Session>> {
+    /// A message from another pod's publish: local subscribers only. The
+    /// inbox reader never waits for one of them (each queue is bounded).
+    pub fn deliver_remote(&self, msg: Arc<Message>) {
         let mut scratch = Vec::new();
-        self.route_local(&msg, &mut scratch).1
+        self.route_local(&msg, &mut scratch);
     }
 
     /// Deliver to the subscribers on this pod. With the Redis store, shared
@@ -739,51 +751,96 @@ impl Broker {
         (delivered, backlogged)
     }
 
-    /// Redis store: a message of a shared group's stream, for one member
-    /// on this pod.
-    pub fn deliver_shared(&self, full: &str, msg: Arc<Message>) -> bool {
+    /// Redis store: whether a member of this `$share/{group}/{filter}` is
+    /// online here (only then does the pod read the group's stream).
+    pub fn serves_share(&self, full: &str) -> bool {
+        match parse_filter(full) {
+            Ok(FilterRef {
+                share_group: Some(g),
+                filter,
+            }) => self.router.has_online_shared(g, filter),
+            _ => false,
+        }
+    }
+
+    /// Redis store: a message of a shared group's stream (entry `id`), for
+    /// one online member on this pod. QoS 1/2 deliveries carry the entry,
+    /// acknowledged in the group only once the member's client has it.
+    pub fn deliver_shared(&self, full: &ByteString, msg: Arc<Message>, id: &ByteString) -> Stored {
         let Ok(fr) = parse_filter(full) else {
-            return false;
+            return Stored::NotWanted;
         };
         let Some(group) = fr.share_group else {
-            return false;
+            return Stored::NotWanted;
         };
-        let Some(m) = self.router.pick_shared(group, fr.filter) else {
-            self.stats.dropped(crate::stats::DropReason::Offline);
-            return false;
+        let Some(m) = self
+            .router
+            .pick_shared(group, fr.filter)
+            .filter(|m| m.session.is_online())
+        else {
+            // Left in the group for a member on another pod (claimed
+            // there once idle) or for one that comes back here.
+            return Stored::Gone;
         };
+        let qos = m.options.qos.min(msg.qos);
+        let ack = (qos != QoS::AtMostOnce).then(|| {
+            Box::new(StoreAck::Share {
+                filter: full.clone(),
+                id: id.clone(),
+            })
+        });
+        let held = ack.is_some();
         let d = Delivery {
-            qos: m.options.qos.min(msg.qos),
+            qos,
             msg,
             retain: false,
             sub_ids: m.sub_id.into_iter().collect(),
-            ack: None,
+            ack,
             dup: false,
         };
-        m.session.enqueue(d, self.queue_limits(), &self.stats) != Enqueued::Dropped
+        match m.session.enqueue(d, self.queue_limits(), &self.stats) {
+            Enqueued::Dropped => Stored::Full,
+            _ if held => Stored::Queued,
+            _ => Stored::NotWanted,
+        }
     }
 
     /// Redis store: a message read from a persistent session's stream.
-    /// False when it was not queued (the caller acknowledges it then).
+    /// Says what the reader does with the entry: only [`Stored::NotWanted`]
+    /// lets it go at once; a queued one goes when the client acknowledges
+    /// it; a session that ended or is full leaves it in the stream for
+    /// whoever serves the session next.
     pub fn deliver_stored(
         &self,
         session: &Arc<Session>,
         msg: Arc<Message>,
         id: ByteString,
         dup: bool,
-    ) -> bool {
+    ) -> Stored {
         let d = {
             let st = session.state.lock();
+            if st.ended {
+                return Stored::Gone;
+            }
+            if st.queue.len() >= self.config.limits.max_queued_messages {
+                return Stored::Full;
+            }
             crate::cluster::delivery_for(&st.subscriptions, msg)
         };
-        let Some(mut d) = d else { return false };
+        let Some(mut d) = d else {
+            return Stored::NotWanted;
+        };
         if d.qos == QoS::AtMostOnce {
             session.enqueue(d, self.queue_limits(), &self.stats);
-            return false;
+            return Stored::NotWanted;
         }
-        d.ack = Some(id);
+        d.ack = Some(Box::new(StoreAck::Session(id)));
         d.dup = dup;
-        session.enqueue(d, self.queue_limits(), &self.stats) != Enqueued::Dropped
+        match session.enqueue(d, self.queue_limits(), &self.stats) {
+            Enqueued::Dropped if session.state.lock().ended => Stored::Gone,
+            Enqueued::Dropped => Stored::Full,
+            _ => Stored::Queued,
+        }
     }
 
     /// Ring every attached connection's signal (shutdown, auth reload):
@@ -797,13 +854,44 @@ impl Broker {
         }
     }
 
-    /// Redis store: another pod took this client over.
-    pub fn kick_local(&self, client_id: &str) {
+    /// Redis store: another pod took this client over. `epoch` names the
+    /// connection it took over from (`None`: whatever is attached): a
+    /// newer connection here is left alone, and a connection whose attach
+    /// has not happened yet is kicked as it attaches.
+    pub fn kick_local(&self, client_id: &str, epoch: Option<u64>) {
         let s = self.sessions.lock().get(client_id).cloned();
-        if let Some(s) = s {
-            if let Some(a) = &s.state.lock().attached {
-                a.signal.kick();
+        if let Some(s) = &s {
+            let st = s.state.lock();
+            if let Some(a) = &st.attached {
+                if epoch.is_none_or(|e| e == a.epoch) {
+                    a.signal.kick();
+                    return;
+                }
             }
+        }
+        let Some(e) = epoch else { return };
+        // Not attached yet (the claim's reply and this kick raced): the
+        // attach looks here. Bounded: old entries go first.
+        let mut k = self.kicked.lock();
+        let now = Instant::now();
+        if k.len() >= MAX_EARLY_KICKS {
+            k.retain(|_, (_, at)| now.duration_since(*at) < EARLY_KICK_TTL);
+            if k.len() >= MAX_EARLY_KICKS {
+                k.clear();
+            }
+        }
+        k.insert(ByteString::from(client_id), (e, now));
+    }
+
+    /// Whether a kick for this connection arrived before it attached.
+    fn kicked_early(&self, client_id: &ByteString, epoch: u64) -> bool {
+        let mut k = self.kicked.lock();
+        match k.get(client_id) {
+            Some((e, _)) if *e == epoch => {
+                k.remove(client_id);
+                true
+            }
+            _ => false,
         }
     }
 

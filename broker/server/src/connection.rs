@@ -35,8 +35,8 @@ use tracing::{debug, info};
 
 use crate::auth::{Identity, LoginError};
 use crate::broker::{Broker, ConnectRequest, SubscribeError};
-use crate::cluster::Pending;
-use crate::message::{Delivery, Message};
+use crate::cluster::{Pending, StoreFail};
+use crate::message::{Delivery, Message, StoreAck};
 use crate::router::Match;
 use crate::session::{Inflight, OutState, Rung, Session, Signal};
 use crate::stats::{DropReason, Refused, Stats};
@@ -66,7 +66,7 @@ const MAX_PENDING_ACKS: usize = 256;
 
 /// An acknowledgement that goes out once Redis holds the message:
 /// (stored, QoS, packet id, reason code).
-type AckFuture = Pin<Box<dyn Future<Output = (bool, QoS, PacketId, u8)> + Send>>;
+type AckFuture = Pin<Box<dyn Future<Output = (Result<(), StoreFail>, QoS, PacketId, u8)> + Send>>;
 
 /// Why a connection ends; decides the DISCONNECT sent and the will.
 #[derive(Debug)]
@@ -506,7 +506,7 @@ enum Event {
     Read(std::io::Result<usize>),
     /// The keep-alive deadline, or the time to let go of the buffers.
     Timer,
-    Acked((bool, QoS, PacketId, u8)),
+    Acked((Result<(), StoreFail>, QoS, PacketId, u8)),
     Wake,
     AuthChanged,
     Close(Close),
@@ -1133,21 +1133,23 @@ where
             acks.push_back(Box::pin(async move {
                 let stored = match remote {
                     Some(r) => r.finish().await,
-                    None => true,
+                    None => Ok(()),
                 };
                 (stored, qos, id, code)
             }));
             return Ok(());
         }
-        self.on_stored((true, p.qos, id, code))
+        self.on_stored((Ok(()), p.qos, id, code))
     }
 
-    /// A publish is stored (or failed to be): acknowledge it.
+    /// A publish is stored (or failed to be): acknowledge it. A message
+    /// the store did not take is never acknowledged as a success.
     fn on_stored(
         &mut self,
-        (stored, qos, id, code): (bool, QoS, PacketId, u8),
+        (stored, qos, id, code): (Result<(), StoreFail>, QoS, PacketId, u8),
     ) -> Result<(), Close> {
-        if !stored {
+        if let Err(fail) = stored {
+            Stats::inc(&self.broker.stats.publish_store_failed);
             if !self.v5() {
                 // 3.1.1 has no way to say it failed: the client resends
                 // after reconnecting.
@@ -1156,7 +1158,7 @@ where
                     "the store did not take the message",
                 ));
             }
-            let p = PubResp::new(id, reason::UNSPECIFIED_ERROR);
+            let p = PubResp::new(id, fail.reason_code());
             match qos {
                 QoS::ExactlyOnce => self.send(&Packet::PubRec(p)),
                 _ => self.send(&Packet::PubAck(p)),
@@ -1249,10 +1251,11 @@ where
         }
     }
 
-    /// Redis store: the client has a message of its session stream.
-    fn stream_ack(&self, id: Option<ByteString>) {
-        if let (Some(id), Some(c)) = (id, self.broker.cluster()) {
-            c.ack(&self.session.client_id, &id);
+    /// Redis store: the client has a message of a stream (its session's,
+    /// or a shared group's): let go of the entry.
+    fn stream_ack(&self, ack: Option<Box<StoreAck>>) {
+        if let (Some(ack), Some(c)) = (ack, self.broker.cluster()) {
+            c.ack(&self.session.client_id, *ack);
         }
     }
 
@@ -1395,6 +1398,18 @@ where
             if front.qos != QoS::AtMostOnce && st.inflight.len() >= usize::from(self.window) {
                 break;
             }
+            // A message of the session's stream keeps one packet id on
+            // every pod, so a client that holds a QoS 2 id from a previous
+            // connection sees the resend as the same message [MQTT-4.3.3].
+            // Two messages sharing an id: the second waits for the first.
+            let stable = match (front.qos, front.ack.as_deref()) {
+                (QoS::AtMostOnce, _) => None,
+                (_, Some(a)) => a.session_id().map(crate::session::stable_packet_id),
+                _ => None,
+            };
+            if stable.is_some_and(|pid| st.find_inflight(pid).is_some()) {
+                break;
+            }
             let Some(d) = st.queue.pop_front() else { break };
             n += 1;
             if d.msg.is_expired(now) {
@@ -1402,7 +1417,10 @@ where
                 self.stream_ack(d.ack);
                 continue;
             }
-            let pid = (d.qos != QoS::AtMostOnce).then(|| st.next_packet_id());
+            let pid = match d.qos {
+                QoS::AtMostOnce => None,
+                _ => Some(stable.unwrap_or_else(|| st.next_packet_id())),
+            };
             if !self.out.encode_publish(&d, pid, d.dup, now, stats) {
                 stats.dropped(DropReason::TooLarge);
                 self.stream_ack(d.ack);

@@ -251,9 +251,12 @@ impl Bound {
         } else {
             info!("shut down cleanly");
         }
+        // The store's writer lands what connections left (releases,
+        // acknowledgements) and the pod leaves the cluster; waited for.
+        if let Some(c) = broker.cluster() {
+            c.stop(Duration::from_secs(10)).await;
+        }
         self.store_stop.cancel();
-        // Let the store's writer flush and the pod leave the cluster.
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -68,6 +68,26 @@ impl Message {
     }
 }
 
+/// Redis store: where a delivered message is let go of in Redis once its
+/// client has it (PUBACK, PUBREC) or a counted rule dropped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAck {
+    /// An entry of the session's own stream: deleted.
+    Session(ByteString),
+    /// An entry of a shared group's stream: acknowledged in the group.
+    Share { filter: ByteString, id: ByteString },
+}
+
+impl StoreAck {
+    /// The session-stream entry id, if it is one.
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            StoreAck::Session(id) => Some(id),
+            StoreAck::Share { .. } => None,
+        }
+    }
+}
+
 /// One message on its way to one session.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -79,9 +99,10 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription identifiers of the matching subscriptions (MQTT 5).
     pub sub_ids: Vec<u32>,
-    /// Redis store: the entry id in the session's stream, deleted when the
-    /// client acknowledges the message.
-    pub ack: Option<ByteString>,
+    /// Redis store: the stream entry this delivery came from, acknowledged
+    /// there only once the client acknowledged the message (boxed: most
+    /// deliveries have none).
+    pub ack: Option<Box<StoreAck>>,
     /// Sent before (to a previous connection): send with DUP set.
     pub dup: bool,
 }

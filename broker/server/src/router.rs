@@ -170,6 +170,21 @@ impl Router {
         out.pop()
     }
 
+    /// Whether a shared group has a member online on this pod.
+    pub fn has_online_shared(&self, group: &str, filter: &str) -> bool {
+        let root = self.root.load();
+        let mut node: &Node = &root;
+        for level in filter.split('/') {
+            match node.children.get(level) {
+                Some(n) => node = n,
+                None => return false,
+            }
+        }
+        node.shared
+            .get(group)
+            .is_some_and(|g| g.members.iter().any(|m| m.session.is_online()))
+    }
+
     /// Number of filters in the trie (for tests and metrics).
     pub fn count(&self) -> usize {
         fn walk(n: &Node) -> usize {

@@ -319,6 +319,19 @@ impl Session {
     }
 }
 
+/// The packet id of a message of a persistent session's Redis stream,
+/// from its entry id: the same on every pod and in every release (FNV-1a,
+/// not the standard library's hasher, whose output may change).
+pub fn stable_packet_id(entry_id: &str) -> PacketId {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in entry_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let v = (h % 65_535) as u16 + 1;
+    PacketId::new(v).unwrap_or(PacketId::MIN)
+}
+
 impl SessionState {
     /// The next packet id not used by an in-flight message.
     pub fn next_packet_id(&mut self) -> PacketId {

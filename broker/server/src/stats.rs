@@ -92,6 +92,9 @@ pub struct Stats {
     pub acl_denied: AtomicU64,
     /// Publishes refused by the ACL (dropped messages, reason `acl`).
     pub acl_denied_publish: AtomicU64,
+    /// QoS 1/2 publishes answered with an error because the store did not
+    /// take them (Redis unreachable, out of memory, read-only).
+    pub publish_store_failed: AtomicU64,
     pub subscriptions: AtomicUsize,
     /// Refused connections by [`Refused`] (index = position in `ALL`).
     pub refused: [AtomicU64; 7],

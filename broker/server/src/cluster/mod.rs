@@ -46,10 +46,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::broker::Broker;
-use crate::message::{Delivery, Message};
+use crate::broker::{Broker, Stored};
+use crate::message::{Delivery, Message, StoreAck};
 use crate::session::Session;
 use crate::stats::{DropReason, Stats};
 pub use routes::{RemoteRoutes, SessionSub, Targets};
@@ -62,6 +63,8 @@ mod keys {
     pub const OWNERS: &str = "cirrus:{g}:owners";
     pub const RETAINED: &str = "cirrus:{g}:retained";
     pub const EXPIRY: &str = "cirrus:{g}:expiry";
+    /// Client id → when its delayed will is due (Redis time, ms).
+    pub const WILLS: &str = "cirrus:{g}:wills";
     pub const GROUP: &str = "cirrus";
 
     pub fn routes(node: &str) -> String {
@@ -96,17 +99,52 @@ const EVENTS_MAXLEN: usize = 100_000;
 const OPS_QUEUE: usize = 16_384;
 /// Operations per pipeline.
 const BATCH_MAX: usize = 2048;
-/// Longest the inbox reader waits for a backlogged local subscriber.
-const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
+/// Inbox entries (each a batch of records) kept for a pod that does not
+/// read them: a pod stalled that long loses the oldest transient messages
+/// (QoS 0, and QoS 1/2 for sessions that end with their connection);
+/// persistent sessions and shared groups have streams of their own.
+const INBOX_MAXLEN: usize = 100_000;
+/// Entries kept in a shared group's stream: the group's backlog when all
+/// its members are away. Past it the oldest are dropped.
+const SHARE_MAXLEN: usize = 1_000_000;
+/// The clean-up lock on a dead pod, renewed after each step.
+const LOCK_MS: u64 = 30_000;
+/// Sessions of a dead pod released per pipelined step.
+const CLEANUP_STEP: usize = 200;
+/// Expiries and wills handled per pipelined step.
+const SWEEP_BATCH: usize = 500;
+/// A shared-group consumer idle this long with nothing pending is removed.
+const CONSUMER_IDLE_MS: i64 = 60_000;
 /// Entries per stream read.
 const READ_COUNT: usize = 512;
 
+/// Append to a session's stream. Returns `{code, owner}`: code -1 when the
+/// session is gone, 0 when its stream is full (a counted drop), 1 when
+/// appended; `owner` is the pod serving the session now, to be woken.
 const LUA_ENQUEUE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return {-1, ''} end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return {0, owner} end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
-return 1";
+return {1, owner}";
 
+/// Scripts that need the time read it from Redis (`TIME`): every pod
+/// agrees on it, whatever its own clock says.
+macro_rules! lua_timed {
+    ($body:literal) => {
+        concat!(
+            "local function now_ms()\n",
+            "  local t = redis.call('TIME')\n",
+            "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
+            "end\n",
+            $body
+        )
+    };
+}
+
+/// Take a session over (a takeover always wins, as MQTT says): returns the
+/// previous owner and its epoch, so that the kick names that connection.
+/// ARGV: node, epoch, clean start, expiry, will, will delay.
 const LUA_CLAIM: &str = r"
 local prev = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 local present = redis.call('EXISTS', KEYS[1])
@@ -117,20 +155,58 @@ if ARGV[3] == '1' then
   present = 0
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'expiry', ARGV[4])
-redis.call('HDEL', KEYS[1], 'expires_at')
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'will', ARGV[5]) else redis.call('HDEL', KEYS[1], 'will') end
+redis.call('HDEL', KEYS[1], 'expires_at', 'will_at')
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'will', ARGV[5], 'wdelay', ARGV[6])
+else
+  redis.call('HDEL', KEYS[1], 'will', 'wdelay')
+end
 return {prev[1] or '', prev[2] or '', present, old}";
 
-const LUA_RELEASE: &str = r"
-local o = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
-if o[1] ~= ARGV[1] or o[2] ~= ARGV[2] then return 0 end
+/// Let go of a session, only if `owner`/`epoch` still hold it (epoch `*`:
+/// any, for a dead pod's sessions). ARGV: node, epoch, persistent, expiry
+/// seconds, PUBREL ids, keep will (1: a will with a delay is scheduled in
+/// Redis; 0: the caller publishes or drops it). Returns `{code, expires_at,
+/// will to publish now, will due at}`; code 0: not ours, 1: offline, 2:
+/// ended. The will is taken out atomically: published once.
+const LUA_RELEASE: &str = lua_timed!(
+    r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'will', 'wdelay')
+if o[1] ~= ARGV[1] or (ARGV[2] ~= '*' and o[2] ~= ARGV[2]) then return {0, 0, '', 0} end
+local will = o[3] or ''
+local wdelay = tonumber(o[4] or '0') or 0
 if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', ARGV[4], 'rel', ARGV[5])
-  redis.call('HDEL', KEYS[1], 'will')
-  return 1
+  local now = now_ms()
+  local exp = tonumber(ARGV[4])
+  local at = 0
+  if exp < 4294967295 then at = now + exp * 1000 end
+  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', at, 'rel', ARGV[5])
+  if will ~= '' and ARGV[6] == '1' and wdelay > 0 then
+    local due = now + math.min(wdelay, exp) * 1000
+    redis.call('HSET', KEYS[1], 'will_at', due)
+    return {1, at, '', due}
+  end
+  redis.call('HDEL', KEYS[1], 'will', 'wdelay')
+  return {1, at, will, 0}
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-return 2";
+return {2, 0, will, 0}"
+);
+
+/// A delayed will whose time came: taken out (once) if the client is
+/// still away; dropped if it came back.
+const LUA_FIRE_WILL: &str = lua_timed!(
+    r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'will', 'will_at')
+if not o[3] then return '' end
+if o[1] and o[1] ~= '' then
+  redis.call('HDEL', KEYS[1], 'will_at')
+  return ''
+end
+if tonumber(o[3]) > now_ms() then return '' end
+redis.call('HDEL', KEYS[1], 'will', 'wdelay', 'will_at')
+return o[2] or ''"
+);
 
 /// Re-take a session after Redis lost it or this pod was declared dead.
 const LUA_RECLAIM: &str = r"
@@ -138,16 +214,97 @@ local o = redis.call('HGET', KEYS[1], 'owner')
 if o and o ~= '' and o ~= ARGV[1] then return 0 end
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'expiry', ARGV[3])
-redis.call('HDEL', KEYS[1], 'expires_at')
+redis.call('HDEL', KEYS[1], 'expires_at', 'will_at')
 return 1 + existed";
 
-const LUA_EXPIRE: &str = r"
-local o = redis.call('HMGET', KEYS[1], 'owner', 'expires_at')
+/// End an offline session whose expiry passed: `{1, fields, will}`.
+const LUA_EXPIRE: &str = lua_timed!(
+    r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'expires_at', 'will')
 if o[1] and o[1] ~= '' then return {0} end
-if o[2] and tonumber(o[2]) and tonumber(o[2]) > tonumber(ARGV[1]) then return {0} end
+local at = tonumber(o[2] or '')
+if at and (at == 0 or at > now_ms()) then return {0} end
 local f = redis.call('HKEYS', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2])
-return {1, f}";
+return {1, f, o[3] or ''}"
+);
+
+/// Heartbeat by Redis's clock: `-1` when this pod was not registered
+/// (Redis lost it, or it was declared dead), else the milliseconds since
+/// its previous heartbeat, by the same clock.
+const LUA_HEARTBEAT: &str = lua_timed!(
+    r"
+local now = now_ms()
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+if not prev then return -1 end
+return now - tonumber(prev)"
+);
+
+/// Members of a time-scored set that are due: score <= now - ARGV[1]
+/// (milliseconds), at most ARGV[2].
+const LUA_DUE: &str = lua_timed!(
+    r"
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))"
+);
+
+/// Release a dead pod's session (any epoch): [`LUA_RELEASE`] with the
+/// session's own expiry, a delayed will scheduled. ARGV[1]: the dead pod.
+const LUA_RELEASE_DEAD: &str = lua_timed!(
+    r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'expiry', 'will', 'wdelay')
+if o[1] ~= ARGV[1] then return {0, 0, '', 0} end
+local exp = tonumber(o[2] or '0') or 0
+local will = o[3] or ''
+local wdelay = tonumber(o[4] or '0') or 0
+if exp > 0 then
+  local now = now_ms()
+  local at = 0
+  if exp < 4294967295 then at = now + exp * 1000 end
+  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', at)
+  if will ~= '' and wdelay > 0 then
+    local due = now + math.min(wdelay, exp) * 1000
+    redis.call('HSET', KEYS[1], 'will_at', due)
+    return {1, at, '', due}
+  end
+  redis.call('HDEL', KEYS[1], 'will', 'wdelay')
+  return {1, at, will, 0}
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return {2, 0, will, 0}"
+);
+
+/// Extend a lock only while this pod holds it.
+const LUA_RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// The reply of [`LUA_RELEASE`].
+struct Released {
+    /// 0: not this owner's any more; 1: offline; 2: ended.
+    code: i64,
+    /// When the offline session expires (Redis time, ms; 0: never).
+    expires_at: i64,
+    /// A will to publish now (taken out of Redis).
+    will: Option<Bytes>,
+    /// When the delayed will is due (Redis time, ms; 0: none).
+    will_due: i64,
+}
+
+impl Released {
+    fn from_reply(v: Option<&Value>) -> Released {
+        let a = v.and_then(as_array).unwrap_or_default();
+        let int = |i: usize| a.get(i).and_then(as_int).unwrap_or(0);
+        Released {
+            code: int(0),
+            expires_at: int(1),
+            will: val_bytes(a.get(2)).filter(|b| !b.is_empty()),
+            will_due: int(3),
+        }
+    }
+}
 
 /// How this pod reaches Redis: one server, or a Redis Cluster.
 // One per process: its size does not matter.
@@ -252,7 +409,40 @@ pub enum StoreError {
     Reply(&'static str),
     #[error("the store is not ready")]
     NotReady,
+    #[error("redis refused a command: {0}")]
+    Server(String),
 }
+
+/// Why the store did not take a message: the publisher hears it as a
+/// reason code, never as a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFail {
+    /// Redis unreachable, or it refused the write (READONLY after a
+    /// failover, CROSSSLOT, a script error...): 0x80.
+    Unavailable,
+    /// Redis is out of memory (`maxmemory` with `noeviction`): 0x97.
+    Full,
+}
+
+impl StoreFail {
+    pub fn reason_code(self) -> u8 {
+        match self {
+            StoreFail::Unavailable => cirrus_codec::reason::UNSPECIFIED_ERROR,
+            StoreFail::Full => cirrus_codec::reason::QUOTA_EXCEEDED,
+        }
+    }
+
+    fn of(e: &redis::ServerError) -> StoreFail {
+        if e.code() == "OOM" {
+            StoreFail::Full
+        } else {
+            StoreFail::Unavailable
+        }
+    }
+}
+
+/// Told when the writer's pipeline that carried an operation is done.
+type Done = oneshot::Sender<Result<(), StoreFail>>;
 
 /// Work for the writer task, which turns everything at hand into one
 /// pipeline.
@@ -260,19 +450,27 @@ pub enum Op {
     Forward {
         msg: Arc<Message>,
         targets: Targets,
-        done: Option<oneshot::Sender<bool>>,
+        done: Option<Done>,
     },
     Ack {
         client_id: ByteString,
-        id: ByteString,
+        ack: StoreAck,
     },
+    /// Tell the pod `node` that the connection of `client_id` with that
+    /// pod's `epoch` was taken over.
     Kick {
+        node: Arc<str>,
+        client_id: ByteString,
+        epoch: u64,
+    },
+    /// Tell the pod `node` that the stream of `client_id` has news.
+    Wake {
         node: Arc<str>,
         client_id: ByteString,
     },
     Cmds {
         cmds: Vec<Cmd>,
-        done: Option<oneshot::Sender<bool>>,
+        done: Option<Done>,
     },
 }
 
@@ -280,7 +478,7 @@ pub enum Op {
 /// acknowledging a QoS 1/2 message.
 pub struct Pending {
     send: Option<(mpsc::Sender<Op>, Op)>,
-    done: Option<oneshot::Receiver<bool>>,
+    done: Option<oneshot::Receiver<Result<(), StoreFail>>>,
 }
 
 impl Pending {
@@ -289,17 +487,44 @@ impl Pending {
         self.send.is_some() || self.done.is_some()
     }
 
-    /// True once Redis holds the message (or there was nothing to wait for).
-    pub async fn finish(self) -> bool {
+    /// `Ok` once every Redis reply of the pipeline that carried the message
+    /// said it was stored (or there was nothing to wait for).
+    pub async fn finish(self) -> Result<(), StoreFail> {
         if let Some((tx, op)) = self.send {
             if tx.send(op).await.is_err() {
-                return false;
+                return Err(StoreFail::Unavailable);
             }
         }
         match self.done {
-            Some(rx) => rx.await.unwrap_or(false),
-            None => true,
+            Some(rx) => rx.await.unwrap_or(Err(StoreFail::Unavailable)),
+            None => Ok(()),
         }
+    }
+}
+
+/// A pipeline being built, with the operation each command belongs to:
+/// an error reply fails exactly the operations that needed that command.
+struct Batch {
+    pipe: redis::Pipeline,
+    owner: Vec<Option<usize>>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        let mut pipe = redis::pipe();
+        // Server errors come back as values, one per command: each is
+        // looked at.
+        pipe.ignore_errors();
+        Batch {
+            pipe,
+            owner: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, c: Cmd, op: Option<usize>) -> usize {
+        self.pipe.add_command(c);
+        self.owner.push(op);
+        self.owner.len() - 1
     }
 }
 
@@ -332,7 +557,17 @@ pub struct Cluster {
     pub roundtrip: crate::stats::Histogram,
     /// Entries not yet read from this pod's streams (last observed).
     pub stream_lag: AtomicU64,
+    /// Second (unix) the last refused write was logged.
+    write_error_logged: AtomicU64,
+    /// Shared-group entries delivered to a member here and not yet
+    /// acknowledged by its client: not claimed again while held.
+    share_held: Mutex<HashSet<(ByteString, ByteString)>>,
     shutdown: CancellationToken,
+    /// Every task the store starts: shutdown waits for them.
+    tasks: TaskTracker,
+    /// Since when this pod's heartbeats have been steady (see
+    /// `supervisor`): it declares no pod dead before a node timeout of them.
+    steady_since: Mutex<Instant>,
 }
 
 fn event(fields: &[(&str, &[u8])]) -> Cmd {
@@ -391,15 +626,6 @@ fn session_eval(script: &str, client_id: &str) -> Cmd {
         script,
         &[&keys::session(client_id), &keys::queue(client_id)],
     )
-}
-
-/// When an offline session expires (unix ms); 0 for never.
-fn expires_at(now_ms: u64, expiry_secs: u64) -> u64 {
-    if expiry_secs == u64::from(u32::MAX) {
-        0
-    } else {
-        now_ms + expiry_secs * 1000
-    }
 }
 
 fn eval(script: &str, keys: &[&str]) -> Cmd {
@@ -540,17 +766,22 @@ impl Cluster {
             redis_commands: AtomicU64::new(0),
             roundtrip: Default::default(),
             stream_lag: AtomicU64::new(0),
+            write_error_logged: AtomicU64::new(0),
+            share_held: Mutex::new(HashSet::new()),
             shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
+            steady_since: Mutex::new(Instant::now()),
         });
         let _ = c.broker.set(Arc::downgrade(broker));
         c.heartbeat().await?;
         c.resync().await?;
         c.healthy.store(true, Ordering::Relaxed);
-        tokio::spawn(c.clone().writer(rx));
-        tokio::spawn(c.clone().events_reader());
-        tokio::spawn(c.clone().inbox_reader());
-        tokio::spawn(c.clone().share_reader());
-        tokio::spawn(c.clone().supervisor());
+        c.tasks.spawn(c.clone().writer(rx));
+        c.tasks.spawn(c.clone().events_reader());
+        c.tasks.spawn(c.clone().inbox_reader());
+        c.tasks.spawn(c.clone().share_reader());
+        c.tasks.spawn(c.clone().supervisor());
+        c.tasks.spawn(c.clone().sweeper());
         // The first snapshot is loaded by the reader; wait for it briefly
         // so that the pod starts with the cluster's routes.
         let t0 = Instant::now();
@@ -559,6 +790,28 @@ impl Cluster {
         }
         info!(node = %c.node, "joined the cluster through Redis");
         Ok(c)
+    }
+
+    /// Run a task of the store: shutdown waits for it.
+    pub fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(f);
+    }
+
+    /// After the connections have drained: stop the readers, let the
+    /// writer land what is queued, leave the cluster; wait for all of it
+    /// (at most `deadline`).
+    pub async fn stop(&self, deadline: Duration) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(?deadline, "the Redis store's tasks did not end in time");
+        }
     }
 
     pub(crate) fn broker(&self) -> Option<Arc<Broker>> {
@@ -619,7 +872,7 @@ impl Cluster {
             .await
             .map_err(|_| StoreError::NotReady)?;
         match rx.await {
-            Ok(true) => Ok(()),
+            Ok(Ok(())) => Ok(()),
             _ => Err(StoreError::NotReady),
         }
     }
@@ -629,13 +882,7 @@ impl Cluster {
         if cmds.is_empty() {
             return;
         }
-        let op = Op::Cmds { cmds, done: None };
-        if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(op) {
-            let tx = self.ops.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(op).await;
-            });
-        }
+        self.send_op(Op::Cmds { cmds, done: None });
     }
 
     // ---- publish path ------------------------------------------------
@@ -669,7 +916,9 @@ impl Cluster {
         let send = match self.ops.try_send(op) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(op)) => Some((self.ops.clone(), op)),
-            Err(mpsc::error::TrySendError::Closed(_)) => return (n, None),
+            // Shutting down: a QoS 1/2 publisher hears that it failed (its
+            // sender is gone with the operation).
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
         };
         (
             n,
@@ -713,15 +962,24 @@ impl Cluster {
         self.run_later(cmds);
     }
 
-    /// The client acknowledged a message of its session stream.
-    pub fn ack(&self, client_id: &ByteString, id: &ByteString) {
-        let op = Op::Ack {
+    /// The client acknowledged a message of a stream (its session's or a
+    /// shared group's), or a counted rule dropped it: let go of the entry.
+    pub fn ack(&self, client_id: &ByteString, ack: StoreAck) {
+        if let StoreAck::Share { filter, id } = &ack {
+            self.share_held.lock().remove(&(filter.clone(), id.clone()));
+        }
+        self.send_op(Op::Ack {
             client_id: client_id.clone(),
-            id: id.clone(),
-        };
+            ack,
+        });
+    }
+
+    /// Queue an operation that nobody waits for, never dropping it: when
+    /// the queue is full a task waits for room.
+    fn send_op(&self, op: Op) {
         if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(op) {
             let tx = self.ops.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = tx.send(op).await;
             });
         }
@@ -754,65 +1012,91 @@ impl Cluster {
     }
 
     async fn write_batch(&self, batch: &mut Vec<Op>, stats: Option<&Stats>) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut inbox: HashMap<Arc<str>, BytesMut> = HashMap::new();
-        // Which pipeline slots are session enqueues (for drop counting).
-        let mut enqueues = Vec::new();
-        let mut dones = Vec::new();
+        let mut b = Batch::new();
+        // Per waiting operation: who to tell, and how it went.
+        let mut dones: Vec<(Done, Result<(), StoreFail>)> = Vec::new();
+        // Pod → inbox entry being built, and the operations it carries.
+        let mut inbox: HashMap<Arc<str>, (BytesMut, Vec<usize>)> = HashMap::new();
+        // Session enqueues: pipeline slot, client id, the pod woken.
+        let mut enqueues: Vec<(usize, ByteString, Option<Arc<str>>)> = Vec::new();
         let mut acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
-        let owners = self.owners.read().clone();
+        let mut share_acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         // Spans of traced messages: they end when the pipeline is done.
         let mut spans = Vec::new();
-        for op in batch.drain(..) {
-            match op {
-                Op::Forward { msg, targets, done } => {
-                    if crate::trace::enabled() {
-                        spans.extend(crate::trace::redis_append(&msg, targets.len()));
-                    }
-                    let bytes = wire::message_bytes(&msg);
-                    for node in &targets.nodes {
-                        let buf = inbox.entry(node.clone()).or_default();
-                        wire::put_record(buf, wire::REC_MESSAGE, &bytes);
-                    }
-                    for full in &targets.shares {
-                        pipe.cmd("XADD")
-                            .arg(keys::share(full))
-                            .arg("*")
-                            .arg("m")
-                            .arg(&bytes[..]);
-                    }
-                    for (cid, qos) in &targets.sessions {
-                        if (*qos).min(msg.qos) == QoS::AtMostOnce {
-                            continue;
+        {
+            // Read under the lock, never copied: the map is cluster-wide.
+            let owners = self.owners.read();
+            for op in batch.drain(..) {
+                match op {
+                    Op::Forward { msg, targets, done } => {
+                        let slot = done.map(|d| {
+                            dones.push((d, Ok(())));
+                            dones.len() - 1
+                        });
+                        if crate::trace::enabled() {
+                            spans.extend(crate::trace::redis_append(&msg, targets.len()));
                         }
-                        enqueues.push(pipe.len());
-                        pipe.add_command(
-                            session_eval(LUA_ENQUEUE, cid)
+                        let bytes = wire::message_bytes(&msg);
+                        for node in &targets.nodes {
+                            let (buf, ops) = inbox.entry(node.clone()).or_default();
+                            wire::put_record(buf, wire::REC_MESSAGE, &bytes);
+                            ops.extend(slot);
+                        }
+                        for full in &targets.shares {
+                            let c = redis::cmd("XADD")
+                                .arg(keys::share(full))
+                                .arg("MAXLEN")
+                                .arg("~")
+                                .arg(SHARE_MAXLEN)
+                                .arg("*")
+                                .arg("m")
+                                .arg(&bytes[..])
+                                .clone();
+                            b.add(c, slot);
+                        }
+                        for (cid, qos) in &targets.sessions {
+                            if (*qos).min(msg.qos) == QoS::AtMostOnce {
+                                continue;
+                            }
+                            let c = session_eval(LUA_ENQUEUE, cid)
                                 .arg(self.max_queued)
                                 .arg(&bytes[..])
-                                .clone(),
-                        );
-                        if let Some(owner) = owners.get(cid) {
-                            let buf = inbox.entry(owner.clone()).or_default();
-                            wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
+                                .clone();
+                            let i = b.add(c, slot);
+                            let owner = owners.get(cid).cloned();
+                            if let Some(o) = &owner {
+                                let (buf, _) = inbox.entry(o.clone()).or_default();
+                                wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
+                            }
+                            enqueues.push((i, cid.clone(), owner));
                         }
                     }
-                    if let Some(d) = done {
-                        dones.push(d);
+                    Op::Ack { client_id, ack } => match ack {
+                        StoreAck::Session(id) => acks.entry(client_id).or_default().push(id),
+                        StoreAck::Share { filter, id } => {
+                            share_acks.entry(filter).or_default().push(id)
+                        }
+                    },
+                    Op::Kick {
+                        node,
+                        client_id,
+                        epoch,
+                    } => {
+                        let (buf, _) = inbox.entry(node).or_default();
+                        wire::put_record(buf, wire::REC_KICK, &wire::kick_body(&client_id, epoch));
                     }
-                }
-                Op::Ack { client_id, id } => acks.entry(client_id).or_default().push(id),
-                Op::Kick { node, client_id } => {
-                    let buf = inbox.entry(node).or_default();
-                    wire::put_record(buf, wire::REC_KICK, client_id.as_bytes());
-                }
-                Op::Cmds { cmds, done } => {
-                    for c in cmds {
-                        pipe.add_command(c);
+                    Op::Wake { node, client_id } => {
+                        let (buf, _) = inbox.entry(node).or_default();
+                        wire::put_record(buf, wire::REC_WAKE, client_id.as_bytes());
                     }
-                    if let Some(d) = done {
-                        dones.push(d);
+                    Op::Cmds { cmds, done } => {
+                        let slot = done.map(|d| {
+                            dones.push((d, Ok(())));
+                            dones.len() - 1
+                        });
+                        for c in cmds {
+                            b.add(c, slot);
+                        }
                     }
                 }
             }
@@ -823,26 +1107,77 @@ impl Cluster {
             for id in ids {
                 c.arg(&*id);
             }
-            pipe.add_command(c);
+            b.add(c, None);
         }
-        for (node, buf) in inbox {
-            // The owner trims what it has read; nothing unread is dropped.
-            pipe.cmd("XADD")
+        for (full, ids) in share_acks {
+            let mut c = redis::cmd("XACK");
+            c.arg(keys::share(&full)).arg(keys::GROUP);
+            for id in ids {
+                c.arg(&*id);
+            }
+            b.add(c, None);
+        }
+        // Inbox entries: one per pod; every operation in it depends on it.
+        let mut inbox_slots = Vec::with_capacity(inbox.len());
+        for (node, (buf, ops)) in inbox {
+            // Capped (a pod that stopped reading cannot grow Redis without
+            // bound); the owner trims what it has read.
+            let c = redis::cmd("XADD")
                 .arg(keys::inbox(&node))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(INBOX_MAXLEN)
                 .arg("*")
                 .arg("b")
-                .arg(&buf[..]);
+                .arg(&buf[..])
+                .clone();
+            inbox_slots.push((b.add(c, None), ops));
         }
-        if pipe.is_empty() {
-            for d in dones {
-                let _ = d.send(true);
+        if b.owner.is_empty() {
+            for (d, r) in dones {
+                let _ = d.send(r);
             }
             return;
         }
-        match self.query(&pipe).await {
+        let results = self.query(&b.pipe).await;
+        let mut wakes = Vec::new();
+        match results {
             Ok(results) => {
-                for i in enqueues {
-                    match results.get(i).and_then(as_int) {
+                let mut fail = |op: Option<usize>, f: StoreFail| {
+                    if let Some(slot) = op.and_then(|o| dones.get_mut(o)) {
+                        if slot.1.is_ok() {
+                            slot.1 = Err(f);
+                        }
+                    }
+                };
+                let mut errors = 0u64;
+                for (i, v) in results.iter().enumerate() {
+                    if let Value::ServerError(e) = v {
+                        errors += 1;
+                        let f = StoreFail::of(e);
+                        fail(b.owner.get(i).copied().flatten(), f);
+                        for (slot, ops) in &inbox_slots {
+                            if *slot == i {
+                                for &o in ops {
+                                    fail(Some(o), f);
+                                }
+                            }
+                        }
+                        self.log_write_error(e);
+                    }
+                }
+                if results.len() < b.owner.len() {
+                    // A reply went missing: nothing of it is known stored.
+                    for op in b.owner.iter().skip(results.len()) {
+                        fail(*op, StoreFail::Unavailable);
+                    }
+                }
+                for (i, cid, woken) in enqueues {
+                    let Some(r) = results.get(i).and_then(as_array) else {
+                        continue;
+                    };
+                    let owner = r.get(1).and_then(as_str).unwrap_or_default();
+                    match r.first().and_then(as_int) {
                         Some(1) => {}
                         Some(0) => {
                             if let Some(s) = stats {
@@ -852,19 +1187,53 @@ impl Cluster {
                         // The session ended meanwhile: nothing to deliver.
                         Some(-1) => {}
                         _ => {
-                            self.redis_errors.fetch_add(1, Ordering::Relaxed);
+                            errors += 1;
+                            fail(b.owner.get(i).copied().flatten(), StoreFail::Unavailable);
                         }
                     }
+                    // The pod serving the session, as Redis knows it: wake
+                    // it when this pod did not know (no polling needed).
+                    if !owner.is_empty() && woken.as_deref() != Some(owner) {
+                        wakes.push(Op::Wake {
+                            node: Arc::from(owner),
+                            client_id: cid,
+                        });
+                    }
                 }
-                for d in dones {
-                    let _ = d.send(true);
+                if errors > 0 {
+                    self.redis_errors.fetch_add(errors, Ordering::Relaxed);
                 }
             }
             Err(_) => {
-                for d in dones {
-                    let _ = d.send(false);
+                for d in &mut dones {
+                    d.1 = Err(StoreFail::Unavailable);
                 }
             }
+        }
+        for (d, r) in dones {
+            let _ = d.send(r);
+        }
+        drop(spans);
+        for w in wakes {
+            self.send_op(w);
+        }
+    }
+
+    /// A write Redis refused: logged at most every 10 s (a full Redis
+    /// refuses every write).
+    fn log_write_error(&self, e: &redis::ServerError) {
+        let now = wire::unix_ms() / 1000;
+        let last = self.write_error_logged.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .write_error_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                code = e.code(),
+                "Redis refused a write: publishers get an error code"
+            );
         }
     }
 
@@ -905,14 +1274,9 @@ impl Cluster {
         cmds.push(route_event(b"r-", &self.node, full));
         if full.starts_with("$share/") {
             self.shares.lock().remove(full);
-            cmds.push(
-                redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(keys::share(full))
-                    .arg(keys::GROUP)
-                    .arg(&*self.node)
-                    .clone(),
-            );
+            // Entries this pod still holds stay pending (claimed by a
+            // member elsewhere once idle); only an empty consumer goes.
+            cmds.push(del_consumer(full, &self.node));
         }
     }
 
@@ -1037,6 +1401,7 @@ impl Cluster {
         if !self.is_ready() {
             return Err(StoreError::NotReady);
         }
+        let will_delay = will.map_or(0, |w| w.properties.will_delay_interval.unwrap_or(0));
         let will = will.map(|w| wire::encode_will(w, client_id));
         let skey = keys::session(client_id);
         let reply = self
@@ -1046,6 +1411,7 @@ impl Cluster {
                 .arg(u8::from(clean_start))
                 .arg(expiry)
                 .arg(will.as_deref().unwrap_or_default())
+                .arg(will_delay)
                 .clone()])
             .await?;
         let r = reply
@@ -1088,11 +1454,15 @@ impl Cluster {
             );
             cmds.push(owner_event(&self.node, client_id, &self.node));
         }
+        let prev_epoch = r.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
         if !prev_owner.is_empty() && prev_owner != &*self.node {
             debug!(client_id = %client_id, old = prev_owner, "taking the session over from another pod");
-            let _ = self.ops.try_send(Op::Kick {
+            // Never dropped, and aimed at that one connection: a kick that
+            // arrives late cannot close a newer connection of the client.
+            self.send_op(Op::Kick {
                 node: Arc::from(prev_owner),
                 client_id: client_id.clone(),
+                epoch: prev_epoch,
             });
         }
         let mut claim = Claim {
@@ -1124,49 +1494,67 @@ impl Cluster {
         Ok(claim)
     }
 
-    /// The connection of a session ended on this pod.
-    pub async fn release(&self, client_id: &ByteString, epoch: u64, expiry: u32, rel: &[u16]) {
+    /// The connection of a session ended on this pod. `delayed_will`: the
+    /// connection left a will with a delay, which Redis now keeps and a pod
+    /// publishes when it is due (unless the client is back by then).
+    pub async fn release(
+        &self,
+        client_id: &ByteString,
+        epoch: u64,
+        expiry: u32,
+        rel: &[u16],
+        delayed_will: bool,
+    ) {
         self.stop_puller(client_id);
         let persistent = expiry > 0;
-        let now = wire::unix_ms();
-        let expires_at = expires_at(now, u64::from(expiry));
         let rel: Vec<String> = rel.iter().map(u16::to_string).collect();
         let reply = self
             .query_cmds(vec![session_eval(LUA_RELEASE, client_id)
                 .arg(&*self.node)
                 .arg(epoch)
                 .arg(u8::from(persistent))
-                .arg(expires_at)
+                .arg(expiry)
                 .arg(rel.join(","))
+                .arg(u8::from(delayed_will))
                 .clone()])
             .await;
         let Ok(reply) = reply else { return };
-        let code = reply.first().and_then(as_int).unwrap_or(0);
-        debug!(client_id = %client_id, code, "released");
+        let r = Released::from_reply(reply.first());
+        debug!(client_id = %client_id, code = r.code, "released");
         let mut cmds = vec![redis::cmd("SREM")
             .arg(keys::node_sessions(&self.node))
             .arg(&**client_id)
             .clone()];
-        if code == 1 {
+        if r.code == 1 {
             self.owners.write().remove(client_id);
-            cmds.push(
-                redis::cmd("HDEL")
-                    .arg(keys::OWNERS)
-                    .arg(&**client_id)
-                    .clone(),
-            );
-            cmds.push(owner_event(&self.node, client_id, ""));
-            if expires_at > 0 {
-                cmds.push(
-                    redis::cmd("ZADD")
-                        .arg(keys::EXPIRY)
-                        .arg(expires_at)
-                        .arg(&**client_id)
-                        .clone(),
-                );
-            }
+            self.went_offline_cmds(client_id, &self.node, &r, &mut cmds);
         }
         self.run_later(cmds);
+    }
+
+    /// A session went offline: out of the owners map, into the expiry
+    /// (and delayed-will) schedules.
+    fn went_offline_cmds(&self, client_id: &str, by: &str, r: &Released, cmds: &mut Vec<Cmd>) {
+        cmds.push(redis::cmd("HDEL").arg(keys::OWNERS).arg(client_id).clone());
+        cmds.push(owner_event(by, client_id, ""));
+        if r.expires_at > 0 {
+            cmds.push(
+                redis::cmd("ZADD")
+                    .arg(keys::EXPIRY)
+                    .arg(r.expires_at)
+                    .arg(client_id)
+                    .clone(),
+            );
+        }
+        if r.will_due > 0 {
+            cmds.push(
+                redis::cmd("ZADD")
+                    .arg(keys::WILLS)
+                    .arg(r.will_due)
+                    .arg(client_id)
+                    .clone(),
+            );
+        }
     }
 
     /// Offline persistent sessions with an expiry, cluster-wide.
@@ -1178,17 +1566,6 @@ impl Cluster {
             Ok(r) => r.first().and_then(as_int).unwrap_or(0).max(0) as u64,
             Err(_) => 0,
         }
-    }
-
-    /// Whether a client is connected anywhere (for delayed wills).
-    pub async fn is_connected(&self, client_id: &str) -> bool {
-        let r = self
-            .query_cmds(vec![redis::cmd("HGET")
-                .arg(keys::session(client_id))
-                .arg("owner")
-                .clone()])
-            .await;
-        matches!(r.as_deref(), Ok([v]) if as_str(v).is_some_and(|o| !o.is_empty()))
     }
 
     // ---- persistent session streams ------------------------------------
@@ -1213,7 +1590,8 @@ impl Cluster {
         {
             old.cancel.cancel();
         }
-        tokio::spawn(self.clone().pull(session, epoch, p, hw, start));
+        self.tasks
+            .spawn(self.clone().pull(session, epoch, p, hw, start));
     }
 
     pub fn stop_puller(&self, client_id: &ByteString) {
@@ -1239,7 +1617,6 @@ impl Cluster {
         let Some(broker) = self.broker() else { return };
         let qkey = keys::queue(&session.client_id);
         let mut last: Option<String> = start;
-        let mut idle = Duration::ZERO;
         loop {
             let room = {
                 let st = session.state.lock();
@@ -1250,21 +1627,31 @@ impl Cluster {
                     .saturating_sub(st.queue.len() + st.inflight.len())
             };
             let mut got = 0;
+            let mut full = false;
             if room > 0 {
-                let start = match &last {
+                let from = match &last {
                     Some(id) => format!("({id}"),
                     None => "-".to_string(),
                 };
                 let reply = self
                     .query_cmds(vec![redis::cmd("XRANGE")
                         .arg(&qkey)
-                        .arg(start)
+                        .arg(from)
                         .arg("+")
                         .arg("COUNT")
                         .arg(room.min(READ_COUNT))
                         .clone()])
                     .await;
-                if let Ok(reply) = reply {
+                let Ok(reply) = reply else {
+                    // Redis unreachable: try again (the supervisor tells
+                    // when it is back; this read does not wait for that).
+                    tokio::select! {
+                        _ = p.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                };
+                {
                     let list = reply.first().map(entries).unwrap_or_default();
                     if let Some(e) = list.last() {
                         // Entries read may have been sent: a later
@@ -1276,51 +1663,63 @@ impl Cluster {
                             .clone()]);
                     }
                     for e in list {
-                        got += 1;
-                        last = Some(e.id.to_string());
                         let id = ByteString::from(e.id);
                         let dup = hw.as_deref().is_some_and(|h| stream_id_le(&id, h));
                         let Some(b) = val_bytes(e.field("m")) else {
-                            self.ack(&session.client_id, &id);
+                            self.ack(&session.client_id, StoreAck::Session(id));
+                            last = Some(e.id.to_string());
                             continue;
                         };
-                        match wire::decode_message(b) {
+                        let stored = match wire::decode_message(b) {
                             Ok((m, _)) => {
                                 let (m, span) = crate::trace::remote(m, "session");
-                                let queued = span.in_scope(|| {
+                                span.in_scope(|| {
                                     broker.deliver_stored(&session, Arc::new(m), id.clone(), dup)
-                                });
-                                if !queued {
-                                    self.ack(&session.client_id, &id);
-                                }
+                                })
                             }
-                            Err(e) => {
-                                warn!(client_id = %session.client_id, error = %e, "dropping an unreadable stored message");
-                                self.ack(&session.client_id, &id);
+                            Err(err) => {
+                                warn!(client_id = %session.client_id, error = %err, "dropping an unreadable stored message");
+                                Stored::NotWanted
+                            }
+                        };
+                        match stored {
+                            Stored::Queued => {}
+                            Stored::NotWanted => {
+                                self.ack(&session.client_id, StoreAck::Session(id));
+                            }
+                            // The session ended here: what was read and not
+                            // queued stays in the stream for the next owner.
+                            Stored::Gone => return,
+                            // Read it again once there is room.
+                            Stored::Full => {
+                                full = true;
+                                break;
                             }
                         }
+                        got += 1;
+                        last = Some(e.id.to_string());
                     }
                 }
             }
-            if got >= room.min(READ_COUNT) && got > 0 {
+            if !full && got >= room.min(READ_COUNT) && got > 0 {
                 continue;
             }
-            // Woken by a publisher; polled as a safety net for a publisher
-            // that did not yet know this pod serves the session.
-            idle = if got > 0 {
-                Duration::from_millis(100)
+            // Publishers wake the owner of the session (Redis tells them
+            // who it is): an idle session costs Redis nothing. A full queue
+            // is looked at again shortly, as the client drains it.
+            if room == 0 || full {
+                tokio::select! {
+                    _ = p.cancel.cancelled() => return,
+                    _ = self.shutdown.cancelled() => return,
+                    _ = p.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
             } else {
-                (idle * 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
-            };
-            let wait = if room == 0 {
-                Duration::from_millis(20)
-            } else {
-                idle
-            };
-            tokio::select! {
-                _ = p.cancel.cancelled() => return,
-                _ = p.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                tokio::select! {
+                    _ = p.cancel.cancelled() => return,
+                    _ = self.shutdown.cancelled() => return,
+                    _ = p.wake.notified() => {}
+                }
             }
         }
     }
@@ -1507,9 +1906,10 @@ impl Cluster {
                 let mut trim = None;
                 for (_, list) in streams(&reply) {
                     for e in &list {
-                        // A subscriber here that falls behind slows this
-                        // reader (bounded), as it slows local publishers.
-                        self.on_inbox(e).await;
+                        // Never waits for a subscriber: one that falls
+                        // behind fills its own bounded queue (counted
+                        // drops), and the others on this pod go on.
+                        self.on_inbox(e);
                     }
                     if let Some(e) = list.last() {
                         in_id = e.id.to_string();
@@ -1524,7 +1924,7 @@ impl Cluster {
         }
     }
 
-    async fn on_inbox(&self, e: &Entry<'_>) {
+    fn on_inbox(&self, e: &Entry<'_>) {
         let Some(broker) = self.broker() else { return };
         let Some(batch) = val_bytes(e.field("b")) else {
             return;
@@ -1534,10 +1934,7 @@ impl Cluster {
                 Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
                     Ok((m, _)) => {
                         let (m, span) = crate::trace::remote(m, "inbox");
-                        let backlogged = span.in_scope(|| broker.deliver_remote(Arc::new(m)));
-                        if let Some(s) = backlogged {
-                            s.wait_for_space(BACKPRESSURE_WAIT).await;
-                        }
+                        span.in_scope(|| broker.deliver_remote(Arc::new(m)));
                     }
                     Err(err) => warn!(error = %err, "unreadable message in the inbox"),
                 },
@@ -1546,11 +1943,10 @@ impl Cluster {
                         self.wake(cid);
                     }
                 }
-                Ok((wire::REC_KICK, b)) => {
-                    if let Ok(cid) = std::str::from_utf8(&b) {
-                        broker.kick_local(cid);
-                    }
-                }
+                Ok((wire::REC_KICK, b)) => match wire::parse_kick(b) {
+                    Ok((cid, epoch)) => broker.kick_local(&cid, Some(epoch)),
+                    Err(err) => warn!(error = %err, "unreadable kick in the inbox"),
+                },
                 Ok(_) => {}
                 Err(err) => {
                     warn!(error = %err, "unreadable inbox entry");
@@ -1653,7 +2049,18 @@ impl Cluster {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let keys_now: Vec<ByteString> = self.shares.lock().iter().cloned().collect();
+            // Only groups with a member online here: the others' entries
+            // stay unread for the pods that can deliver them.
+            let keys_now: Vec<ByteString> = match self.broker() {
+                Some(b) => self
+                    .shares
+                    .lock()
+                    .iter()
+                    .filter(|f| b.serves_share(f))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
             if keys_now.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -1715,31 +2122,49 @@ impl Cluster {
     }
 
     async fn on_shared(&self, fulls: &[ByteString], reply: &Value) {
-        let Some(broker) = self.broker() else { return };
         let mut acks = Vec::new();
         for (key, list) in streams(reply) {
             let Some(full) = fulls.iter().find(|f| keys::share(f) == key) else {
                 continue;
             };
             for e in list {
-                if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
-                    let (m, span) = crate::trace::remote(m, "share");
-                    span.in_scope(|| broker.deliver_shared(full, Arc::new(m)));
+                if self.deliver_share_entry(full, &e) {
+                    acks.push(xack(key, e.id));
                 }
-                acks.push(
-                    redis::cmd("XACK")
-                        .arg(key)
-                        .arg(keys::GROUP)
-                        .arg(e.id)
-                        .clone(),
-                );
             }
         }
         self.run_later(acks);
     }
 
-    /// Entries of a shared group read by a pod that died before
-    /// acknowledging them go to a member here.
+    /// Hand one entry of a shared group's stream to a member here. True
+    /// when the entry can be acknowledged in the group now (QoS 0, or
+    /// unreadable); a queued QoS 1/2 entry is acknowledged when the
+    /// member's client has it, and one that found no member stays pending
+    /// (claimed again once idle, here or on another pod).
+    fn deliver_share_entry(&self, full: &ByteString, e: &Entry<'_>) -> bool {
+        let Some(broker) = self.broker() else {
+            return false;
+        };
+        let id = ByteString::from(e.id);
+        let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) else {
+            warn!(filter = %full, "dropping an unreadable shared-group entry");
+            return true;
+        };
+        let (m, span) = crate::trace::remote(m, "share");
+        // Marked held first: the member's client may acknowledge it at once.
+        let key = (full.clone(), id.clone());
+        self.share_held.lock().insert(key.clone());
+        let stored = span.in_scope(|| broker.deliver_shared(full, Arc::new(m), &id));
+        if stored != Stored::Queued {
+            self.share_held.lock().remove(&key);
+        }
+        stored == Stored::NotWanted
+    }
+
+    /// Entries of a shared group read by a pod that died (or by a member
+    /// here that left) before its client acknowledged them go to a member
+    /// here, once idle for the node timeout. Entries a client here still
+    /// holds are left alone.
     async fn claim_abandoned(&self, fulls: &[ByteString]) {
         let idle_ms = self.node_timeout.as_millis() as u64;
         let cmds = fulls
@@ -1759,7 +2184,6 @@ impl Cluster {
         let Ok(replies) = self.query_cmds(cmds).await else {
             return;
         };
-        let Some(broker) = self.broker() else { return };
         let mut acks = Vec::new();
         let mut trims = Vec::new();
         for (full, r) in fulls.iter().zip(&replies) {
@@ -1768,17 +2192,13 @@ impl Cluster {
                 continue;
             };
             for e in entries(list) {
-                if let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) {
-                    let (m, span) = crate::trace::remote(m, "share");
-                    span.in_scope(|| broker.deliver_shared(full, Arc::new(m)));
+                let held = self
+                    .share_held
+                    .lock()
+                    .contains(&(full.clone(), ByteString::from(e.id)));
+                if !held && self.deliver_share_entry(full, &e) {
+                    acks.push(xack(&key, e.id));
                 }
-                acks.push(
-                    redis::cmd("XACK")
-                        .arg(&key)
-                        .arg(keys::GROUP)
-                        .arg(e.id)
-                        .clone(),
-                );
             }
             trims.push(key);
         }
@@ -1794,12 +2214,40 @@ impl Cluster {
                 .query_cmds(vec![
                     redis::cmd("XINFO").arg("GROUPS").arg(&key).clone(),
                     redis::cmd("XPENDING").arg(&key).arg(keys::GROUP).clone(),
+                    redis::cmd("XINFO")
+                        .arg("CONSUMERS")
+                        .arg(&key)
+                        .arg(keys::GROUP)
+                        .clone(),
                 ])
                 .await
             else {
                 continue;
             };
-            let [groups, pending] = &r[..] else { continue };
+            let [groups, pending, consumers] = &r[..] else {
+                continue;
+            };
+            // Consumers of pods long gone (or idle) that hold nothing are
+            // removed, so the group does not grow with every pod ever
+            // started; a live pod's consumer comes back with its next read.
+            let mut gone = Vec::new();
+            for c in as_array(consumers).unwrap_or_default() {
+                let p = pairs(c);
+                let get = |name: &str| {
+                    p.iter()
+                        .find(|(k, _)| as_str(k) == Some(name))
+                        .map(|(_, v)| *v)
+                };
+                let name = get("name").and_then(as_str).unwrap_or_default();
+                let pending = get("pending").and_then(as_int).unwrap_or(1);
+                let idle = get("idle").and_then(as_int).unwrap_or(0);
+                if pending == 0 && idle > CONSUMER_IDLE_MS && name != &*self.node {
+                    if let Some(full) = key.strip_prefix(keys::share("").as_str()) {
+                        gone.push(del_consumer(full, name));
+                    }
+                }
+            }
+            self.run_later(gone);
             let mut min_id: Option<String> = None;
             for g in as_array(groups).unwrap_or_default() {
                 let p = pairs(g);
@@ -1828,22 +2276,30 @@ impl Cluster {
 
     // ---- liveness ----------------------------------------------------------
 
-    /// Returns true when this pod was not registered: Redis lost it, or
-    /// the others declared it dead (it was paused past the node timeout).
-    async fn heartbeat(&self) -> Result<bool, StoreError> {
+    /// One heartbeat, by Redis's clock. `Ok(None)`: this pod was not
+    /// registered (Redis lost it, or the others declared it dead);
+    /// `Ok(Some(gap))`: milliseconds since its previous heartbeat.
+    async fn heartbeat(&self) -> Result<Option<u64>, StoreError> {
         let r = self
-            .query_cmds(vec![redis::cmd("ZADD")
-                .arg(keys::NODES)
-                .arg(wire::unix_ms())
+            .query_cmds(vec![eval(LUA_HEARTBEAT, &[keys::NODES])
                 .arg(&*self.node)
                 .clone()])
             .await?;
-        Ok(r.first().and_then(as_int) == Some(1))
+        check_all(&r)?;
+        let gap = r.first().and_then(as_int).unwrap_or(-1);
+        Ok(u64::try_from(gap).ok())
     }
 
-    /// Heartbeats, recovery after an outage, dead pods and expired sessions.
+    /// How often this pod writes its heartbeat: several times per node
+    /// timeout, so that one late beat never makes it look dead.
+    fn beat_every(&self) -> Duration {
+        (self.node_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Heartbeats and recovery after an outage. Nothing slow runs here:
+    /// clean-up of dead pods and expiries is the sweeper's.
     async fn supervisor(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(self.beat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n = 0u64;
         loop {
@@ -1856,10 +2312,25 @@ impl Cluster {
             }
             n += 1;
             let was_healthy = self.healthy.load(Ordering::Relaxed);
-            let Ok(was_gone) = self.heartbeat().await else {
-                continue;
+            let t0 = Instant::now();
+            let beat = self.heartbeat().await;
+            let rtt = t0.elapsed();
+            let gap = match beat {
+                Ok(g) => g,
+                Err(_) => {
+                    self.unsteady();
+                    continue;
+                }
             };
-            if was_gone && was_healthy {
+            // Redis's clock jumped for this pod (Redis or this pod was
+            // paused), or Redis answered slowly: the other pods may not
+            // have had their turn to beat. Nobody is declared dead by this
+            // pod until it has seen a whole node timeout of steady beats.
+            let jumped = gap.is_none_or(|g| g > (self.node_timeout / 2).as_millis() as u64);
+            if jumped || rtt > self.node_timeout / 4 {
+                self.unsteady();
+            }
+            if gap.is_none() && was_healthy {
                 // Declared dead while alive (a pause longer than the node
                 // timeout): the others dropped this pod's routes and
                 // released its sessions. Announce everything again.
@@ -1878,9 +2349,7 @@ impl Cluster {
                     }
                 }
             }
-            if n.is_multiple_of(2) {
-                self.sweep_dead_nodes().await;
-                self.sweep_expired().await;
+            if n.is_multiple_of(4) {
                 if let Ok(r) = self
                     .query_cmds(vec![redis::cmd("XLEN")
                         .arg(keys::inbox(&self.node))
@@ -1891,6 +2360,32 @@ impl Cluster {
                     self.stream_lag.store(lag, Ordering::Relaxed);
                 }
             }
+        }
+    }
+
+    /// Not steady: no pod is declared dead from here for a node timeout.
+    fn unsteady(&self) {
+        *self.steady_since.lock() = Instant::now();
+    }
+
+    /// Dead pods, due wills and expired sessions, off the heartbeat path:
+    /// a slow clean-up never delays this pod's heartbeats.
+    async fn sweeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            if !self.is_ready() {
+                continue;
+            }
+            if self.steady_since.lock().elapsed() >= self.node_timeout {
+                self.sweep_dead_nodes().await;
+            }
+            self.fire_due_wills().await;
+            self.sweep_expired().await;
         }
     }
 
@@ -1929,7 +2424,7 @@ impl Cluster {
                     .clone()])
                 .await?;
             match r.first().and_then(as_int) {
-                Some(0) => broker.kick_local(cid),
+                Some(0) => broker.kick_local(cid, None),
                 Some(existed) => {
                     let mut cmds = vec![redis::cmd("SADD")
                         .arg(keys::node_sessions(&self.node))
@@ -1967,12 +2462,11 @@ impl Cluster {
     }
 
     async fn sweep_dead_nodes(&self) {
-        let cutoff = wire::unix_ms().saturating_sub(self.node_timeout.as_millis() as u64);
+        let timeout_ms = self.node_timeout.as_millis() as u64;
         let Ok(r) = self
-            .query_cmds(vec![redis::cmd("ZRANGEBYSCORE")
-                .arg(keys::NODES)
-                .arg("-inf")
-                .arg(cutoff)
+            .query_cmds(vec![eval(LUA_DUE, &[keys::NODES])
+                .arg(timeout_ms)
+                .arg(100)
                 .clone()])
             .await
         else {
@@ -1990,7 +2484,7 @@ impl Cluster {
                     .arg(&*self.node)
                     .arg("NX")
                     .arg("PX")
-                    .arg(30_000)
+                    .arg(LOCK_MS)
                     .clone()])
                 .await;
             if !matches!(lock.as_deref(), Ok([Value::Okay])) {
@@ -2006,95 +2500,84 @@ impl Cluster {
     }
 
     /// A pod died: its sessions are released (persistent ones go offline,
-    /// the others end), their wills published, its routes dropped.
+    /// the others end), their wills published — once, and only for
+    /// sessions still held by that pod — or scheduled when they have a
+    /// delay, and its routes dropped. Done in pipelined steps of
+    /// [`CLEANUP_STEP`] sessions, renewing the lock between steps.
     async fn clean_up_node(&self, node: &str) -> Result<(), StoreError> {
         info!(
             node,
             "a pod stopped sending heartbeats: taking over its clients' wills and sessions"
         );
         let r = self
-            .query_cmds(vec![redis::cmd("SMEMBERS")
-                .arg(keys::node_sessions(node))
-                .clone()])
+            .query_cmds(vec![
+                redis::cmd("SMEMBERS")
+                    .arg(keys::node_sessions(node))
+                    .clone(),
+                redis::cmd("SMEMBERS").arg(keys::routes(node)).clone(),
+            ])
             .await?;
+        check_all(&r)?;
         let cids: Vec<String> = str_list(r.first())
             .into_iter()
             .map(str::to_string)
             .collect();
+        let routes: Vec<String> = str_list(r.get(1)).into_iter().map(str::to_string).collect();
         let broker = self.broker();
-        let now = wire::unix_ms();
-        for cid in cids {
-            let skey = keys::session(&cid);
-            let r = self
-                .query_cmds(vec![redis::cmd("HGETALL").arg(&skey).clone()])
-                .await?;
-            let h = r.first().map(pairs).unwrap_or_default();
-            let get = |name: &str| {
-                h.iter()
-                    .find(|(k, _)| as_str(k) == Some(name))
-                    .map(|(_, v)| *v)
-            };
-            if get("owner").and_then(as_str) != Some(node) {
-                continue;
-            }
-            let epoch = get("epoch").and_then(as_str).unwrap_or_default();
-            let expiry: u64 = get("expiry").and_then(as_int).unwrap_or(0).max(0) as u64;
-            let will = val_bytes(get("will"));
-            let expires_at = expires_at(now, expiry);
-            let rel = self
-                .query_cmds(vec![session_eval(LUA_RELEASE, &cid)
-                    .arg(node)
-                    .arg(epoch)
-                    .arg(u8::from(expiry > 0))
-                    .arg(expires_at)
-                    .arg("")
-                    .clone()])
-                .await?;
-            if rel.first().and_then(as_int) == Some(1) {
-                let mut cmds = vec![
-                    redis::cmd("HDEL").arg(keys::OWNERS).arg(&cid).clone(),
-                    owner_event(node, &cid, ""),
-                ];
-                if expires_at > 0 {
-                    cmds.push(
-                        redis::cmd("ZADD")
-                            .arg(keys::EXPIRY)
-                            .arg(expires_at)
-                            .arg(&cid)
-                            .clone(),
-                    );
+        for chunk in cids.chunks(CLEANUP_STEP) {
+            let cmds = chunk
+                .iter()
+                .map(|cid| {
+                    // Persistent or not is the session's own business: the
+                    // script reads its expiry.
+                    eval(LUA_RELEASE_DEAD, &[&keys::session(cid), &keys::queue(cid)])
+                        .arg(node)
+                        .clone()
+                })
+                .collect();
+            let replies = self.query_cmds(cmds).await?;
+            check_all(&replies)?;
+            let mut after = vec![eval(LUA_RENEW, &[&keys::lock(node)])
+                .arg(&*self.node)
+                .arg(LOCK_MS)
+                .clone()];
+            for (cid, reply) in chunk.iter().zip(&replies) {
+                let rel = Released::from_reply(Some(reply));
+                if rel.code == 1 {
+                    self.went_offline_cmds(cid, node, &rel, &mut after);
                 }
-                self.query_cmds(cmds).await?;
-            }
-            if let (Some(w), Some(b)) = (will, &broker) {
-                if let Ok((m, _delay)) = wire::decode_message(w) {
-                    b.publish_message(Arc::new(m));
+                if let (Some(w), Some(b)) = (&rel.will, &broker) {
+                    if let Ok((m, _delay)) = wire::decode_message(w.clone()) {
+                        b.publish_message(Arc::new(m));
+                    }
                 }
             }
+            check_all(&self.query_cmds(after).await?)?;
         }
-        self.query_cmds(vec![
-            redis::cmd("DEL")
-                .arg(keys::routes(node))
-                .arg(keys::node_sessions(node))
-                .arg(keys::inbox(node))
-                .clone(),
+        // One key per DEL: the inbox lives in the pod's own slot, and a
+        // multi-key DEL across slots fails on Redis Cluster (CROSSSLOT).
+        let mut cmds = vec![
+            redis::cmd("DEL").arg(keys::routes(node)).clone(),
+            redis::cmd("DEL").arg(keys::node_sessions(node)).clone(),
+            redis::cmd("DEL").arg(keys::inbox(node)).clone(),
             redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
             event(&[("t", b"dead"), ("n", node.as_bytes())]),
-        ])
-        .await?;
+        ];
+        for f in routes.iter().filter(|f| f.starts_with("$share/")) {
+            cmds.push(del_consumer(f, node));
+        }
+        check_all(&self.query_cmds(cmds).await?)?;
         self.routes.write().drop_node(node);
         Ok(())
     }
 
-    async fn sweep_expired(&self) {
+    /// Delayed wills whose time came (by Redis's clock), each published by
+    /// exactly one pod and only if its client is still away.
+    async fn fire_due_wills(&self) {
         let Ok(r) = self
-            .query_cmds(vec![redis::cmd("ZRANGEBYSCORE")
-                .arg(keys::EXPIRY)
-                .arg("-inf")
-                .arg(wire::unix_ms())
-                .arg("LIMIT")
+            .query_cmds(vec![eval(LUA_DUE, &[keys::WILLS])
                 .arg(0)
-                .arg(100)
+                .arg(SWEEP_BATCH)
                 .clone()])
             .await
         else {
@@ -2104,30 +2587,83 @@ impl Cluster {
             .into_iter()
             .map(str::to_string)
             .collect();
-        for cid in cids {
+        if cids.is_empty() {
+            return;
+        }
+        let mut cmds = Vec::with_capacity(cids.len() * 2);
+        for cid in &cids {
+            cmds.push(eval(LUA_FIRE_WILL, &[&keys::session(cid)]));
+            cmds.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
+        }
+        let Ok(replies) = self.query_cmds(cmds).await else {
+            return;
+        };
+        let Some(broker) = self.broker() else { return };
+        for r in replies.iter().step_by(2) {
+            if let Some(w) = val_bytes(Some(r)).filter(|b| !b.is_empty()) {
+                if let Ok((m, _)) = wire::decode_message(w) {
+                    broker.publish_message(Arc::new(m));
+                }
+            }
+        }
+    }
+
+    /// Offline sessions whose expiry passed (by Redis's clock), in
+    /// pipelined batches until none is due or the step's time is spent:
+    /// keeps up with thousands of expiries a second.
+    async fn sweep_expired(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(500) {
             let Ok(r) = self
-                .query_cmds(vec![
-                    session_eval(LUA_EXPIRE, &cid).arg(wire::unix_ms()).clone(),
-                    redis::cmd("ZREM").arg(keys::EXPIRY).arg(&cid).clone(),
-                ])
+                .query_cmds(vec![eval(LUA_DUE, &[keys::EXPIRY])
+                    .arg(0)
+                    .arg(SWEEP_BATCH)
+                    .clone()])
                 .await
             else {
                 return;
             };
-            let Some(a) = r.first().and_then(as_array) else {
-                continue;
+            let cids: Vec<String> = str_list(r.first())
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            if cids.is_empty() {
+                return;
+            }
+            let mut cmds = Vec::with_capacity(cids.len() * 2);
+            for cid in &cids {
+                cmds.push(session_eval(LUA_EXPIRE, cid));
+                cmds.push(redis::cmd("ZREM").arg(keys::EXPIRY).arg(cid).clone());
+            }
+            let Ok(replies) = self.query_cmds(cmds).await else {
+                return;
             };
-            if a.first().and_then(as_int) != Some(1) {
-                continue;
-            }
-            let mut cmds = Vec::new();
-            for f in str_list(a.get(1)) {
-                if let Some(filter) = f.strip_prefix("sub:") {
-                    self.psub_remove_cmds(&cid, filter, &mut cmds);
+            let broker = self.broker();
+            let mut after = Vec::new();
+            for (cid, r) in cids.iter().zip(replies.iter().step_by(2)) {
+                let Some(a) = as_array(r) else { continue };
+                if a.first().and_then(as_int) != Some(1) {
+                    continue;
                 }
+                for f in str_list(a.get(1)) {
+                    if let Some(filter) = f.strip_prefix("sub:") {
+                        self.psub_remove_cmds(cid, filter, &mut after);
+                    }
+                }
+                after.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
+                // The session ended: a will still waiting goes now.
+                if let (Some(w), Some(b)) = (val_bytes(a.get(2)).filter(|b| !b.is_empty()), &broker)
+                {
+                    if let Ok((m, _)) = wire::decode_message(w) {
+                        b.publish_message(Arc::new(m));
+                    }
+                }
+                debug!(client_id = cid, "session expired");
             }
-            debug!(client_id = cid, "session expired");
-            self.run_later(cmds);
+            self.run_later(after);
+            if cids.len() < SWEEP_BATCH {
+                return;
+            }
         }
     }
 
@@ -2136,15 +2672,43 @@ impl Cluster {
     async fn leave(&self) {
         let _ = self
             .query_cmds(vec![
-                redis::cmd("DEL")
-                    .arg(keys::routes(&self.node))
-                    .arg(keys::inbox(&self.node))
-                    .clone(),
+                redis::cmd("DEL").arg(keys::routes(&self.node)).clone(),
+                redis::cmd("DEL").arg(keys::inbox(&self.node)).clone(),
                 redis::cmd("ZREM").arg(keys::NODES).arg(&*self.node).clone(),
                 event(&[("t", b"dead"), ("n", self.node.as_bytes())]),
             ])
             .await;
     }
+}
+
+/// The first error reply of a pipeline, as an error.
+fn check_all(replies: &[Value]) -> Result<(), StoreError> {
+    match replies.iter().find_map(|v| match v {
+        Value::ServerError(e) => Some(e),
+        _ => None,
+    }) {
+        Some(e) => Err(StoreError::Server(e.code().to_string())),
+        None => Ok(()),
+    }
+}
+
+fn xack(key: &str, id: &str) -> Cmd {
+    redis::cmd("XACK").arg(key).arg(keys::GROUP).arg(id).clone()
+}
+
+/// Remove a consumer from a shared group only when it holds no pending
+/// entry (`XGROUP DELCONSUMER` would drop them): KEYS[1] the stream,
+/// ARGV[1] the group, ARGV[2] the consumer.
+const LUA_DELCONSUMER: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])";
+
+fn del_consumer(full: &str, consumer: &str) -> Cmd {
+    eval(LUA_DELCONSUMER, &[&keys::share(full)])
+        .arg(keys::GROUP)
+        .arg(consumer)
+        .clone()
 }
 
 fn xread(key: &str, after: &str) -> Cmd {

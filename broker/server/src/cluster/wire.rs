@@ -21,7 +21,10 @@ const HAS_DELAY: u8 = 4;
 /// Record tags inside one inbox stream entry, which carries a batch.
 pub const REC_MESSAGE: u8 = 0;
 pub const REC_WAKE: u8 = 1;
-pub const REC_KICK: u8 = 2;
+/// A takeover: the body is the kicked connection's epoch on the receiving
+/// pod (8 bytes, big endian), then the client id. A kick that names an
+/// older epoch than the connection there now leaves it alone.
+pub const REC_KICK: u8 = 3;
 
 /// A stored value that could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,24 @@ pub fn put_record(buf: &mut BytesMut, tag: u8, body: &[u8]) {
     buf.put_u8(tag);
     buf.put_u32(body.len() as u32);
     buf.put_slice(body);
+}
+
+/// The body of a [`REC_KICK`] record.
+pub fn kick_body(client_id: &str, epoch: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + client_id.len());
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.extend_from_slice(client_id.as_bytes());
+    b
+}
+
+/// Read a [`REC_KICK`] body: (client id, epoch).
+pub fn parse_kick(mut b: Bytes) -> Result<(ByteString, u64), Malformed> {
+    if b.remaining() < 8 {
+        return Err(Malformed("short kick"));
+    }
+    let epoch = b.get_u64();
+    let cid = ByteString::try_from(b).map_err(|_| Malformed("kick client id"))?;
+    Ok((cid, epoch))
 }
 
 /// Split an inbox batch into its records.
