@@ -123,6 +123,17 @@ impl RedisServer {
         }
     }
 
+    /// Send a signal by name (STOP, CONT, KILL) to the server.
+    pub fn signal(&self, sig: &str) {
+        let Some(c) = &self.child else { return };
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(c.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} redis-server failed");
+    }
+
     /// Kill the server (its data is lost: no persistence).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -146,6 +146,7 @@ pub async fn publish_numbered(
     qos: QoS,
     n: u32,
     rate: u32,
+    size: usize,
     tally: Arc<Mutex<Tally>>,
 ) {
     const WINDOW: usize = 32;
@@ -167,7 +168,9 @@ pub async fn publish_numbered(
                     break;
                 }
             }
-            let p = publish_packet(topic, &seq.to_be_bytes(), qos, false, Some(next_pid));
+            let mut payload = seq.to_be_bytes().to_vec();
+            payload.resize(size.max(4), b'.');
+            let p = publish_packet(topic, &payload, qos, false, Some(next_pid));
             if !c.try_send(Packet::Publish(p)).await {
                 break;
             }
@@ -291,18 +294,21 @@ pub async fn persistent_subscriber(
     ready: Arc<AtomicBool>,
     moves: Arc<AtomicUsize>,
     tally: Arc<Mutex<Tally>>,
+    resume_first: bool,
 ) {
     let fresh = Opts::v5(&client_id).persistent(3600);
     let (mut c, mut at, _) = connect_any(
         &addrs,
         0,
         &Opts {
-            clean_start: true,
+            clean_start: !resume_first,
             ..fresh.clone()
         },
     )
     .await;
-    assert_eq!(c.subscribe(&filter, qos).await, qos.as_u8());
+    if !resume_first {
+        assert_eq!(c.subscribe(&filter, qos).await, qos.as_u8());
+    }
     ready.store(true, Ordering::SeqCst);
     let resume = fresh.resume();
     let mut st = SubState::default();
@@ -420,6 +426,7 @@ async fn moving_subscriber_run(
         ready.clone(),
         moves.clone(),
         tally.clone(),
+        false,
     ));
     let t0 = Instant::now();
     while !ready.load(Ordering::SeqCst) {
@@ -436,6 +443,7 @@ async fn moving_subscriber_run(
         qos,
         n,
         2000,
+        4,
         tally.clone(),
     ));
     let t1 = Instant::now();
@@ -500,3 +508,178 @@ moving!(
     Leave::TakeOver,
     4000
 );
+
+/// Invariant 2 under SIGKILL: the subscriber's pod, then the publisher's.
+macro_rules! killed {
+    ($name:ident, $qos:expr, $victim:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            repeated(stringify!($name), || async {
+                let r = RedisServer::start();
+                // Pod 0 serves the publisher, pod 1 the subscriber.
+                let t = moving_subscriber_run(&r.url(), 2, $qos, Leave::Stay, 4000, |p| {
+                    p[$victim].signal("KILL")
+                })
+                .await;
+                t.check(stringify!($name), $qos);
+            })
+            .await;
+        }
+    };
+}
+
+killed!(sigkill_of_the_subscribers_pod_qos1, QoS::AtLeastOnce, 1);
+killed!(sigkill_of_the_subscribers_pod_qos2, QoS::ExactlyOnce, 1);
+killed!(sigkill_of_the_publishers_pod_qos1, QoS::AtLeastOnce, 0);
+killed!(sigkill_of_the_publishers_pod_qos2, QoS::ExactlyOnce, 0);
+
+/// Shared group of two persistent members on pods 1 and 2; pod 1 is
+/// SIGKILLed: what its pod had read and not delivered is claimed by pod 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_shared_members_pod() {
+    repeated("sigkill_of_a_shared_members_pod", || async {
+        let r = RedisServer::start();
+        let p = pods(&r.url(), 3);
+        let addrs: Vec<SocketAddr> = p.iter().map(|b| b.addr).collect();
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let moves = Arc::new(AtomicUsize::new(0));
+        let mut members = Vec::new();
+        for k in 1..3 {
+            let ready = Arc::new(AtomicBool::new(false));
+            let mut at = addrs.clone();
+            at.rotate_left(k);
+            members.push(tokio::spawn(persistent_subscriber(
+                at,
+                format!("member{k}"),
+                "$share/g/load/#".into(),
+                QoS::AtLeastOnce,
+                Leave::Stay,
+                Duration::from_millis(300),
+                stop.clone(),
+                ready.clone(),
+                moves.clone(),
+                tally.clone(),
+                false,
+            )));
+            let t0 = Instant::now();
+            while !ready.load(Ordering::SeqCst) {
+                assert!(t0.elapsed() < Duration::from_secs(20), "member never ready");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        routes_settle().await;
+        let publisher = tokio::spawn(publish_numbered(
+            vec![addrs[0]],
+            "load/m",
+            QoS::AtLeastOnce,
+            4000,
+            2000,
+            4,
+            tally.clone(),
+        ));
+        let t0 = Instant::now();
+        while tally.lock().unwrap().acked.len() < 1300 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "publisher stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        p[1].signal("KILL");
+        publisher.await.expect("publisher");
+        stop.store(true, Ordering::SeqCst);
+        for m in members {
+            m.await.expect("member");
+        }
+        tally
+            .lock()
+            .unwrap()
+            .check("sigkill_of_a_shared_members_pod", QoS::AtLeastOnce);
+    })
+    .await;
+}
+
+/// Redis stopped (SIGSTOP) for three node timeouts, its data kept: no
+/// healthy pod is declared dead afterwards, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_past_the_node_timeout() {
+    repeated("redis_paused_past_the_node_timeout", || async {
+        let r = RedisServer::start();
+        let mut logs = Vec::new();
+        let t = moving_subscriber_run(&r.url(), 2, QoS::AtLeastOnce, Leave::Stay, 4000, |p| {
+            r.signal("STOP");
+            std::thread::sleep(Duration::from_millis(3000));
+            r.signal("CONT");
+            // A few sweeps after the pause.
+            std::thread::sleep(Duration::from_millis(2500));
+            logs.extend(p.iter().map(|b| b.log()));
+        })
+        .await;
+        t.check("redis_paused_past_the_node_timeout", QoS::AtLeastOnce);
+        for log in logs {
+            assert!(!log.contains("stopped sending heartbeats"), "{log}");
+            assert!(!log.contains("taken for dead"), "{log}");
+        }
+    })
+    .await;
+}
+
+/// Redis out of memory (`maxmemory` + `noeviction`): publishes for an
+/// offline persistent session get 0x97 once Redis is full — never a
+/// success that is then lost — and every acknowledged one is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_refuses_and_loses_nothing_acknowledged() {
+    repeated("redis_out_of_memory", || async {
+        let r =
+            RedisServer::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
+        let p = pods(&r.url(), 2);
+        let addrs: Vec<SocketAddr> = p.iter().map(|b| b.addr).collect();
+        let opts = Opts::v5("offline").persistent(3600);
+        let mut c = Client::connect_ok(addrs[1], opts.clone()).await;
+        c.subscribe("load/#", QoS::AtLeastOnce).await;
+        c.disconnect().await;
+        routes_settle().await;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        publish_numbered(
+            vec![addrs[0]],
+            "load/m",
+            QoS::AtLeastOnce,
+            3000,
+            100_000,
+            2048,
+            tally.clone(),
+        )
+        .await;
+        {
+            let t = tally.lock().unwrap();
+            eprintln!("{} acknowledged, {} refused", t.acked.len(), t.refused);
+            assert!(t.refused > 0, "a full Redis refused nothing");
+            assert!(
+                !t.acked.is_empty(),
+                "nothing was stored before Redis was full"
+            );
+        }
+        assert!(p[0].metric("cirrus_publish_store_failures_total") >= 1.0);
+        // While Redis is full nobody can connect either (a claim is a
+        // write): the operator gives it room, and the session is drained.
+        let set = cirrus_e2e::redis::command(r.port, "CONFIG SET maxmemory 256mb");
+        assert!(set.is_some_and(|r| r.starts_with("+OK")));
+        persistent_subscriber(
+            vec![addrs[1]],
+            "offline".into(),
+            "load/#".into(),
+            QoS::AtLeastOnce,
+            Leave::Stay,
+            Duration::from_millis(300),
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            tally.clone(),
+            true,
+        )
+        .await;
+        tally
+            .lock()
+            .unwrap()
+            .check("redis_out_of_memory", QoS::AtLeastOnce);
+    })
+    .await;
+}

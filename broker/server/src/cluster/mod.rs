@@ -65,6 +65,8 @@ mod keys {
     pub const EXPIRY: &str = "cirrus:{g}:expiry";
     /// Client id → when its delayed will is due (Redis time, ms).
     pub const WILLS: &str = "cirrus:{g}:wills";
+    /// Pod → since when its heartbeats are steady (Redis time, ms).
+    pub const STEADY: &str = "cirrus:{g}:steady";
     pub const GROUP: &str = "cirrus";
 
     pub fn routes(node: &str) -> String {
@@ -231,22 +233,54 @@ return {1, f, o[3] or ''}"
 
 /// Heartbeat by Redis's clock: `-1` when this pod was not registered
 /// (Redis lost it, or it was declared dead), else the milliseconds since
-/// its previous heartbeat, by the same clock.
+/// its previous heartbeat, by the same clock. A gap over half the node
+/// timeout (Redis or this pod was paused) marks the pod unsteady from now
+/// (`steady` hash): it declares nobody dead for a node timeout, so that
+/// every live pod has had its turn to beat. KEYS: nodes, steady; ARGV:
+/// node, node timeout (ms).
 const LUA_HEARTBEAT: &str = lua_timed!(
     r"
 local now = now_ms()
 local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-if not prev then return -1 end
-return now - tonumber(prev)"
+if not prev then
+  redis.call('HSET', KEYS[2], ARGV[1], now)
+  return -1
+end
+local gap = now - tonumber(prev)
+if gap > tonumber(ARGV[2]) / 2 then redis.call('HSET', KEYS[2], ARGV[1], now) end
+return gap"
 );
 
-/// Members of a time-scored set that are due: score <= now - ARGV[1]
-/// (milliseconds), at most ARGV[2].
+/// Pods whose heartbeat is older than the node timeout — asked by a pod
+/// whose own heartbeats are fresh and have been steady for a node timeout,
+/// all by Redis's clock (a sweep sent before an outage and run after it
+/// finds nobody). KEYS: nodes, steady; ARGV: node timeout (ms), limit, node.
+const LUA_DEAD: &str = lua_timed!(
+    r"
+local now = now_ms()
+local t = tonumber(ARGV[1])
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if not mine or now - tonumber(mine) > t / 2 then return {} end
+local since = redis.call('HGET', KEYS[2], ARGV[3])
+if not since or now - tonumber(since) < t then return {} end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - t, 'LIMIT', 0, tonumber(ARGV[2]))"
+);
+
+/// Members of a time-scored set that are due (score <= now), at most
+/// ARGV[1].
 const LUA_DUE: &str = lua_timed!(
     r"
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))"
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))"
 );
+
+/// Create a shared group's stream and group; one that exists is fine.
+const LUA_GROUP_CREATE: &str = r"
+local r = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '$', 'MKSTREAM')
+if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP') then
+  return redis.error_reply(r.err)
+end
+return 1";
 
 /// Release a dead pod's session (any epoch): [`LUA_RELEASE`] with the
 /// session's own expiry, a delayed will scheduled. ARGV[1]: the dead pod.
@@ -583,14 +617,11 @@ fn event(fields: &[(&str, &[u8])]) -> Cmd {
     c
 }
 
-/// `XGROUP CREATE` of a shared group's stream (made if missing).
+/// Create a shared group's stream and group (made if missing, an existing
+/// one kept).
 fn group_create(full: &str) -> Cmd {
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys::share(full))
+    eval(LUA_GROUP_CREATE, &[&keys::share(full)])
         .arg(keys::GROUP)
-        .arg("$")
-        .arg("MKSTREAM")
         .clone()
 }
 
@@ -2281,8 +2312,9 @@ impl Cluster {
     /// `Ok(Some(gap))`: milliseconds since its previous heartbeat.
     async fn heartbeat(&self) -> Result<Option<u64>, StoreError> {
         let r = self
-            .query_cmds(vec![eval(LUA_HEARTBEAT, &[keys::NODES])
+            .query_cmds(vec![eval(LUA_HEARTBEAT, &[keys::NODES, keys::STEADY])
                 .arg(&*self.node)
+                .arg(self.node_timeout.as_millis() as u64)
                 .clone()])
             .await?;
         check_all(&r)?;
@@ -2464,9 +2496,10 @@ impl Cluster {
     async fn sweep_dead_nodes(&self) {
         let timeout_ms = self.node_timeout.as_millis() as u64;
         let Ok(r) = self
-            .query_cmds(vec![eval(LUA_DUE, &[keys::NODES])
+            .query_cmds(vec![eval(LUA_DEAD, &[keys::NODES, keys::STEADY])
                 .arg(timeout_ms)
                 .arg(100)
+                .arg(&*self.node)
                 .clone()])
             .await
         else {
@@ -2561,6 +2594,7 @@ impl Cluster {
             redis::cmd("DEL").arg(keys::node_sessions(node)).clone(),
             redis::cmd("DEL").arg(keys::inbox(node)).clone(),
             redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
+            redis::cmd("HDEL").arg(keys::STEADY).arg(node).clone(),
             event(&[("t", b"dead"), ("n", node.as_bytes())]),
         ];
         for f in routes.iter().filter(|f| f.starts_with("$share/")) {
@@ -2575,10 +2609,7 @@ impl Cluster {
     /// exactly one pod and only if its client is still away.
     async fn fire_due_wills(&self) {
         let Ok(r) = self
-            .query_cmds(vec![eval(LUA_DUE, &[keys::WILLS])
-                .arg(0)
-                .arg(SWEEP_BATCH)
-                .clone()])
+            .query_cmds(vec![eval(LUA_DUE, &[keys::WILLS]).arg(SWEEP_BATCH).clone()])
             .await
         else {
             return;
@@ -2616,7 +2647,6 @@ impl Cluster {
         while t0.elapsed() < Duration::from_millis(500) {
             let Ok(r) = self
                 .query_cmds(vec![eval(LUA_DUE, &[keys::EXPIRY])
-                    .arg(0)
                     .arg(SWEEP_BATCH)
                     .clone()])
                 .await
@@ -2675,6 +2705,10 @@ impl Cluster {
                 redis::cmd("DEL").arg(keys::routes(&self.node)).clone(),
                 redis::cmd("DEL").arg(keys::inbox(&self.node)).clone(),
                 redis::cmd("ZREM").arg(keys::NODES).arg(&*self.node).clone(),
+                redis::cmd("HDEL")
+                    .arg(keys::STEADY)
+                    .arg(&*self.node)
+                    .clone(),
                 event(&[("t", b"dead"), ("n", self.node.as_bytes())]),
             ])
             .await;
