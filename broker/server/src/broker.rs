@@ -459,7 +459,9 @@ impl Broker {
                 let rel: Vec<u16> = st
                     .inflight
                     .iter()
-                    .filter(|i| i.state == OutState::AwaitComp)
+                    // Those of the session's stream are recorded in Redis
+                    // (`r:{id}`) as their PUBREC arrives.
+                    .filter(|i| i.state == OutState::AwaitComp && i.delivery.ack.is_none())
                     .map(|i| i.packet_id.get())
                     .collect();
                 let c = cluster.clone();

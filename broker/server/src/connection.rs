@@ -66,6 +66,10 @@ const MAX_PENDING_ACKS: usize = 256;
 
 /// An acknowledgement that goes out once Redis holds the message:
 /// (stored, QoS, packet id, reason code).
+/// Not a reason code: an entry of `acks` that sends PUBREL once Redis has
+/// recorded an outgoing QoS 2 delivery (see `on_pubrec`).
+const SEND_PUBREL: u8 = 0xFF;
+
 type AckFuture = Pin<Box<dyn Future<Output = (Result<(), StoreFail>, QoS, PacketId, u8)> + Send>>;
 
 /// Why a connection ends; decides the DISCONNECT sent and the will.
@@ -1148,6 +1152,27 @@ where
         &mut self,
         (stored, qos, id, code): (Result<(), StoreFail>, QoS, PacketId, u8),
     ) -> Result<(), Close> {
+        if code == SEND_PUBREL {
+            // An outgoing QoS 2 message whose delivery Redis recorded (or
+            // could not: the client gets it again, under the same id, from
+            // whichever pod serves it next).
+            return match stored {
+                Ok(()) => {
+                    // Not on a connection that was taken over meanwhile.
+                    if self.session.state.lock().epoch == self.epoch {
+                        self.send(&Packet::PubRel(PubResp::new(id, reason::SUCCESS)));
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    debug!(client_id = %self.session.client_id, pid = id.get(), error = ?e, "PUBREL withheld");
+                    Err(Close::Violation(
+                        reason::UNSPECIFIED_ERROR,
+                        "the store did not record a delivered message",
+                    ))
+                }
+            };
+        }
         if let Err(fail) = stored {
             Stats::inc(&self.broker.stats.publish_store_failed);
             if !self.v5() {
@@ -1215,9 +1240,43 @@ where
             }
             Some(i) => {
                 st.inflight[i].state = OutState::AwaitComp;
-                // The receiver has it: its stream entry is done.
-                let ack = st.inflight[i].delivery.ack.take();
+                let recorded = self.broker.cluster().is_some()
+                    && st.inflight[i]
+                        .delivery
+                        .ack
+                        .as_deref()
+                        .and_then(StoreAck::session_id)
+                        .is_some();
+                // The receiver has it: its stream entry is done. One of the
+                // session's stream keeps its entry reference while Redis
+                // records it (the release leaves it out of `rel`).
+                let ack = if recorded {
+                    st.inflight[i].delivery.ack.clone()
+                } else {
+                    st.inflight[i].delivery.ack.take()
+                };
                 drop(st);
+                // A message of the session's Redis stream: the client
+                // forgets the packet id once it has the PUBREL, so Redis
+                // must first know that the message is delivered and that
+                // the id awaits PUBCOMP; else the next pod would send the
+                // message again, or give the id to another message.
+                if let (Some(a), Some(c)) = (&ack, self.broker.cluster()) {
+                    if let StoreAck::Session(entry) = &**a {
+                        let stored = c.delivered_qos2(
+                            &self.session.client_id,
+                            entry,
+                            r.packet_id,
+                            self.epoch,
+                        );
+                        let pid = r.packet_id;
+                        let acks = self.acks.get_or_insert_with(Default::default);
+                        acks.push_back(Box::pin(async move {
+                            (stored.finish().await, QoS::ExactlyOnce, pid, SEND_PUBREL)
+                        }));
+                        return;
+                    }
+                }
                 self.stream_ack(ack);
                 self.send(&Packet::PubRel(PubResp::new(r.packet_id, reason::SUCCESS)));
             }
@@ -1246,7 +1305,16 @@ where
             }
         };
         if let Some(done) = removed {
-            self.stream_ack(done.delivery.ack);
+            if expect == OutState::AwaitComp {
+                // Its entry went with PUBREC; the recorded packet id goes.
+                if self.session.is_stream_fed() {
+                    if let Some(c) = self.broker.cluster() {
+                        c.completed_qos2(&self.session.client_id, pid);
+                    }
+                }
+            } else {
+                self.stream_ack(done.delivery.ack);
+            }
             self.pump();
         }
     }
@@ -1407,7 +1475,8 @@ where
                 (_, Some(a)) => a.session_id().map(crate::session::stable_packet_id),
                 _ => None,
             };
-            if stable.is_some_and(|pid| st.find_inflight(pid).is_some()) {
+            if let Some(i) = stable.and_then(|pid| st.find_inflight(pid)) {
+                debug!(client_id = %self.session.client_id, pid = st.inflight[i].packet_id.get(), state = ?st.inflight[i].state, "a queued message waits for its packet id");
                 break;
             }
             let Some(d) = st.queue.pop_front() else { break };

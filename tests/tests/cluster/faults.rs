@@ -456,6 +456,19 @@ async fn moving_subscriber_run(
     stop.store(true, Ordering::SeqCst);
     sub.await.expect("subscriber");
     eprintln!("subscriber moved {} times", moves.load(Ordering::Relaxed));
+    {
+        let t = tally.lock().unwrap();
+        if !t.lost().is_empty() || (qos == QoS::ExactlyOnce && t.duplicates() > 0) {
+            for (k, b) in p.iter().enumerate() {
+                let log = b.log();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("--- pod {k} log (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
     Arc::try_unwrap(tally)
         .ok()
         .expect("tally still shared")

@@ -60,7 +60,6 @@ mod keys {
     pub const NODES: &str = "cirrus:{g}:nodes";
     pub const EVENTS: &str = "cirrus:{g}:events";
     pub const PSUBS: &str = "cirrus:{g}:psubs";
-    pub const OWNERS: &str = "cirrus:{g}:owners";
     pub const RETAINED: &str = "cirrus:{g}:retained";
     pub const EXPIRY: &str = "cirrus:{g}:expiry";
     /// Client id → when its delayed will is due (Redis time, ms).
@@ -209,6 +208,18 @@ if tonumber(o[3]) > now_ms() then return '' end
 redis.call('HDEL', KEYS[1], 'will', 'wdelay', 'will_at')
 return o[2] or ''"
 );
+
+/// An outgoing QoS 2 message was received (PUBREC): its entry goes, and
+/// its packet id is recorded as awaiting PUBCOMP (`r:{id}`), in one step —
+/// only while this connection still holds the session, so a pod that takes
+/// it over either finds the id recorded or the message still there.
+/// KEYS: session, stream; ARGV: entry id, packet id, node, epoch.
+const LUA_DELIVERED: &str = r"
+local o = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+if o[1] ~= ARGV[3] or o[2] ~= ARGV[4] then return redis.error_reply('NOTOWNER taken over') end
+redis.call('XDEL', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'r:' .. ARGV[2], 1)
+return 1";
 
 /// Re-take a session after Redis lost it or this pod was declared dead.
 const LUA_RECLAIM: &str = r"
@@ -573,8 +584,6 @@ pub struct Cluster {
     cmd: Conn,
     ops: mpsc::Sender<Op>,
     routes: RwLock<RemoteRoutes>,
-    /// Online persistent sessions → the pod serving them (for wakes).
-    owners: RwLock<HashMap<ByteString, Arc<str>>>,
     /// Full filter → local subscribers, to announce a route once per pod.
     local_routes: Mutex<HashMap<ByteString, usize>>,
     /// Share streams this pod reads.
@@ -628,16 +637,6 @@ fn group_create(full: &str) -> Cmd {
 /// A command on one key with one more argument (`SADD key member`, ...).
 fn on_key(name: &str, key: &str, arg: &[u8]) -> Cmd {
     redis::cmd(name).arg(key).arg(arg).clone()
-}
-
-/// The event saying who serves a persistent session now (`""`: nobody).
-fn owner_event(by: &str, client_id: &str, owner: &str) -> Cmd {
-    event(&[
-        ("t", b"o"),
-        ("n", by.as_bytes()),
-        ("c", client_id.as_bytes()),
-        ("w", owner.as_bytes()),
-    ])
 }
 
 /// The event announcing a route of pod `node` (`t`: `r+` or `r-`).
@@ -784,7 +783,6 @@ impl Cluster {
             cmd,
             ops: tx,
             routes: RwLock::new(RemoteRoutes::default()),
-            owners: RwLock::new(HashMap::new()),
             local_routes: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashSet::new()),
             pullers: Mutex::new(HashMap::new()),
@@ -1005,6 +1003,46 @@ impl Cluster {
         });
     }
 
+    /// The client received an outgoing QoS 2 message of its stream (PUBREC):
+    /// done once Redis let go of the entry and recorded the packet id as
+    /// awaiting PUBCOMP; only then is PUBREL sent.
+    pub fn delivered_qos2(
+        &self,
+        client_id: &ByteString,
+        entry: &str,
+        pid: cirrus_codec::PacketId,
+        epoch: u64,
+    ) -> Pending {
+        let cmd = session_eval(LUA_DELIVERED, client_id)
+            .arg(entry)
+            .arg(pid.get())
+            .arg(&*self.node)
+            .arg(epoch)
+            .clone();
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Cmds {
+            cmds: vec![cmd],
+            done: Some(tx),
+        };
+        let send = match self.ops.try_send(op) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(op)) => Some((self.ops.clone(), op)),
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
+        };
+        Pending {
+            send,
+            done: Some(rx),
+        }
+    }
+
+    /// PUBCOMP: the packet id of an outgoing QoS 2 message is free again.
+    pub fn completed_qos2(&self, client_id: &ByteString, pid: cirrus_codec::PacketId) {
+        self.run_later(vec![redis::cmd("HDEL")
+            .arg(keys::session(client_id))
+            .arg(format!("r:{}", pid.get()))
+            .clone()]);
+    }
+
     /// Queue an operation that nobody waits for, never dropping it: when
     /// the queue is full a task waits for room.
     fn send_op(&self, op: Op) {
@@ -1048,15 +1086,13 @@ impl Cluster {
         let mut dones: Vec<(Done, Result<(), StoreFail>)> = Vec::new();
         // Pod → inbox entry being built, and the operations it carries.
         let mut inbox: HashMap<Arc<str>, (BytesMut, Vec<usize>)> = HashMap::new();
-        // Session enqueues: pipeline slot, client id, the pod woken.
-        let mut enqueues: Vec<(usize, ByteString, Option<Arc<str>>)> = Vec::new();
+        // Session enqueues: pipeline slot, client id.
+        let mut enqueues: Vec<(usize, ByteString)> = Vec::new();
         let mut acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         let mut share_acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         // Spans of traced messages: they end when the pipeline is done.
         let mut spans = Vec::new();
         {
-            // Read under the lock, never copied: the map is cluster-wide.
-            let owners = self.owners.read();
             for op in batch.drain(..) {
                 match op {
                     Op::Forward { msg, targets, done } => {
@@ -1094,12 +1130,7 @@ impl Cluster {
                                 .arg(&bytes[..])
                                 .clone();
                             let i = b.add(c, slot);
-                            let owner = owners.get(cid).cloned();
-                            if let Some(o) = &owner {
-                                let (buf, _) = inbox.entry(o.clone()).or_default();
-                                wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
-                            }
-                            enqueues.push((i, cid.clone(), owner));
+                            enqueues.push((i, cid.clone()));
                         }
                     }
                     Op::Ack { client_id, ack } => match ack {
@@ -1203,7 +1234,7 @@ impl Cluster {
                         fail(*op, StoreFail::Unavailable);
                     }
                 }
-                for (i, cid, woken) in enqueues {
+                for (i, cid) in enqueues {
                     let Some(r) = results.get(i).and_then(as_array) else {
                         continue;
                     };
@@ -1222,9 +1253,11 @@ impl Cluster {
                             fail(b.owner.get(i).copied().flatten(), StoreFail::Unavailable);
                         }
                     }
-                    // The pod serving the session, as Redis knows it: wake
-                    // it when this pod did not know (no polling needed).
-                    if !owner.is_empty() && woken.as_deref() != Some(owner) {
+                    // The pod serving the session, as Redis knows it, is
+                    // woken once the entry is there: never before it (on a
+                    // Redis Cluster the parts of a pipeline run in parallel),
+                    // and never a stale owner. No pod polls an idle session.
+                    if !owner.is_empty() && r.first().and_then(as_int) == Some(1) {
                         wakes.push(Op::Wake {
                             node: Arc::from(owner),
                             client_id: cid,
@@ -1472,19 +1505,6 @@ impl Cluster {
                 .arg(&**client_id)
                 .clone(),
         );
-        if expiry > 0 {
-            self.owners
-                .write()
-                .insert(client_id.clone(), self.node.clone());
-            cmds.push(
-                redis::cmd("HSET")
-                    .arg(keys::OWNERS)
-                    .arg(&**client_id)
-                    .arg(&*self.node)
-                    .clone(),
-            );
-            cmds.push(owner_event(&self.node, client_id, &self.node));
-        }
         let prev_epoch = r.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
         if !prev_owner.is_empty() && prev_owner != &*self.node {
             debug!(client_id = %client_id, old = prev_owner, "taking the session over from another pod");
@@ -1515,7 +1535,11 @@ impl Cluster {
                     let (o, id) = wire::decode_sub(v)?;
                     claim.subs.push((ByteString::from(filter), o, id));
                 } else if k == "rel" {
-                    claim.rel = v.split(',').filter_map(|p| p.parse().ok()).collect();
+                    claim
+                        .rel
+                        .extend(v.split(',').filter_map(|p| p.parse::<u16>().ok()));
+                } else if let Some(pid) = k.strip_prefix("r:").and_then(|p| p.parse().ok()) {
+                    claim.rel.push(pid);
                 } else if k == "hw" && !v.is_empty() {
                     claim.hw = Some(v.to_string());
                 }
@@ -1557,17 +1581,14 @@ impl Cluster {
             .arg(&**client_id)
             .clone()];
         if r.code == 1 {
-            self.owners.write().remove(client_id);
-            self.went_offline_cmds(client_id, &self.node, &r, &mut cmds);
+            self.went_offline_cmds(client_id, &r, &mut cmds);
         }
         self.run_later(cmds);
     }
 
-    /// A session went offline: out of the owners map, into the expiry
+    /// A session went offline: into the expiry
     /// (and delayed-will) schedules.
-    fn went_offline_cmds(&self, client_id: &str, by: &str, r: &Released, cmds: &mut Vec<Cmd>) {
-        cmds.push(redis::cmd("HDEL").arg(keys::OWNERS).arg(client_id).clone());
-        cmds.push(owner_event(by, client_id, ""));
+    fn went_offline_cmds(&self, client_id: &str, r: &Released, cmds: &mut Vec<Cmd>) {
         if r.expires_at > 0 {
             cmds.push(
                 redis::cmd("ZADD")
@@ -1786,11 +1807,10 @@ impl Cluster {
                     .clone(),
                 redis::cmd("ZRANGE").arg(keys::NODES).arg(0).arg(-1).clone(),
                 redis::cmd("HGETALL").arg(keys::PSUBS).clone(),
-                redis::cmd("HGETALL").arg(keys::OWNERS).clone(),
                 redis::cmd("HGETALL").arg(keys::RETAINED).clone(),
             ])
             .await?;
-        let [ev, nodes, psubs, owners, retained] = &head[..] else {
+        let [ev, nodes, psubs, retained] = &head[..] else {
             return Err(StoreError::Reply("snapshot"));
         };
         let last = entries(ev)
@@ -1834,19 +1854,12 @@ impl Cluster {
                 );
             }
         }
-        let mut own = HashMap::new();
-        for (k, v) in pairs(owners) {
-            if let (Some(k), Some(v)) = (as_str(k), as_str(v)) {
-                own.insert(ByteString::from(k), Arc::from(v));
-            }
-        }
         // This pod's own routes are re-added: after a Redis restart they
         // come back through `resync`, but matching must not miss them.
         for f in self.local_routes.lock().keys() {
             table.add_node_route(&self.node, f);
         }
         *self.routes.write() = table;
-        *self.owners.write() = own;
         if let Some(b) = self.broker() {
             let mut msgs = Vec::new();
             for (_, v) in pairs(retained) {
@@ -2020,20 +2033,6 @@ impl Cluster {
             "p-" => {
                 if let (Some(c), Some(f)) = (s("c"), s("f")) {
                     self.routes.write().remove_session(c, f);
-                }
-            }
-            "o" => {
-                let (Some(c), Some(w)) = (s("c"), s("w")) else {
-                    return;
-                };
-                let mut o = self.owners.write();
-                if w.is_empty() {
-                    // Only the owner's own release clears it.
-                    if o.get(c).is_some_and(|cur| Some(&**cur) == s("n")) {
-                        o.remove(c);
-                    }
-                } else {
-                    o.insert(ByteString::from(c), Arc::from(w));
                 }
             }
             "rs" => {
@@ -2462,27 +2461,17 @@ impl Cluster {
                         .arg(keys::node_sessions(&self.node))
                         .arg(&**cid)
                         .clone()];
-                    if session.is_stream_fed() {
-                        cmds.push(
-                            redis::cmd("HSET")
-                                .arg(keys::OWNERS)
-                                .arg(&**cid)
-                                .arg(&*self.node)
-                                .clone(),
-                        );
-                        cmds.push(owner_event(&self.node, cid, &self.node));
-                        if existed == 1 {
-                            // Redis lost it: write the subscriptions back.
-                            let subs: Vec<_> = session
-                                .state
-                                .lock()
-                                .subscriptions
-                                .iter()
-                                .map(|(f, e)| (f.clone(), e.options, e.sub_id))
-                                .collect();
-                            for (f, o, id) in subs {
-                                self.psub_add_cmds(cid, &f, o, id, &mut cmds);
-                            }
+                    if session.is_stream_fed() && existed == 1 {
+                        // Redis lost it: write the subscriptions back.
+                        let subs: Vec<_> = session
+                            .state
+                            .lock()
+                            .subscriptions
+                            .iter()
+                            .map(|(f, e)| (f.clone(), e.options, e.sub_id))
+                            .collect();
+                        for (f, o, id) in subs {
+                            self.psub_add_cmds(cid, &f, o, id, &mut cmds);
                         }
                     }
                     self.query_cmds(cmds).await?;
@@ -2577,7 +2566,7 @@ impl Cluster {
             for (cid, reply) in chunk.iter().zip(&replies) {
                 let rel = Released::from_reply(Some(reply));
                 if rel.code == 1 {
-                    self.went_offline_cmds(cid, node, &rel, &mut after);
+                    self.went_offline_cmds(cid, &rel, &mut after);
                 }
                 if let (Some(w), Some(b)) = (&rel.will, &broker) {
                     if let Ok((m, _delay)) = wire::decode_message(w.clone()) {
