@@ -5,9 +5,9 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use cirrus_broker::cluster::{RemoteRoutes, SessionSub, Targets};
 use cirrus_broker::router::{Router, Subscriber};
 use cirrus_broker::session::Session;
+use cirrus_broker::store::redis::{RemoteRoutes, SessionSub, Targets};
 use cirrus_codec::{ByteString, Protocol, QoS, SubscriptionOptions};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

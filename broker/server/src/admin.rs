@@ -94,7 +94,7 @@ pub async fn render(broker: &Broker) -> String {
         "Sessions with a connection on this pod.",
         connections,
     );
-    let offline = match broker.cluster() {
+    let offline = match broker.redis() {
         Some(c) => c.offline_sessions().await,
         None => sessions.saturating_sub(connections),
     };
@@ -228,7 +228,7 @@ pub async fn render(broker: &Broker) -> String {
         "From this pod receiving a message to writing it to a subscriber.",
         &s.delivery_latency,
     );
-    if let Some(c) = broker.cluster() {
+    if let Some(c) = broker.redis() {
         o.one(
             "cirrus_redis_up",
             "gauge",

@@ -19,7 +19,6 @@ use cirrus_codec::{
 use parking_lot::Mutex;
 use tracing::debug;
 
-use crate::cluster::{Cluster, Pending};
 use crate::config::Config;
 use crate::message::{Delivery, Message, StoreAck};
 use crate::retained::{RetainedStore, SetOutcome};
@@ -29,6 +28,7 @@ use crate::session::{
     SubscriptionEntry,
 };
 use crate::stats::Stats;
+use crate::store::redis::{Pending, RedisStore};
 
 /// What a connection asks for when its CONNECT is accepted.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ pub struct PublishOutcome {
 impl PublishOutcome {
     /// For publishes nobody acknowledges (wills): make sure the remote
     /// part is still sent, under the store's tasks.
-    fn detach(self, cluster: Option<&Arc<Cluster>>) {
+    fn detach(self, cluster: Option<&Arc<RedisStore>>) {
         if let (Some(p), Some(c)) = (self.remote, cluster) {
             if p.must_wait() {
                 c.spawn(async move {
@@ -127,7 +127,7 @@ pub struct Broker {
     started: Instant,
     id_salt: u64,
     /// The Redis store, when configured.
-    cluster: OnceLock<Arc<Cluster>>,
+    redis: OnceLock<Arc<RedisStore>>,
     /// Redis store: client ids with a connect in progress on this pod.
     claiming: Mutex<std::collections::HashSet<ByteString>>,
     /// Redis store: sessions whose release is being written.
@@ -157,24 +157,24 @@ impl Broker {
             timers: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
             id_salt: salt,
-            cluster: OnceLock::new(),
+            redis: OnceLock::new(),
             claiming: Mutex::new(std::collections::HashSet::new()),
             releasing: Mutex::new(HashMap::new()),
             kicked: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.get()
+    pub fn redis(&self) -> Option<&Arc<RedisStore>> {
+        self.redis.get()
     }
 
-    pub fn set_cluster(&self, c: Arc<Cluster>) {
-        let _ = self.cluster.set(c);
+    pub fn set_redis(&self, c: Arc<RedisStore>) {
+        let _ = self.redis.set(c);
     }
 
     /// Whether the store can take new work (always, for memory).
     pub fn store_ready(&self) -> bool {
-        self.cluster().is_none_or(|c| c.is_ready())
+        self.redis().is_none_or(|c| c.is_ready())
     }
 
     fn next_id(&self) -> u64 {
@@ -223,7 +223,7 @@ impl Broker {
     /// another. `Err` is the CONNACK reason code (the store is unavailable).
     pub async fn connect(&self, req: ConnectRequest, will: Option<&LastWill>) -> Result<Grant, u8> {
         let epoch = self.next_id();
-        let Some(cluster) = self.cluster() else {
+        let Some(cluster) = self.redis() else {
             return Ok(self.attach(req, epoch).0);
         };
         // While this claim runs, a local connection of the same client that
@@ -241,7 +241,7 @@ impl Broker {
 
     async fn connect_clustered(
         &self,
-        cluster: &Arc<Cluster>,
+        cluster: &Arc<RedisStore>,
         req: ConnectRequest,
         will: Option<&LastWill>,
         epoch: u64,
@@ -339,7 +339,7 @@ impl Broker {
                     .chain(st.queue.iter())
                     .filter_map(|d| d.ack.as_deref().and_then(StoreAck::session_id))
                     .fold(None::<&str>, |m, id| match m {
-                        Some(m) if crate::cluster::stream_id_le(id, m) => Some(m),
+                        Some(m) if crate::store::redis::stream_id_le(id, m) => Some(m),
                         _ => Some(id),
                     })
                     .map(str::to_string)
@@ -436,7 +436,7 @@ impl Broker {
                 st.expiry_interval = e;
             }
             let expiry = st.expiry_interval;
-            if let Some(cluster) = self.cluster() {
+            if let Some(cluster) = self.redis() {
                 // Held until this pod has decided between handing the
                 // session over and releasing it (see `connect`).
                 let claiming = self.claiming.lock();
@@ -566,7 +566,7 @@ impl Broker {
             )
         };
         session.set_online(false);
-        if let Some(c) = self.cluster() {
+        if let Some(c) = self.redis() {
             c.stop_puller(&session.client_id);
             let filters: Vec<ByteString> = subs.keys().cloned().collect();
             c.dropped_local(&filters);
@@ -636,7 +636,7 @@ impl Broker {
     /// Publish a message nobody waits for (wills).
     pub fn publish_message(&self, msg: Arc<Message>) {
         let mut scratch = Vec::new();
-        self.publish(msg, &mut scratch).detach(self.cluster());
+        self.publish(msg, &mut scratch).detach(self.redis());
     }
 
     /// Route a message to every matching session. `scratch` is the caller's
@@ -648,13 +648,13 @@ impl Broker {
                 .retained
                 .set(msg.clone(), self.config.mqtt.max_retained_messages)
                 == SetOutcome::Full;
-            if let (false, Some(c)) = (retain_refused, self.cluster()) {
+            if let (false, Some(c)) = (retain_refused, self.redis()) {
                 c.retain(&msg);
             }
         }
         let (mut delivered, backlogged) = self.route_local(&msg, scratch);
         let mut remote = None;
-        if let Some(c) = self.cluster() {
+        if let Some(c) = self.redis() {
             let (n, pending) = c.forward(&msg);
             delivered += n;
             remote = pending;
@@ -682,7 +682,7 @@ impl Broker {
         msg: &Arc<Message>,
         scratch: &mut Vec<Match>,
     ) -> (usize, Option<Arc<Session>>) {
-        let clustered = self.cluster().is_some();
+        let clustered = self.redis().is_some();
         scratch.clear();
         self.router.matches(&msg.topic, scratch);
         // Overlapping subscriptions of one session become one delivery with
@@ -827,7 +827,7 @@ impl Broker {
             if st.queue.len() >= self.config.limits.max_queued_messages {
                 return Stored::Full;
             }
-            crate::cluster::delivery_for(&st.subscriptions, msg)
+            crate::store::redis::delivery_for(&st.subscriptions, msg)
         };
         let Some(mut d) = d else {
             return Stored::NotWanted;

@@ -35,11 +35,11 @@ use tracing::{debug, info};
 
 use crate::auth::{Identity, LoginError};
 use crate::broker::{Broker, ConnectRequest, SubscribeError};
-use crate::cluster::{Pending, StoreFail};
 use crate::message::{Delivery, Message, StoreAck};
 use crate::router::Match;
 use crate::session::{Inflight, OutState, Rung, Session, Signal};
 use crate::stats::{DropReason, Refused, Stats};
+use crate::store::redis::{Pending, StoreFail};
 use cirrus_config::auth::Access;
 
 /// Reads of a connection whose last read was small (most clients) land in
@@ -1240,7 +1240,7 @@ where
             }
             Some(i) => {
                 st.inflight[i].state = OutState::AwaitComp;
-                let recorded = self.broker.cluster().is_some()
+                let recorded = self.broker.redis().is_some()
                     && st.inflight[i]
                         .delivery
                         .ack
@@ -1261,7 +1261,7 @@ where
                 // must first know that the message is delivered and that
                 // the id awaits PUBCOMP; else the next pod would send the
                 // message again, or give the id to another message.
-                if let (Some(a), Some(c)) = (&ack, self.broker.cluster()) {
+                if let (Some(a), Some(c)) = (&ack, self.broker.redis()) {
                     if let StoreAck::Session(entry) = &**a {
                         let stored = c.delivered_qos2(
                             &self.session.client_id,
@@ -1308,7 +1308,7 @@ where
             if expect == OutState::AwaitComp {
                 // Its entry went with PUBREC; the recorded packet id goes.
                 if self.session.is_stream_fed() {
-                    if let Some(c) = self.broker.cluster() {
+                    if let Some(c) = self.broker.redis() {
                         c.completed_qos2(&self.session.client_id, pid);
                     }
                 }
@@ -1322,7 +1322,7 @@ where
     /// Redis store: the client has a message of a stream (its session's,
     /// or a shared group's): let go of the entry.
     fn stream_ack(&self, ack: Option<Box<StoreAck>>) {
-        if let (Some(ack), Some(c)) = (ack, self.broker.cluster()) {
+        if let (Some(ack), Some(c)) = (ack, self.broker.redis()) {
             c.ack(&self.session.client_id, *ack);
         }
     }
@@ -1362,7 +1362,7 @@ where
                         .broker
                         .subscribe(&self.session, filter, fr, o, sub_id, true)
                     {
-                        Ok(existed) => match self.broker.cluster() {
+                        Ok(existed) => match self.broker.redis() {
                             None => o.qos.as_u8(),
                             Some(c) => {
                                 let c = c.clone();
@@ -1404,7 +1404,7 @@ where
                 Err(_) => reason::TOPIC_FILTER_INVALID,
                 Ok(fr) => {
                     if self.broker.unsubscribe(&self.session, f, fr) {
-                        if let Some(c) = self.broker.cluster().cloned() {
+                        if let Some(c) = self.broker.redis().cloned() {
                             c.unsubscribed(&self.session, f).await;
                         }
                         reason::SUCCESS

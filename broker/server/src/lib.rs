@@ -22,7 +22,6 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
-pub mod cluster;
 /// The configuration file format, defined in `cirrus-config` (shared with the operator).
 pub use cirrus_config::broker as config;
 pub mod connection;
@@ -32,6 +31,7 @@ pub mod retained;
 pub mod router;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod tls;
 pub mod trace;
 pub mod websocket;
@@ -111,16 +111,16 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     let broker = Broker::new(Arc::new(config), auth);
     let store_stop = CancellationToken::new();
     if let Some(url) = broker.config.redis.url.clone() {
-        let cfg = cluster::ClusterConfig {
+        let cfg = store::redis::RedisConfig {
             url,
             cluster: broker.config.redis.cluster,
             ca_file: broker.config.redis.ca_file.clone(),
             node_timeout: Duration::from_millis(broker.config.redis.node_timeout_ms),
             node_id: node_id(),
         };
-        let c = cluster::Cluster::start(cfg, &broker, store_stop.clone()).await?;
+        let c = store::redis::RedisStore::start(cfg, &broker, store_stop.clone()).await?;
         info!(node = %c.node, "state in Redis");
-        broker.set_cluster(c);
+        broker.set_redis(c);
     }
     let ls = broker.config.listeners.clone();
     // One certificate state for TLS and secure WebSocket.
@@ -253,7 +253,7 @@ impl Bound {
         }
         // The store's writer lands what connections left (releases,
         // acknowledgements) and the pod leaves the cluster; waited for.
-        if let Some(c) = broker.cluster() {
+        if let Some(c) = broker.redis() {
             c.stop(Duration::from_secs(10)).await;
         }
         self.store_stop.cancel();

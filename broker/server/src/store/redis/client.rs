@@ -1,0 +1,198 @@
+//! How a pod reaches Redis: one server or a Redis Cluster, pipelines split by hash slot.
+
+use super::*;
+
+/// How this pod reaches Redis: one server, or a Redis Cluster.
+// One per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub(super) enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// The shared, multiplexed connection for commands and pipelines.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A connection of its own, for blocking stream reads.
+pub(super) enum ReadConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ReadConn {
+    pub(super) async fn run(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        match self {
+            ReadConn::Single(c) => cmd.query_async(c).await,
+            ReadConn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// The key a command works on: what Redis Cluster routes it by.
+pub(super) fn cmd_key(c: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = c
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let i = match args.first()?.to_ascii_uppercase().as_slice() {
+        b"EVAL" | b"EVALSHA" => 3,
+        b"XGROUP" | b"XINFO" => 2,
+        _ => 1,
+    };
+    args.get(i).map(|k| k.to_vec())
+}
+
+/// The Redis Cluster slot of a key: CRC16 of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty), mod 16384.
+pub(super) fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
+/// Connect to one Redis or to a Redis Cluster.
+pub(super) async fn connect(cfg: &RedisConfig) -> anyhow::Result<(Client, Conn)> {
+    let urls: Vec<&str> = cfg
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let certs = match &cfg.ca_file {
+        Some(p) => Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(
+                std::fs::read(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+            ),
+        }),
+        None => None,
+    };
+    // Never echo the URL: it may hold a password.
+    let bad = |e: redis::RedisError| anyhow::anyhow!("invalid Redis URL ({:?})", e.kind());
+    if cfg.cluster || urls.len() > 1 {
+        let mut b = redis::cluster::ClusterClient::builder(urls)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(2);
+        if let Some(c) = certs {
+            b = b.certs(c);
+        }
+        let client = b.build().map_err(bad)?;
+        let con = client
+            .get_async_connection()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the Redis Cluster: {}", e))?;
+        return Ok((Client::Cluster(client), Conn::Cluster(con)));
+    }
+    let url = urls.first().copied().unwrap_or_default();
+    let client = match certs {
+        Some(c) => redis::Client::build_with_tls(url, c),
+        None => redis::Client::open(url),
+    }
+    .map_err(bad)?;
+    let mgr_cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    let con = client
+        .get_connection_manager_with_config(mgr_cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {}", e))?;
+    Ok((Client::Single(client), Conn::Single(con)))
+}
+
+/// Run a pipeline on a Redis Cluster: one pipeline per slot, all at once,
+/// with the replies put back in the original order.
+pub(super) async fn query_sharded(
+    con: &ClusterConnection,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut groups: HashMap<u16, (Vec<usize>, redis::Pipeline)> = HashMap::new();
+    let mut n = 0;
+    for (i, c) in pipe.cmd_iter().enumerate() {
+        n = i + 1;
+        let s = cmd_key(c).map_or(0, |k| slot(&k));
+        let g = groups.entry(s).or_insert_with(|| {
+            let mut p = redis::pipe();
+            p.ignore_errors();
+            (Vec::new(), p)
+        });
+        g.0.push(i);
+        g.1.add_command(c.clone());
+    }
+    let runs = groups.into_values().map(|(idx, p)| {
+        let mut con = con.clone();
+        async move { (idx, p.query_async::<Vec<Value>>(&mut con).await) }
+    });
+    let mut out = vec![Value::Nil; n];
+    for (idx, r) in futures_util::future::join_all(runs).await {
+        for (i, v) in idx.into_iter().zip(r?) {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl RedisStore {
+    pub(super) async fn query(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        let t0 = Instant::now();
+        let r = match &self.cmd {
+            Conn::Single(c) => pipe.query_async::<Vec<Value>>(&mut c.clone()).await,
+            Conn::Cluster(c) => query_sharded(c, pipe).await,
+        };
+        self.redis_commands
+            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
+        self.roundtrip.observe(t0.elapsed());
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.failed("command", &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(super) async fn query_cmds(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        let mut pipe = redis::pipe();
+        // Server errors come back as values; only a lost connection fails.
+        pipe.ignore_errors();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        self.query(&pipe).await
+    }
+
+    pub(super) async fn blocking_conn(&self) -> Option<ReadConn> {
+        match &self.client {
+            Client::Single(c) => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)));
+                c.get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .ok()
+                    .map(ReadConn::Single)
+            }
+            Client::Cluster(c) => c.get_async_connection().await.ok().map(ReadConn::Cluster),
+        }
+    }
+}

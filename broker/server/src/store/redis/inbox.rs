@@ -1,0 +1,84 @@
+//! This pod's inbox: messages from other pods, wake-ups, kicks.
+
+use super::*;
+
+impl RedisStore {
+    /// Follow this pod's inbox: messages from other pods, wakes, kicks.
+    pub(super) async fn inbox_reader(self: Arc<Self>) {
+        let inbox = keys::inbox(&self.node);
+        // Kept across reconnects, so a Redis blip redelivers nothing.
+        let mut in_id = "0-0".to_string();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let Some(mut con) = self.blocking_conn().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            loop {
+                let read = xread(&inbox, &in_id);
+                let reply = tokio::select! {
+                    r = con.run(&read) => r,
+                    _ = self.shutdown.cancelled() => return,
+                };
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.failed("inbox read", &e);
+                        break;
+                    }
+                };
+                let mut trim = None;
+                for (_, list) in streams(&reply) {
+                    for e in &list {
+                        // Never waits for a subscriber: one that falls
+                        // behind fills its own bounded queue (counted
+                        // drops), and the others on this pod go on.
+                        self.on_inbox(e);
+                    }
+                    if let Some(e) = list.last() {
+                        in_id = e.id.to_string();
+                        trim = Some(in_id.clone());
+                    }
+                }
+                if let Some(id) = trim {
+                    // Everything before what was just read is delivered.
+                    self.run_later(vec![trim_before(&inbox, &id)]);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_inbox(&self, e: &Entry<'_>) {
+        let Some(broker) = self.broker() else { return };
+        let Some(batch) = val_bytes(e.field("b")) else {
+            return;
+        };
+        for rec in wire::records(batch) {
+            match rec {
+                Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
+                    Ok((m, _)) => {
+                        let (m, span) = crate::trace::remote(m, "inbox");
+                        span.in_scope(|| broker.deliver_remote(Arc::new(m)));
+                    }
+                    Err(err) => warn!(error = %err, "unreadable message in the inbox"),
+                },
+                Ok((wire::REC_WAKE, b)) => {
+                    if let Ok(cid) = std::str::from_utf8(&b) {
+                        self.wake(cid);
+                    }
+                }
+                Ok((wire::REC_KICK, b)) => match wire::parse_kick(b) {
+                    Ok((cid, epoch)) => broker.kick_local(&cid, Some(epoch)),
+                    Err(err) => warn!(error = %err, "unreadable kick in the inbox"),
+                },
+                Ok(_) => {}
+                Err(err) => {
+                    warn!(error = %err, "unreadable inbox entry");
+                    break;
+                }
+            }
+        }
+    }
+}

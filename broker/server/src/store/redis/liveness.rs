@@ -1,0 +1,408 @@
+//! Heartbeats by Redis time, dead pods, delayed wills, expiries, resync after an outage, leaving.
+
+use super::*;
+
+impl RedisStore {
+    /// One heartbeat, by Redis's clock. `Ok(None)`: this pod was not
+    /// registered (Redis lost it, or the others declared it dead);
+    /// `Ok(Some(gap))`: milliseconds since its previous heartbeat.
+    pub(super) async fn heartbeat(&self) -> Result<Option<u64>, StoreError> {
+        let r = self
+            .query_cmds(vec![eval(LUA_HEARTBEAT, &[keys::NODES, keys::STEADY])
+                .arg(&*self.node)
+                .arg(self.node_timeout.as_millis() as u64)
+                .clone()])
+            .await?;
+        check_all(&r)?;
+        let gap = r.first().and_then(as_int).unwrap_or(-1);
+        Ok(u64::try_from(gap).ok())
+    }
+
+    /// How often this pod writes its heartbeat: several times per node
+    /// timeout, so that one late beat never makes it look dead.
+    pub(super) fn beat_every(&self) -> Duration {
+        (self.node_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Heartbeats and recovery after an outage. Nothing slow runs here:
+    /// clean-up of dead pods and expiries is the sweeper's.
+    pub(super) async fn supervisor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.beat_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => {
+                    self.leave().await;
+                    return;
+                }
+            }
+            n += 1;
+            let was_healthy = self.healthy.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let beat = self.heartbeat().await;
+            let rtt = t0.elapsed();
+            let gap = match beat {
+                Ok(g) => g,
+                Err(_) => {
+                    self.unsteady();
+                    continue;
+                }
+            };
+            // Redis's clock jumped for this pod (Redis or this pod was
+            // paused), or Redis answered slowly: the other pods may not
+            // have had their turn to beat. Nobody is declared dead by this
+            // pod until it has seen a whole node timeout of steady beats.
+            let jumped = gap.is_none_or(|g| g > (self.node_timeout / 2).as_millis() as u64);
+            if jumped || rtt > self.node_timeout / 4 {
+                self.unsteady();
+            }
+            if gap.is_none() && was_healthy {
+                // Declared dead while alive (a pause longer than the node
+                // timeout): the others dropped this pod's routes and
+                // released its sessions. Announce everything again.
+                warn!("this pod was taken for dead; announcing its routes and sessions again");
+                self.healthy.store(false, Ordering::Relaxed);
+            }
+            if !self.healthy.load(Ordering::Relaxed) {
+                match self.resync().await {
+                    Ok(()) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        info!("Redis is back: accepting connections again");
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "resync failed");
+                        continue;
+                    }
+                }
+            }
+            if n.is_multiple_of(4) {
+                if let Ok(r) = self
+                    .query_cmds(vec![redis::cmd("XLEN")
+                        .arg(keys::inbox(&self.node))
+                        .clone()])
+                    .await
+                {
+                    let lag = r.first().and_then(as_int).unwrap_or(0).max(0) as u64;
+                    self.stream_lag.store(lag, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Not steady: no pod is declared dead from here for a node timeout.
+    pub(super) fn unsteady(&self) {
+        *self.steady_since.lock() = Instant::now();
+    }
+
+    /// Dead pods, due wills and expired sessions, off the heartbeat path:
+    /// a slow clean-up never delays this pod's heartbeats.
+    pub(super) async fn sweeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            if !self.is_ready() {
+                continue;
+            }
+            if self.steady_since.lock().elapsed() >= self.node_timeout {
+                self.sweep_dead_nodes().await;
+            }
+            self.fire_due_wills().await;
+            self.sweep_expired().await;
+        }
+    }
+
+    /// Write this pod's state again: its node entry, routes and sessions.
+    /// Runs at start and after Redis was unreachable (it may have restarted
+    /// empty, or declared this pod dead meanwhile).
+    pub(super) async fn resync(&self) -> Result<(), StoreError> {
+        let routes: Vec<ByteString> = self.local_routes.lock().keys().cloned().collect();
+        let mut cmds = vec![
+            redis::cmd("DEL").arg(keys::routes(&self.node)).clone(),
+            Event::PodHello { node: &self.node }.cmd(),
+        ];
+        for f in &routes {
+            cmds.push(on_key("SADD", &keys::routes(&self.node), f.as_bytes()));
+            cmds.push(
+                Event::RouteAdded {
+                    node: &self.node,
+                    filter: f,
+                }
+                .cmd(),
+            );
+            if f.starts_with("$share/") {
+                cmds.push(group_create(f));
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        self.query(&pipe).await?;
+        let Some(broker) = self.broker() else {
+            return Ok(());
+        };
+        for (session, epoch, expiry) in broker.local_sessions() {
+            let cid = &session.client_id;
+            let r = self
+                .query_cmds(vec![session_eval(LUA_RECLAIM, cid)
+                    .arg(&*self.node)
+                    .arg(epoch)
+                    .arg(expiry)
+                    .clone()])
+                .await?;
+            match r.first().and_then(as_int) {
+                Some(0) => broker.kick_local(cid, None),
+                Some(existed) => {
+                    let mut cmds = vec![redis::cmd("SADD")
+                        .arg(keys::node_sessions(&self.node))
+                        .arg(&**cid)
+                        .clone()];
+                    if session.is_stream_fed() && existed == 1 {
+                        // Redis lost it: write the subscriptions back.
+                        let subs: Vec<_> = session
+                            .state
+                            .lock()
+                            .subscriptions
+                            .iter()
+                            .map(|(f, e)| (f.clone(), e.options, e.sub_id))
+                            .collect();
+                        for (f, o, id) in subs {
+                            self.psub_add_cmds(cid, &f, o, id, &mut cmds);
+                        }
+                    }
+                    self.query_cmds(cmds).await?;
+                }
+                None => return Err(StoreError::Reply("reclaim")),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn sweep_dead_nodes(&self) {
+        let timeout_ms = self.node_timeout.as_millis() as u64;
+        let Ok(r) = self
+            .query_cmds(vec![eval(LUA_DEAD, &[keys::NODES, keys::STEADY])
+                .arg(timeout_ms)
+                .arg(100)
+                .arg(&*self.node)
+                .clone()])
+            .await
+        else {
+            return;
+        };
+        let dead: Vec<String> = str_list(r.first())
+            .into_iter()
+            .filter(|n| *n != &*self.node)
+            .map(str::to_string)
+            .collect();
+        for node in dead {
+            let lock = self
+                .query_cmds(vec![redis::cmd("SET")
+                    .arg(keys::lock(&node))
+                    .arg(&*self.node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LOCK_MS)
+                    .clone()])
+                .await;
+            if !matches!(lock.as_deref(), Ok([Value::Okay])) {
+                continue;
+            }
+            if let Err(e) = self.clean_up_node(&node).await {
+                warn!(node, error = %e, "cleaning up a dead pod failed; will retry");
+                let _ = self
+                    .query_cmds(vec![redis::cmd("DEL").arg(keys::lock(&node)).clone()])
+                    .await;
+            }
+        }
+    }
+
+    /// A pod died: its sessions are released (persistent ones go offline,
+    /// the others end), their wills published — once, and only for
+    /// sessions still held by that pod — or scheduled when they have a
+    /// delay, and its routes dropped. Done in pipelined steps of
+    /// [`CLEANUP_STEP`] sessions, renewing the lock between steps.
+    pub(super) async fn clean_up_node(&self, node: &str) -> Result<(), StoreError> {
+        info!(
+            node,
+            "a pod stopped sending heartbeats: taking over its clients' wills and sessions"
+        );
+        let r = self
+            .query_cmds(vec![
+                redis::cmd("SMEMBERS")
+                    .arg(keys::node_sessions(node))
+                    .clone(),
+                redis::cmd("SMEMBERS").arg(keys::routes(node)).clone(),
+            ])
+            .await?;
+        check_all(&r)?;
+        let cids: Vec<String> = str_list(r.first())
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let routes: Vec<String> = str_list(r.get(1)).into_iter().map(str::to_string).collect();
+        let broker = self.broker();
+        for chunk in cids.chunks(CLEANUP_STEP) {
+            let cmds = chunk
+                .iter()
+                .map(|cid| {
+                    // Persistent or not is the session's own business: the
+                    // script reads its expiry.
+                    eval(LUA_RELEASE_DEAD, &[&keys::session(cid), &keys::queue(cid)])
+                        .arg(node)
+                        .clone()
+                })
+                .collect();
+            let replies = self.query_cmds(cmds).await?;
+            check_all(&replies)?;
+            let mut after = vec![eval(LUA_RENEW, &[&keys::lock(node)])
+                .arg(&*self.node)
+                .arg(LOCK_MS)
+                .clone()];
+            for (cid, reply) in chunk.iter().zip(&replies) {
+                let rel = Released::from_reply(Some(reply));
+                if rel.code == 1 {
+                    self.went_offline_cmds(cid, &rel, &mut after);
+                }
+                if let (Some(w), Some(b)) = (&rel.will, &broker) {
+                    if let Ok((m, _delay)) = wire::decode_message(w.clone()) {
+                        b.publish_message(Arc::new(m));
+                    }
+                }
+            }
+            check_all(&self.query_cmds(after).await?)?;
+        }
+        // One key per DEL: the inbox lives in the pod's own slot, and a
+        // multi-key DEL across slots fails on Redis Cluster (CROSSSLOT).
+        let mut cmds = vec![
+            redis::cmd("DEL").arg(keys::routes(node)).clone(),
+            redis::cmd("DEL").arg(keys::node_sessions(node)).clone(),
+            redis::cmd("DEL").arg(keys::inbox(node)).clone(),
+            redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
+            redis::cmd("HDEL").arg(keys::STEADY).arg(node).clone(),
+            Event::PodDead { node }.cmd(),
+        ];
+        for f in routes.iter().filter(|f| f.starts_with("$share/")) {
+            cmds.push(del_consumer(f, node));
+        }
+        check_all(&self.query_cmds(cmds).await?)?;
+        self.routes.write().drop_node(node);
+        Ok(())
+    }
+
+    /// Delayed wills whose time came (by Redis's clock), each published by
+    /// exactly one pod and only if its client is still away.
+    pub(super) async fn fire_due_wills(&self) {
+        let Ok(r) = self
+            .query_cmds(vec![eval(LUA_DUE, &[keys::WILLS]).arg(SWEEP_BATCH).clone()])
+            .await
+        else {
+            return;
+        };
+        let cids: Vec<String> = str_list(r.first())
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if cids.is_empty() {
+            return;
+        }
+        let mut cmds = Vec::with_capacity(cids.len() * 2);
+        for cid in &cids {
+            cmds.push(eval(LUA_FIRE_WILL, &[&keys::session(cid)]));
+            cmds.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
+        }
+        let Ok(replies) = self.query_cmds(cmds).await else {
+            return;
+        };
+        let Some(broker) = self.broker() else { return };
+        for r in replies.iter().step_by(2) {
+            if let Some(w) = val_bytes(Some(r)).filter(|b| !b.is_empty()) {
+                if let Ok((m, _)) = wire::decode_message(w) {
+                    broker.publish_message(Arc::new(m));
+                }
+            }
+        }
+    }
+
+    /// Offline sessions whose expiry passed (by Redis's clock), in
+    /// pipelined batches until none is due or the step's time is spent:
+    /// keeps up with thousands of expiries a second.
+    pub(super) async fn sweep_expired(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(500) {
+            let Ok(r) = self
+                .query_cmds(vec![eval(LUA_DUE, &[keys::EXPIRY])
+                    .arg(SWEEP_BATCH)
+                    .clone()])
+                .await
+            else {
+                return;
+            };
+            let cids: Vec<String> = str_list(r.first())
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            if cids.is_empty() {
+                return;
+            }
+            let mut cmds = Vec::with_capacity(cids.len() * 2);
+            for cid in &cids {
+                cmds.push(session_eval(LUA_EXPIRE, cid));
+                cmds.push(redis::cmd("ZREM").arg(keys::EXPIRY).arg(cid).clone());
+            }
+            let Ok(replies) = self.query_cmds(cmds).await else {
+                return;
+            };
+            let broker = self.broker();
+            let mut after = Vec::new();
+            for (cid, r) in cids.iter().zip(replies.iter().step_by(2)) {
+                let Some(a) = as_array(r) else { continue };
+                if a.first().and_then(as_int) != Some(1) {
+                    continue;
+                }
+                for f in str_list(a.get(1)) {
+                    if let Some(filter) = f.strip_prefix("sub:") {
+                        self.psub_remove_cmds(cid, filter, &mut after);
+                    }
+                }
+                after.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
+                // The session ended: a will still waiting goes now.
+                if let (Some(w), Some(b)) = (val_bytes(a.get(2)).filter(|b| !b.is_empty()), &broker)
+                {
+                    if let Ok((m, _)) = wire::decode_message(w) {
+                        b.publish_message(Arc::new(m));
+                    }
+                }
+                debug!(client_id = cid, "session expired");
+            }
+            self.run_later(after);
+            if cids.len() < SWEEP_BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Graceful exit: routes and node entry removed so that nobody sends
+    /// here any more.
+    pub(super) async fn leave(&self) {
+        let _ = self
+            .query_cmds(vec![
+                redis::cmd("DEL").arg(keys::routes(&self.node)).clone(),
+                redis::cmd("DEL").arg(keys::inbox(&self.node)).clone(),
+                redis::cmd("ZREM").arg(keys::NODES).arg(&*self.node).clone(),
+                redis::cmd("HDEL")
+                    .arg(keys::STEADY)
+                    .arg(&*self.node)
+                    .clone(),
+                Event::PodDead { node: &self.node }.cmd(),
+            ])
+            .await;
+    }
+}
