@@ -497,5 +497,6 @@ async fn a_pod_taken_for_dead_announces_itself_again() {
     assert!(p[0].log().contains("taken for dead"), "{}", p[0].log());
 }
 
+mod bounds;
 mod faults;
 mod tracing;

@@ -1,0 +1,169 @@
+//! Bounds of the Redis store: what a dead pod leaves in Redis, and what
+//! idle sessions cost it.
+
+use std::time::{Duration, Instant};
+
+use cirrus_codec::QoS;
+use cirrus_e2e::{BrokerProcess, Client, Opts};
+
+/// The node id a pod announced (`joined the cluster through Redis node=…`).
+fn node_id(pod: &BrokerProcess) -> String {
+    let log = pod.log();
+    log.lines()
+        .find_map(|l| {
+            let rest = l.split("joined the cluster through Redis node=").nth(1)?;
+            Some(
+                rest.split_whitespace()
+                    .next()?
+                    .trim_matches('"')
+                    .to_string(),
+            )
+        })
+        .expect("the pod logged its node id")
+}
+
+/// Every key of a Redis server (a test's server holds a few hundred).
+fn keys(port: u16) -> Vec<String> {
+    let out = std::process::Command::new(cirrus_e2e::tool("redis-cli"))
+        .args(["-p", &port.to_string(), "--scan"])
+        .output()
+        .expect("redis-cli --scan");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `XINFO CONSUMERS` of the test's shared group, from whichever server
+/// holds its stream.
+fn consumers(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let out = std::process::Command::new(cirrus_e2e::tool("redis-cli"))
+                .args(["-p", &p.to_string()])
+                .args([
+                    "XINFO",
+                    "CONSUMERS",
+                    "cirrus:{g}:share:$share/g/jobs/#",
+                    "cirrus",
+                ])
+                .output()
+                .expect("redis-cli XINFO");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+        .collect()
+}
+
+/// A SIGKILLed pod with subscribers, a shared group member and sessions:
+/// once a survivor cleaned up, no key of that pod is left (its clean-up
+/// lock expires by itself), on one Redis and on a Redis Cluster, where a
+/// multi-key DEL across slots would fail.
+async fn a_dead_pods_keys_are_removed(ports: &[u16], url: &str) {
+    let a = BrokerProcess::start_on_redis(url, &[]);
+    let b = BrokerProcess::start_on_redis(url, &[]);
+    let dead = node_id(&a);
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut c = Client::connect_ok(a.addr, Opts::v5(&format!("c{i}"))).await;
+        c.subscribe(&format!("t/{i}/#"), QoS::AtLeastOnce).await;
+        clients.push(c);
+    }
+    let mut m = Client::connect_ok(a.addr, Opts::v5("member")).await;
+    m.subscribe("$share/g/jobs/#", QoS::AtLeastOnce).await;
+    // The pod reads the group as a consumer of its own once an entry came
+    // through it (a read that finds nothing names no consumer).
+    let mut publisher = Client::connect_ok(b.addr, Opts::v5("pub")).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        publisher
+            .publish("jobs/x", b"job", QoS::AtLeastOnce, false)
+            .await;
+        if let cirrus_e2e::client::Next::Packet(cirrus_codec::Packet::Publish(p)) =
+            m.next(Duration::from_millis(200)).await
+        {
+            m.ack(&p).await;
+            break;
+        }
+        assert!(Instant::now() < end, "the group never delivered");
+    }
+    while !consumers(ports).contains(&dead) {
+        assert!(Instant::now() < end, "the pod never joined the group");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before: Vec<String> = ports.iter().flat_map(|&p| keys(p)).collect();
+    assert!(
+        before.iter().any(|k| k.contains(&dead)),
+        "the pod had keys: {before:?}"
+    );
+    a.signal("KILL");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = ports
+            .iter()
+            .flat_map(|&p| keys(p))
+            .filter(|k| k.contains(&dead) && !k.contains(":lock:"))
+            .collect();
+        if left.is_empty() && b.log().contains("stopped sending heartbeats") {
+            break;
+        }
+        assert!(Instant::now() < end, "keys of the dead pod left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nor does it stay a consumer of the shared group.
+    let text = consumers(ports);
+    assert!(
+        !text.contains(&dead),
+        "the dead pod is still a consumer:\n{text}"
+    );
+    drop(clients);
+}
+
+#[tokio::test]
+async fn a_dead_pods_keys_are_removed_single_redis() {
+    let r = cirrus_e2e::RedisServer::start();
+    a_dead_pods_keys_are_removed(&[r.port], &r.url()).await;
+}
+
+#[tokio::test]
+async fn a_dead_pods_keys_are_removed_redis_cluster() {
+    let r = cirrus_e2e::RedisCluster::start(3);
+    let ports: Vec<u16> = r.nodes.iter().map(|n| n.port).collect();
+    a_dead_pods_keys_are_removed(&ports, &r.url()).await;
+}
+
+/// 500 persistent sessions connected and idle: the pod's Redis commands in
+/// three seconds are its own heartbeats and sweeps, whatever the number of
+/// sessions (a poll per session would be 1,500 commands).
+#[tokio::test]
+async fn idle_persistent_sessions_cost_redis_nothing() {
+    const SESSIONS: usize = 500;
+    let r = cirrus_e2e::RedisServer::start();
+    let pod = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let mut clients = Vec::with_capacity(SESSIONS);
+    for i in 0..SESSIONS {
+        let mut c =
+            Client::connect_ok(pod.addr, Opts::v5(&format!("idle{i}")).persistent(3600)).await;
+        c.subscribe(&format!("idle/{i}"), QoS::AtLeastOnce).await;
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = pod.metric("cirrus_redis_commands_total");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = pod.metric("cirrus_redis_commands_total") - before;
+    eprintln!("{SESSIONS} idle persistent sessions: {used} Redis commands in 3 s");
+    assert!(
+        used < 150.0,
+        "{used} Redis commands in 3 s for idle sessions"
+    );
+    // They are not forgotten: a message still reaches one of them.
+    let mut publisher = Client::connect_ok(pod.addr, Opts::v5("pub")).await;
+    assert_eq!(
+        publisher
+            .publish("idle/7", b"hi", QoS::AtLeastOnce, false)
+            .await,
+        0
+    );
+    let m = clients[7].recv_ack().await;
+    assert_eq!(&m.payload[..], b"hi");
+}
