@@ -256,7 +256,7 @@ pub fn decode_body(byte0: u8, body: Bytes, protocol: Protocol) -> Result<Packet,
             };
             let mut filters = Vec::new();
             while r.has_remaining() {
-                filters.push(r.string()?);
+                filters.push(non_empty_filter(r.string()?)?);
             }
             if filters.is_empty() {
                 return Err(DecodeError::Protocol(
@@ -463,6 +463,21 @@ fn decode_pub_resp(r: &mut Reader, v5: bool) -> Result<PubResp, DecodeError> {
     Ok(resp)
 }
 
+/// A topic filter is at least one character long, and so is the filter of
+/// a shared subscription after `$share/{group}/` ([MQTT-4.7.3-1],
+/// [MQTT-4.8.2-2]): an empty one makes the packet malformed (DISCONNECT
+/// 0x81 in MQTT 5, a closed connection in 3.1.1), not a refused filter.
+fn non_empty_filter(f: ByteString) -> Result<ByteString, DecodeError> {
+    let shared_empty = f
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, filter)| filter.is_empty());
+    if f.is_empty() || shared_empty {
+        return Err(DecodeError::Malformed("empty topic filter [MQTT-4.7.3-1]"));
+    }
+    Ok(f)
+}
+
 fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> {
     let packet_id = r.packet_id()?;
     let properties = if v5 {
@@ -472,7 +487,7 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
     };
     let mut filters = Vec::new();
     while r.has_remaining() {
-        let filter = r.string()?;
+        let filter = non_empty_filter(r.string()?)?;
         let o = r.u8()?;
         let reserved = if v5 { 0xC0 } else { 0xFC };
         if o & reserved != 0 {
@@ -514,6 +529,47 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
 mod tests {
     use super::*;
     use crate::types::reason;
+
+    #[test]
+    fn an_empty_topic_filter_makes_subscribe_and_unsubscribe_malformed() {
+        for p in [Protocol::V3_1_1, Protocol::V5] {
+            let props: &[u8] = if p.is_v5() { &[0] } else { &[] };
+            // SUBSCRIBE id 1, filter "" (QoS 0); then "$share/g/".
+            for filter in [&b""[..], b"$share/g/"] {
+                let mut body = vec![0, 1];
+                body.extend_from_slice(props);
+                body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+                body.extend_from_slice(filter);
+                body.push(0);
+                let mut pkt = vec![0x82, body.len() as u8];
+                pkt.extend_from_slice(&body);
+                let e = dec(&pkt, p).unwrap_err();
+                assert_eq!(
+                    e.reason_code(),
+                    reason::MALFORMED_PACKET,
+                    "{p:?} {filter:?}"
+                );
+                let mut body = vec![0, 1];
+                body.extend_from_slice(props);
+                body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+                body.extend_from_slice(filter);
+                let mut pkt = vec![0xA2, body.len() as u8];
+                pkt.extend_from_slice(&body);
+                let e = dec(&pkt, p).unwrap_err();
+                assert_eq!(
+                    e.reason_code(),
+                    reason::MALFORMED_PACKET,
+                    "{p:?} {filter:?}"
+                );
+            }
+        }
+        // `$share/g` (no filter part at all) is a well-formed packet whose
+        // filter the broker refuses (0x8F), like any other invalid filter.
+        let mut pkt = vec![0x82, 13, 0, 1, 0, 8];
+        pkt.extend_from_slice(b"$share/g");
+        pkt.push(0);
+        assert!(matches!(one(&pkt, Protocol::V3_1_1), Packet::Subscribe(_)));
+    }
 
     fn dec(bytes: &[u8], p: Protocol) -> Result<Option<Packet>, DecodeError> {
         let mut b = BytesMut::from(bytes);

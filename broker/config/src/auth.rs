@@ -128,9 +128,232 @@ impl AuthFile {
     }
 }
 
+/// How [`set_password`] changed the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// A new file was made.
+    Created,
+    /// The user's line was replaced or its entry appended; the rest of the
+    /// text (comments included) is as it was.
+    InPlace,
+    /// The file was written anew from its parsed form (its layout did not
+    /// allow an edit in place): comments are gone, everything else kept.
+    Rewritten,
+}
+
+/// A YAML double-quoted scalar.
+fn quoted(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The scalar a `key: value` line holds, quotes removed (plain, single- or
+/// double-quoted without escapes), if the line is that key.
+fn value_of<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line
+        .trim_start()
+        .strip_prefix("- ")
+        .unwrap_or(line.trim_start());
+    let v = rest
+        .trim_start()
+        .strip_prefix(key)?
+        .strip_prefix(':')?
+        .trim();
+    let v = match v.find(" #") {
+        Some(i) => v[..i].trim_end(),
+        None => v,
+    };
+    Some(
+        v.strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+            .unwrap_or(v),
+    )
+}
+
+/// Add `username` with `password_hash` to an auth file's text, or replace
+/// that user's hash, keeping everything else: the text is edited in place
+/// when its layout is the usual block style, and the result is parsed
+/// again and compared with the original, so an edit can never change
+/// another user, rule or setting. Otherwise the file is written anew from
+/// its parsed form. An empty text makes a new file in which users may do
+/// everything (`default: allow`), as a broker with only a password file
+/// would; ACL rules narrow that.
+pub fn set_password(
+    text: &str,
+    username: &str,
+    password_hash: &str,
+) -> Result<(String, Edit), AuthFileError> {
+    let entry = |indent: &str| {
+        format!(
+            "{indent}- username: {}\n{indent}  password_hash: {}\n",
+            quoted(username),
+            quoted(password_hash)
+        )
+    };
+    if text.trim().is_empty() {
+        let new = format!(
+            "# Cirrus auth file (docs/auth.md). Users may do everything unless\n\
+             # rules say otherwise: add `acl:` rules per user, or set `default: deny`.\n\
+             version: {AUTH_FILE_VERSION}\nallow_anonymous: false\ndefault: allow\nusers:\n{}",
+            entry("  ")
+        );
+        AuthFile::from_yaml(&new)?;
+        return Ok((new, Edit::Created));
+    }
+    let before = AuthFile::from_yaml(text)?;
+    let mut want = before.clone();
+    match want.users.iter_mut().find(|u| u.username == username) {
+        Some(u) => u.password_hash = password_hash.to_string(),
+        None => want.users.push(User {
+            username: username.to_string(),
+            password_hash: password_hash.to_string(),
+            acl: Vec::new(),
+        }),
+    }
+    if let Some(edited) = edit_in_place(text, username, password_hash, &entry) {
+        if AuthFile::from_yaml(&edited).ok().as_ref() == Some(&want) {
+            return Ok((edited, Edit::InPlace));
+        }
+    }
+    let rewritten = want.to_yaml()?;
+    Ok((rewritten, Edit::Rewritten))
+}
+
+/// The block-style edit of [`set_password`]; `None` when the layout is not
+/// the one it knows (the caller then rewrites the file).
+fn edit_in_place(
+    text: &str,
+    username: &str,
+    hash: &str,
+    entry: &dyn Fn(&str) -> String,
+) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let top = |l: &str| !l.is_empty() && !l.starts_with([' ', '\t', '#', '-']);
+    let Some(users) = lines.iter().position(|l| {
+        l.starts_with("users:") && {
+            let v = l["users:".len()..].trim();
+            v.is_empty() || v.starts_with('#')
+        }
+    }) else {
+        // No block `users:` key at all: append one (a flow `users: []`
+        // is left to the rewrite).
+        if lines.iter().any(|l| l.starts_with("users:")) {
+            return None;
+        }
+        let mut out = text.to_string();
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("users:\n");
+        out.push_str(&entry("  "));
+        return Some(out);
+    };
+    // The block: every line after `users:` until the next top-level key.
+    let end = lines[users + 1..]
+        .iter()
+        .position(|l| top(l))
+        .map_or(lines.len(), |i| users + 1 + i);
+    let items: Vec<usize> = (users + 1..end)
+        .filter(|&i| lines[i].trim_start().starts_with("- "))
+        .collect();
+    let dash = items
+        .first()
+        .map(|&i| &lines[i][..lines[i].len() - lines[i].trim_start().len()])
+        .unwrap_or("  ");
+    let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    for (k, &start) in items.iter().enumerate() {
+        let stop = items.get(k + 1).copied().unwrap_or(end);
+        let ours = (start..stop).any(|i| value_of(lines[i], "username") == Some(username));
+        if !ours {
+            continue;
+        }
+        let at = (start..stop).find(|&i| value_of(lines[i], "password_hash").is_some())?;
+        let line = lines[at];
+        let key = line.find("password_hash")?;
+        out[at] = format!("{}password_hash: {}", &line[..key], quoted(hash));
+        let mut s = out.join("\n");
+        if text.ends_with('\n') {
+            s.push('\n');
+        }
+        return Some(s);
+    }
+    // A new user: after the last non-blank line of the block.
+    let last = (users..end).rev().find(|&i| !lines[i].trim().is_empty())?;
+    let new = entry(dash);
+    out.insert(last + 1, new.trim_end_matches('\n').to_string());
+    let mut s = out.join("\n");
+    if text.ends_with('\n') || last + 2 >= out.len() {
+        s.push('\n');
+    }
+    Some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const H1: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+    const H2: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdDI$aGFzaDI";
+
+    #[test]
+    fn set_password_makes_edits_and_keeps_comments() {
+        let (new, how) = set_password("", "alice", H1).unwrap();
+        assert_eq!(how, Edit::Created);
+        let f = AuthFile::from_yaml(&new).unwrap();
+        assert_eq!(f.users[0].password_hash, H1);
+        assert_eq!(f.default, Permission::Allow);
+
+        let text = "version: 1  # the format\n\
+                    default: deny\n\
+                    # people\n\
+                    users:\n\
+                    \x20\x20- username: alice   # the first\n\
+                    \x20\x20\x20\x20password_hash: \"$old$x$y$z\"\n\
+                    \x20\x20\x20\x20acl:\n\
+                    \x20\x20\x20\x20\x20\x20- {topic: \"a/#\", access: all, permission: allow}\n\
+                    \x20\x20- username: 'carol'\n\
+                    \x20\x20\x20\x20password_hash: $p$q$r$s\n\
+                    anonymous_acl: []\n";
+        // Replace carol's hash: one line changes.
+        let (t2, how) = set_password(text, "carol", H1).unwrap();
+        assert_eq!(how, Edit::InPlace);
+        assert!(
+            t2.contains("# people") && t2.contains("# the first"),
+            "{t2}"
+        );
+        let f = AuthFile::from_yaml(&t2).unwrap();
+        assert_eq!(f.users[1].password_hash, H1);
+        assert_eq!(f.users[0].password_hash, "$old$x$y$z");
+        assert_eq!(f.users[0].acl.len(), 1);
+        // Add bob: appended to the block, before `anonymous_acl`.
+        let (t3, how) = set_password(&t2, "bob \"b\"", H2).unwrap();
+        assert_eq!(how, Edit::InPlace);
+        let f = AuthFile::from_yaml(&t3).unwrap();
+        assert_eq!(f.users.len(), 3);
+        assert_eq!(f.users[2].username, "bob \"b\"");
+        assert_eq!(f.users[2].password_hash, H2);
+        assert!(t3.contains("# people"));
+        // A flow-style file is rewritten, nothing lost but comments.
+        let flow = "version: 1 # c\nusers: [{username: a, password_hash: \"$a$b$c\"}]\n";
+        let (t4, how) = set_password(flow, "a", H2).unwrap();
+        assert_eq!(how, Edit::Rewritten);
+        assert_eq!(AuthFile::from_yaml(&t4).unwrap().users[0].password_hash, H2);
+        // A file that is not an auth file is refused, not overwritten.
+        assert!(set_password("version: 7\n", "a", H1).is_err());
+    }
 
     #[test]
     fn round_trip_and_checks() {

@@ -53,6 +53,16 @@ pub struct Policy {
     default: Permission,
 }
 
+/// The argon2id PHC string of `password` (default parameters, a random
+/// salt): what the auth file holds, never the password itself.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
 /// A hash of a random password, made at start-up, so that an unknown user
 /// name costs a real verification too.
 fn dummy_hash() -> String {

@@ -183,25 +183,32 @@ where
     let max = broker.config.limits.max_packet_size as usize;
     let deadline = tokio::time::Instant::now() + broker.config.connect_timeout();
     loop {
+        // Seen before decoding: a frame that fails to decode is gone.
+        let level = connect_level(rbuf);
         match cirrus_codec::decode(rbuf, Protocol::V3_1_1, max) {
             Ok(Some(Packet::Connect(c))) => return Ok(c),
             Ok(Some(_)) => return Err("first packet is not CONNECT [MQTT-3.1.0-1]"),
             Ok(None) => {}
             Err(e) => {
                 Stats::inc(&broker.stats.decode_errors);
-                // Answer with a CONNACK the client can read: 3.1.1 format
-                // for an unknown level, 5.0 format if it asked for 5.0.
+                // Answer with a CONNACK the client can read (docs/protocol.md):
+                // a level above 5 gets the 5.0 layout with 0x84
+                // [MQTT-3.1.2-2], an older or odd level the 3.1.1 layout
+                // with 0x01, a 5.0 CONNECT the 5.0 layout with the reason;
+                // a wrong protocol name gets nothing [MQTT-3.1.2-1].
                 let answer: Option<Vec<u8>> = match e {
+                    DecodeError::UnsupportedProtocol if level.is_some_and(|l| l > 5) => {
+                        Some(vec![0x20, 3, 0, reason::UNSUPPORTED_PROTOCOL_VERSION, 0])
+                    }
                     DecodeError::UnsupportedProtocol => {
                         Some(vec![0x20, 2, 0, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION])
                     }
-                    _ if connect_level(rbuf) == Some(5) => {
-                        Some(vec![0x20, 3, 0, e.reason_code(), 0])
-                    }
+                    _ if level == Some(5) => Some(vec![0x20, 3, 0, e.reason_code(), 0]),
                     _ => None,
                 };
                 if let Some(a) = answer {
                     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&a)).await;
+                    linger(io).await;
                 }
                 return Err("invalid CONNECT");
             }
@@ -216,6 +223,35 @@ where
             }
         }
     }
+}
+
+/// How long, and how much, a closing connection still reads (and drops)
+/// after its last words: see [`linger`].
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// A lingering close, after a CONNACK or DISCONNECT with a reason code:
+/// the write side is shut down (the client reads the packet, then EOF), and
+/// what the client still sends is read and dropped until it closes, or for
+/// at most [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing at once with
+/// unread input makes the kernel answer with a reset, which can destroy the
+/// packet before the client has read it.
+async fn linger<S>(io: &mut S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 2048];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The protocol level of a CONNECT at the front of `buf`, if it can be seen.
@@ -494,7 +530,7 @@ async fn refuse_connect<S>(
     peer: SocketAddr,
     client_id: &ByteString,
 ) where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let code = ack.reason_code;
     broker
@@ -504,6 +540,7 @@ async fn refuse_connect<S>(
     cirrus_codec::encode(&Packet::ConnAck(ack), protocol, &mut buf);
     let _ = tokio::time::timeout(broker.config.write_timeout(), io.write_all(&buf)).await;
     info!(%peer, %client_id, reason_code = code, "connection refused");
+    linger(io).await;
 }
 
 enum Event {
@@ -878,6 +915,13 @@ where
         self.broker
             .disconnect(&self.session, self.epoch, will.map(|w| *w), new_expiry);
         debug!(peer = %self.peer, client_id = %self.session.client_id, "client disconnected");
+        if code.is_some() && self.v5() {
+            // The session is handed back already; only the socket lingers,
+            // so that the client can read the reason code.
+            self.rbuf = BytesMut::new();
+            self.out.wbuf = BytesMut::new();
+            linger(&mut self.io).await;
+        }
     }
 
     /// Decode and answer the next buffered frame (a sync step: the decoded

@@ -87,6 +87,95 @@ struct Args {
     /// Log format.
     #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Add a user to an auth file, or change a user's password: the file is
+    /// made if missing, and the rest of it (other users, rules, comments) is
+    /// kept. A running broker picks the change up within a second.
+    Passwd(PasswdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PasswdArgs {
+    /// The auth file (the broker's `--auth-file`).
+    file: PathBuf,
+    /// The user name.
+    user: String,
+    /// Read the password from the first line of standard input instead of
+    /// asking for it twice without echo.
+    #[arg(long)]
+    stdin: bool,
+}
+
+/// `cirrus-broker passwd FILE USER`: the argon2id hash of a password read
+/// without echo (or from stdin), written into the auth file atomically.
+fn passwd(a: &PasswdArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    if a.user.is_empty() || a.user.chars().any(char::is_control) {
+        anyhow::bail!("the user name must be non-empty, without control characters");
+    }
+    let password = if a.stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Reenter password: ")?;
+        if first != again {
+            anyhow::bail!("the passwords do not match");
+        }
+        first
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let hash = cirrus_broker::auth::hash_password(&password)?;
+    let (text, existed) = match std::fs::read_to_string(&a.file) {
+        Ok(t) => (t, true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", a.file.display())),
+    };
+    let (new, how) = cirrus_config::auth::set_password(&text, &a.user, &hash)
+        .with_context(|| format!("{} is not a valid auth file", a.file.display()))?;
+    // Written beside the file and renamed over it: a broker reading it
+    // meanwhile sees the old file or the new one, never half of one.
+    let dir = a
+        .file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| std::path::Path::new("."));
+    let tmp = dir.join(format!(".cirrus-passwd-{}.tmp", std::process::id()));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mode = if existed {
+            std::fs::metadata(&a.file)?.permissions().mode()
+        } else {
+            0o600
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(new.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &a.file).with_context(|| format!("replacing {}", a.file.display()))?;
+    let what = match how {
+        cirrus_config::auth::Edit::Created => "created the file with",
+        cirrus_config::auth::Edit::InPlace => "set the password of",
+        cirrus_config::auth::Edit::Rewritten => {
+            "set the password (the file was written anew: its comments are gone) of"
+        }
+    };
+    eprintln!("{}: {what} user {:?}", a.file.display(), a.user);
+    Ok(())
 }
 
 impl Args {
@@ -182,6 +271,9 @@ async fn signalled() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Passwd(p)) = &args.command {
+        return passwd(p);
+    }
     // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let telemetry = cirrus_telemetry::init(
         "cirrus-broker",

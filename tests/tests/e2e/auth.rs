@@ -357,3 +357,87 @@ async fn mosquitto_clients_with_user_and_password() {
         "a wrong password must be refused"
     );
 }
+
+/// `cirrus-broker passwd FILE USER --stdin` into `file`.
+fn passwd(file: &std::path::Path, user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(cirrus_e2e::broker_bin())
+        .args(["passwd", "--stdin"])
+        .arg(file)
+        .arg(user)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "passwd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains(password), "the password was echoed: {said}");
+}
+
+/// The password tool makes an auth file the broker starts on; a user added
+/// later, and a changed password, are picked up by the running broker.
+#[tokio::test]
+async fn the_passwd_command_makes_and_updates_the_auth_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("cirrus-passwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth.yaml");
+    let _ = std::fs::remove_file(&file);
+    passwd(&file, "alice", "wonder land");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("wonder land") && text.contains("$argon2id$"));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let b = BrokerProcess::start(&["--auth-file", file.to_str().unwrap()]);
+    let login = |user: &str, pw: &str| {
+        let mut o = Opts::v5(&format!("c-{user}"));
+        o.username = Some(user.into());
+        o.password = Some(pw.as_bytes().to_vec());
+        o
+    };
+    let mut alice = Client::connect_ok(b.addr, login("alice", "wonder land")).await;
+    // A user in a file made by the tool may do everything.
+    assert_eq!(alice.subscribe("a/#", QoS::AtLeastOnce).await, 1);
+    assert_eq!(
+        alice.publish("a/x", b"hi", QoS::AtLeastOnce, false).await,
+        0
+    );
+    assert_eq!(&alice.recv_ack().await.payload[..], b"hi");
+    let (_, ack) = Client::connect(b.addr, login("alice", "wrong")).await;
+    assert_eq!(ack.reason_code, reason::BAD_USER_NAME_OR_PASSWORD);
+    let (_, ack) = Client::connect(b.addr, login("bob", "builder")).await;
+    assert_eq!(ack.reason_code, reason::BAD_USER_NAME_OR_PASSWORD);
+
+    // A comment someone wrote stays through the next edits.
+    std::fs::write(&file, format!("# kept: ops notes\n{text}")).unwrap();
+    passwd(&file, "bob", "builder");
+    passwd(&file, "alice", "new password");
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .starts_with("# kept: ops notes\n"));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, bob) = Client::connect(b.addr, login("bob", "builder")).await;
+        let (_, new) = Client::connect(b.addr, login("alice", "new password")).await;
+        if bob.reason_code == 0 && new.reason_code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the broker never read the new file"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, old) = Client::connect(b.addr, login("alice", "wonder land")).await;
+    assert_eq!(old.reason_code, reason::BAD_USER_NAME_OR_PASSWORD);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -61,11 +61,12 @@ async fn v311_empty_id_needs_clean_session() {
 }
 
 #[tokio::test]
-async fn unsupported_protocol_level_gets_connack_0x01() {
+async fn an_old_protocol_level_gets_connack_0x01() {
+    // Levels above 5: `edges::unsupported_protocol_levels_*` (0x84).
     let b = BrokerProcess::start(&[]);
     let mut c = Client::raw(b.addr, Protocol::V3_1_1).await;
     c.send_raw(&[
-        0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 0,
+        0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', 2, 0x02, 0, 60, 0, 0,
     ])
     .await;
     match c.recv().await {

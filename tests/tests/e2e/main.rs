@@ -8,6 +8,7 @@
 
 mod auth;
 mod connect;
+mod edges;
 mod interop;
 mod limits;
 mod metrics;
