@@ -9,6 +9,7 @@
 #   before         with BASELINE_BROKER=path/to/cirrus-broker (another
 #                  build, e.g. of an earlier commit): that binary, memory
 #                  store, to see what a change did
+#   before-redis-2 that binary as redis-2 (two pods on one redis-server)
 # Targets are interleaved within each round, ROUNDS rounds (default 3), and
 # the table shows medians and the ratio to Mosquitto. Raw JSON lines go to
 # target/bench/results.jsonl. TARGETS="a b ..." runs only those targets.
@@ -54,14 +55,15 @@ start() {
       local bin=$BROKER; [ "$1" = before ] && bin=$BASELINE_BROKER
       $bin --listen 127.0.0.1:"$p1" --admin 127.0.0.1:0 --sys-interval 0 --max-connections 200000 >"$OUT/cirrus.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB ;;
-    redis-1|redis-2|redis-4)
+    redis-1|redis-2|redis-4|before-redis-2)
+      local bin=$BROKER; [ "$1" = before-redis-2 ] && bin=$BASELINE_BROKER
       ADMIN_A=127.0.0.1:$(free_port)
       start_redis; rp=$RP
-      $BROKER --listen 127.0.0.1:"$p1" --admin "$ADMIN_A" --sys-interval 0 --max-connections 200000 --redis redis://127.0.0.1:"$rp" >"$OUT/cirrus-a.log" 2>&1 &
+      $bin --listen 127.0.0.1:"$p1" --admin "$ADMIN_A" --sys-interval 0 --max-connections 200000 --redis redis://127.0.0.1:"$rp" >"$OUT/cirrus-a.log" 2>&1 &
       BPID=$!; PIDS+=("$BPID"); wait_port "$p1"; PUB=127.0.0.1:$p1; SUB=$PUB
       if [ "$1" != redis-1 ]; then
         p2=$(free_port)
-        $BROKER --listen 127.0.0.1:"$p2" --admin 127.0.0.1:0 --sys-interval 0 --redis redis://127.0.0.1:"$rp" >"$OUT/cirrus-b.log" 2>&1 &
+        $bin --listen 127.0.0.1:"$p2" --admin 127.0.0.1:0 --sys-interval 0 --redis redis://127.0.0.1:"$rp" >"$OUT/cirrus-b.log" 2>&1 &
         PIDS+=("$!"); wait_port "$p2"; SUB=127.0.0.1:$p2
       fi
       if [ "$1" = redis-4 ]; then
@@ -116,17 +118,17 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   for s in "${SCEN[@]}"; do
     name=${s%%|*}; args=${s#*|}
-    for t in $(wanted mosquitto before memory redis-1 redis-2); do
+    for t in $(wanted mosquitto before memory redis-1 redis-2 before-redis-2); do
       # shellcheck disable=SC2086
       run "$t" "$name" $args
     done
   done
   # Persistent sessions on the Redis store (QoS 1 through session streams).
-  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted mosquitto before memory redis-2); do
+  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted mosquitto before memory redis-2 before-redis-2); do
     run "$t" persistent-q1 --scenario pairs --qos 1 --protocol 5 --persistent --messages $((M / 5))
   done
   # Idle pods must not make a publish dearer (invariant 3).
-  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted redis-2 redis-4); do
+  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted redis-2 redis-4 before-redis-2); do
     run "$t" idle-pods-q1 --scenario pairs --qos 1 --rate 1000 --messages 5000
   done
   # Idle connections: connect rate and broker memory per connection, with
@@ -164,7 +166,7 @@ def med(ds, k):
     v = [d[k] for d in ds if d.get(k) is not None and not d.get("failed")]
     return statistics.median(v) if v else None
 names = sorted({n for n, _ in rows}, key=lambda n: list(dict.fromkeys(n for n, _ in rows)).index(n))
-targets = ["mosquitto", "before", "memory", "redis-1", "redis-2", "redis-4"]
+targets = ["mosquitto", "before", "memory", "redis-1", "redis-2", "before-redis-2", "redis-4"]
 print("| scenario | target | msg/s (median) | × Mosquitto | lost | p50 ms | p99 ms | Redis cmds per publish (pod A) |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for n in names:

@@ -167,3 +167,57 @@ async fn idle_persistent_sessions_cost_redis_nothing() {
     let m = clients[7].recv_ack().await;
     assert_eq!(&m.payload[..], b"hi");
 }
+
+/// 3,000 persistent sessions with a one-second expiry go offline at once:
+/// they are all gone from Redis a few seconds after they expired (the
+/// sweep takes them in pipelined batches, not a hundred a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_sessions_expire_at_thousands_a_second() {
+    const N: usize = 3000;
+    let r = cirrus_e2e::RedisServer::start();
+    let pod = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let addr = pod.addr;
+    let workers: Vec<_> = (0..30)
+        .map(|w| {
+            tokio::spawn(async move {
+                for i in 0..N / 30 {
+                    let mut c =
+                        Client::connect_ok(addr, Opts::v5(&format!("exp-{w}-{i}")).persistent(1))
+                            .await;
+                    c.subscribe("exp/#", QoS::AtLeastOnce).await;
+                    c.disconnect().await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let all_offline = Instant::now();
+    let count = |pattern: &str| {
+        let out = std::process::Command::new(cirrus_e2e::tool("redis-cli"))
+            .args(["-p", &r.port.to_string(), "--scan", "--pattern", pattern])
+            .output()
+            .expect("redis-cli --scan");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let end = all_offline + Duration::from_secs(8);
+    loop {
+        let left = count("cirrus:s:*");
+        let card =
+            cirrus_e2e::redis::command(r.port, "ZCARD cirrus:{g}:expiry").unwrap_or_default();
+        if left == 0 && card.trim() == ":0" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{left} sessions still in Redis {:?} after the last went offline",
+            all_offline.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{N} sessions expired and removed {:?} after the last went offline",
+        all_offline.elapsed()
+    );
+}
