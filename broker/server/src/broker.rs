@@ -667,11 +667,14 @@ impl Broker {
         }
     }
 
-    /// A message from another pod's publish: local subscribers only. The
-    /// inbox reader never waits for one of them (each queue is bounded).
-    pub fn deliver_remote(&self, msg: Arc<Message>) {
+    /// A message from another pod's publish: local subscribers only.
+    /// Returns a subscriber whose queue is past half full, for the reader
+    /// to wait on as a local publisher would — briefly, and never again for
+    /// a subscriber that made no progress in a whole wait (it is stalled:
+    /// its own queue bounds it, the other subscribers go on).
+    pub fn deliver_remote(&self, msg: Arc<Message>) -> Option<Arc<Session>> {
         let mut scratch = Vec::new();
-        self.route_local(&msg, &mut scratch);
+        self.route_local(&msg, &mut scratch).1
     }
 
     /// Deliver to the subscribers on this pod. With the Redis store, shared

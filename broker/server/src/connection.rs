@@ -775,13 +775,15 @@ where
             if let Poll::Ready(r) = self.poll_read(cx) {
                 return Poll::Ready(Event::Read(r));
             }
-            if self.signal.take(Rung::Wake) {
-                return Poll::Ready(Event::Wake);
-            }
+            // Finished store writes before wakes: a run of wakes must never
+            // hold back a PUBACK or PUBREL that is ready.
             if let Some(acks) = self.acks.as_mut().filter(|a| !a.is_empty()) {
                 if let Poll::Ready(Some(r)) = Pin::new(&mut **acks).poll_next(cx) {
                     return Poll::Ready(Event::Acked(r));
                 }
+            }
+            if self.signal.take(Rung::Wake) {
+                return Poll::Ready(Event::Wake);
             }
             if self.signal.take(Rung::AuthChanged) {
                 return Poll::Ready(Event::AuthChanged);
@@ -1505,6 +1507,10 @@ where
             return;
         }
         let mut n = 0;
+        // Stopped for a packet id still in flight: the PUBACK/PUBCOMP that
+        // frees it pumps again; ringing our own wake now would spin (and
+        // starve the futures that send that PUBREL).
+        let mut waiting_for_id = false;
         while n < PUMP_BATCH && self.out.wbuf.len() < WRITE_HIGH_WATER {
             let Some(front) = st.queue.front() else { break };
             if front.qos != QoS::AtMostOnce && st.inflight.len() >= usize::from(self.window) {
@@ -1519,8 +1525,8 @@ where
                 (_, Some(a)) => a.session_id().map(crate::session::stable_packet_id),
                 _ => None,
             };
-            if let Some(i) = stable.and_then(|pid| st.find_inflight(pid)) {
-                debug!(client_id = %self.session.client_id, pid = st.inflight[i].packet_id.get(), state = ?st.inflight[i].state, "a queued message waits for its packet id");
+            if stable.is_some_and(|pid| st.find_inflight(pid).is_some()) {
+                waiting_for_id = true;
                 break;
             }
             let Some(d) = st.queue.pop_front() else { break };
@@ -1555,9 +1561,10 @@ where
                 });
             }
         }
-        let more = st.queue.front().is_some_and(|f| {
-            f.qos == QoS::AtMostOnce || st.inflight.len() < usize::from(self.window)
-        });
+        let more = !waiting_for_id
+            && st.queue.front().is_some_and(|f| {
+                f.qos == QoS::AtMostOnce || st.inflight.len() < usize::from(self.window)
+            });
         let queued = st.queue.len();
         drop(st);
         if n > 0 {

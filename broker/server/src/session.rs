@@ -199,6 +199,11 @@ pub struct Session {
     /// it may wait on `space` until the connection drains it.
     backlogged: AtomicBool,
     space: Notify,
+    /// A whole backpressure wait passed without the client taking
+    /// anything: nobody waits for it again until its queue drains, so one
+    /// stalled client costs its publishers one bounded wait, not one per
+    /// message, and never slows the other sessions of its pod for long.
+    stalled: AtomicBool,
     /// Redis store: a persistent session whose QoS 1/2 messages arrive
     /// through its Redis stream rather than from the router.
     stream_fed: AtomicBool,
@@ -241,6 +246,7 @@ impl Session {
             online: AtomicBool::new(false),
             backlogged: AtomicBool::new(false),
             space: Notify::new(),
+            stalled: AtomicBool::new(false),
             stream_fed: AtomicBool::new(false),
         })
     }
@@ -291,6 +297,9 @@ impl Session {
         a.signal.wake();
         if st.queue.len() > limits.max_queued / 2 {
             self.backlogged.store(true, Ordering::Relaxed);
+            if self.stalled.load(Ordering::Relaxed) {
+                return Enqueued::Queued;
+            }
             return Enqueued::Backlogged;
         }
         Enqueued::Queued
@@ -301,13 +310,16 @@ impl Session {
     pub fn drained(&self, queue_len: usize, limits: QueueLimits) {
         if self.backlogged.load(Ordering::Relaxed) && queue_len <= limits.max_queued / 2 {
             self.backlogged.store(false, Ordering::Relaxed);
+            self.stalled.store(false, Ordering::Relaxed);
             self.space.notify_waiters();
         }
     }
 
     /// Wait until the queue is under half full, or `max` has passed.
     /// Bounded, so a client that stopped reading costs its publishers at
-    /// most this much before its queue fills and further messages drop.
+    /// most this much before its queue fills and further messages drop; a
+    /// wait that ends without room marks the session stalled (see
+    /// `stalled`).
     pub async fn wait_for_space(&self, max: std::time::Duration) {
         let notified = self.space.notified();
         tokio::pin!(notified);
@@ -315,7 +327,9 @@ impl Session {
         if !self.backlogged.load(Ordering::Relaxed) {
             return;
         }
-        let _ = tokio::time::timeout(max, notified).await;
+        if tokio::time::timeout(max, notified).await.is_err() {
+            self.stalled.store(true, Ordering::Relaxed);
+        }
     }
 }
 

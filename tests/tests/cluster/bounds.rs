@@ -221,3 +221,67 @@ async fn offline_sessions_expire_at_thousands_a_second() {
         all_offline.elapsed()
     );
 }
+
+/// One subscriber on pod B stops reading; another on the same pod reads.
+/// 20,000 QoS 0 messages of 1 KB published on pod A all reach the reader,
+/// quickly — the stalled one costs the pod's inbox reader one bounded wait,
+/// not one per message — and pod B's memory stays bounded (the stalled
+/// client's queue drops what does not fit, counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_slows_nobody_and_stays_bounded() {
+    const N: u32 = 20_000;
+    let r = cirrus_e2e::RedisServer::start();
+    let a = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let b = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let mut stalled = Client::connect_ok(b.addr, Opts::v5("stalled")).await;
+    stalled.subscribe("load/#", QoS::AtMostOnce).await;
+    let mut reader = Client::connect_ok(b.addr, Opts::v5("reader")).await;
+    reader.subscribe("load/#", QoS::AtMostOnce).await;
+    let mut publisher = Client::connect_ok(a.addr, Opts::v5("pub")).await;
+    // Routes reach pod A through the events stream.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        publisher
+            .publish("load/probe", b"p", QoS::AtMostOnce, false)
+            .await;
+        if let cirrus_e2e::client::Next::Packet(_) = reader.next(Duration::from_millis(50)).await {
+            break;
+        }
+        assert!(Instant::now() < end, "never routed");
+    }
+    let rss0 = b.rss_kib();
+    let t0 = Instant::now();
+    let counter = tokio::spawn(async move {
+        let mut got = std::collections::HashSet::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        while got.len() < N as usize && Instant::now() < end {
+            if let cirrus_e2e::client::Next::Packet(cirrus_codec::Packet::Publish(p)) =
+                reader.next(Duration::from_secs(5)).await
+            {
+                if p.topic == "load/m" {
+                    got.insert(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+                }
+            }
+        }
+        (got.len(), Instant::now())
+    });
+    let mut payload = vec![b'.'; 1024];
+    for seq in 0..N {
+        payload[..4].copy_from_slice(&seq.to_be_bytes());
+        publisher
+            .publish("load/m", &payload, QoS::AtMostOnce, false)
+            .await;
+    }
+    let (got, done) = counter.await.unwrap();
+    let took = done.duration_since(t0);
+    let grown_mib = b.rss_kib().saturating_sub(rss0) / 1024;
+    eprintln!("reader got {got} of {N} in {took:?}; pod B grew {grown_mib} MiB");
+    assert_eq!(got, N as usize, "the reading subscriber lost messages");
+    assert!(
+        took < Duration::from_secs(10),
+        "the stalled subscriber slowed the other ({took:?})"
+    );
+    assert!(grown_mib < 64, "pod B grew {grown_mib} MiB");
+    assert!(b.metric("cirrus_dropped_messages_total{reason=\"queue_full\"}") > 0.0);
+    drop(stalled);
+}

@@ -32,10 +32,10 @@ impl RedisStore {
                 let mut trim = None;
                 for (_, list) in streams(&reply) {
                     for e in &list {
-                        // Never waits for a subscriber: one that falls
-                        // behind fills its own bounded queue (counted
-                        // drops), and the others on this pod go on.
-                        self.on_inbox(e);
+                        // A busy subscriber slows this reader (bounded), as
+                        // it slows local publishers; a stalled one does not
+                        // (see `Session::wait_for_space`).
+                        self.on_inbox(e).await;
                     }
                     if let Some(e) = list.last() {
                         in_id = e.id.to_string();
@@ -50,7 +50,7 @@ impl RedisStore {
         }
     }
 
-    pub(super) fn on_inbox(&self, e: &Entry<'_>) {
+    pub(super) async fn on_inbox(&self, e: &Entry<'_>) {
         let Some(broker) = self.broker() else { return };
         let Some(batch) = val_bytes(e.field("b")) else {
             return;
@@ -60,7 +60,10 @@ impl RedisStore {
                 Ok((wire::REC_MESSAGE, b)) => match wire::decode_message(b) {
                     Ok((m, _)) => {
                         let (m, span) = crate::trace::remote(m, "inbox");
-                        span.in_scope(|| broker.deliver_remote(Arc::new(m)));
+                        let backlogged = span.in_scope(|| broker.deliver_remote(Arc::new(m)));
+                        if let Some(s) = backlogged {
+                            s.wait_for_space(BACKPRESSURE_WAIT).await;
+                        }
                     }
                     Err(err) => warn!(error = %err, "unreadable message in the inbox"),
                 },

@@ -107,6 +107,8 @@ const SWEEP_BATCH: usize = 500;
 /// A shared-group consumer idle this long with nothing pending is removed.
 const CONSUMER_IDLE_MS: i64 = 60_000;
 
+/// Longest the inbox reader waits for a backlogged local subscriber.
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
 /// Entries per stream read.
 const READ_COUNT: usize = 512;
 
