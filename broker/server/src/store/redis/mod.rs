@@ -107,6 +107,8 @@ const SWEEP_BATCH: usize = 500;
 /// A shared-group consumer idle this long with nothing pending is removed.
 const CONSUMER_IDLE_MS: i64 = 60_000;
 
+/// Sessions whose serving pod a writer remembers (see `owner_hints`).
+const OWNER_HINTS_MAX: usize = 100_000;
 /// Longest the inbox reader waits for a backlogged local subscriber.
 const BACKPRESSURE_WAIT: Duration = Duration::from_millis(50);
 /// Entries per stream read.
@@ -217,6 +219,9 @@ pub struct RedisStore {
     /// acknowledged by its client: not claimed again while held.
     share_held: Mutex<HashSet<(ByteString, ByteString)>>,
     shutdown: CancellationToken,
+    /// Pod last seen serving a persistent session (from enqueue replies):
+    /// a guess for waking it in the same pipeline, on one Redis only.
+    owner_hints: Mutex<HashMap<ByteString, Arc<str>>>,
     /// Every task the store starts: shutdown waits for them.
     tasks: TaskTracker,
     /// Since when this pod's heartbeats have been steady (see
@@ -298,6 +303,7 @@ impl RedisStore {
             share_held: Mutex::new(HashSet::new()),
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
+            owner_hints: Mutex::new(HashMap::new()),
             steady_since: Mutex::new(Instant::now()),
         });
         let _ = c.broker.set(Arc::downgrade(broker));

@@ -251,8 +251,9 @@ impl RedisStore {
         let mut dones: Vec<(Done, Result<(), StoreFail>)> = Vec::new();
         // Pod → inbox entry being built, and the operations it carries.
         let mut inbox: HashMap<Arc<str>, (BytesMut, Vec<usize>)> = HashMap::new();
-        // Session enqueues: pipeline slot, client id.
-        let mut enqueues: Vec<(usize, ByteString)> = Vec::new();
+        // Session enqueues: pipeline slot, client id, the pod woken with it.
+        let mut enqueues: Vec<(usize, ByteString, Option<Arc<str>>)> = Vec::new();
+        let in_order = matches!(self.cmd, Conn::Single(_));
         let mut acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         let mut share_acks: HashMap<ByteString, Vec<ByteString>> = HashMap::new();
         // Spans of traced messages: they end when the pipeline is done.
@@ -295,7 +296,20 @@ impl RedisStore {
                                 .arg(&bytes[..])
                                 .clone();
                             let i = b.add(c, slot);
-                            enqueues.push((i, cid.clone()));
+                            // On one Redis the pipeline runs in order: a wake
+                            // placed after the append cannot overtake it, so
+                            // the owner last seen is woken in the same round
+                            // trip (the reply corrects a stale guess).
+                            let guess = if in_order {
+                                self.owner_hints.lock().get(cid).cloned()
+                            } else {
+                                None
+                            };
+                            if let Some(o) = &guess {
+                                let (buf, _) = inbox.entry(o.clone()).or_default();
+                                wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
+                            }
+                            enqueues.push((i, cid.clone(), guess));
                         }
                     }
                     Op::Ack { client_id, ack } => match ack {
@@ -399,7 +413,7 @@ impl RedisStore {
                         fail(*op, StoreFail::Unavailable);
                     }
                 }
-                for (i, cid) in enqueues {
+                for (i, cid, guess) in enqueues {
                     let Some(r) = results.get(i).and_then(as_array) else {
                         continue;
                     };
@@ -419,14 +433,23 @@ impl RedisStore {
                         }
                     }
                     // The pod serving the session, as Redis knows it, is
-                    // woken once the entry is there: never before it (on a
-                    // Redis Cluster the parts of a pipeline run in parallel),
-                    // and never a stale owner. No pod polls an idle session.
+                    // woken once the entry is there (on a Redis Cluster the
+                    // parts of a pipeline run in parallel), unless the guess
+                    // woken in the same pipeline was right. No pod polls an
+                    // idle session.
                     if !owner.is_empty() && r.first().and_then(as_int) == Some(1) {
-                        wakes.push(Op::Wake {
-                            node: Arc::from(owner),
-                            client_id: cid,
-                        });
+                        if guess.as_deref() != Some(owner) {
+                            let node: Arc<str> = Arc::from(owner);
+                            if in_order {
+                                self.hint_owner(&cid, node.clone());
+                            }
+                            wakes.push(Op::Wake {
+                                node,
+                                client_id: cid,
+                            });
+                        }
+                    } else if guess.is_some() {
+                        self.owner_hints.lock().remove(&cid);
                     }
                 }
                 if errors > 0 {
@@ -446,6 +469,16 @@ impl RedisStore {
         for w in wakes {
             self.send_op(w);
         }
+    }
+
+    /// Remember which pod serves a session (learned from an enqueue's
+    /// reply). Bounded: past the cap the guesses start again from none.
+    fn hint_owner(&self, client_id: &ByteString, node: Arc<str>) {
+        let mut h = self.owner_hints.lock();
+        if h.len() >= OWNER_HINTS_MAX {
+            h.clear();
+        }
+        h.insert(client_id.clone(), node);
     }
 
     /// A write Redis refused: logged at most every 10 s (a full Redis
