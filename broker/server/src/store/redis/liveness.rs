@@ -248,7 +248,6 @@ impl RedisStore {
             .map(str::to_string)
             .collect();
         let routes: Vec<String> = str_list(r.get(1)).into_iter().map(str::to_string).collect();
-        let broker = self.broker();
         for chunk in cids.chunks(CLEANUP_STEP) {
             let cmds = chunk
                 .iter()
@@ -271,11 +270,7 @@ impl RedisStore {
                 if rel.code == 1 {
                     self.went_offline_cmds(cid, &rel, &mut after);
                 }
-                if let (Some(w), Some(b)) = (&rel.will, &broker) {
-                    if let Ok((m, _delay)) = wire::decode_message(w.clone()) {
-                        b.publish_message(Arc::new(m));
-                    }
-                }
+                self.publish_stored_will(rel.will);
             }
             check_all(&self.query_cmds(after).await?)?;
         }
@@ -300,16 +295,7 @@ impl RedisStore {
     /// Delayed wills whose time came (by Redis's clock), each published by
     /// exactly one pod and only if its client is still away.
     pub(super) async fn fire_due_wills(&self) {
-        let Ok(r) = self
-            .query_cmds(vec![eval(LUA_DUE, &[keys::WILLS]).arg(SWEEP_BATCH).clone()])
-            .await
-        else {
-            return;
-        };
-        let cids: Vec<String> = str_list(r.first())
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let cids = self.due(keys::WILLS).await;
         if cids.is_empty() {
             return;
         }
@@ -321,13 +307,34 @@ impl RedisStore {
         let Ok(replies) = self.query_cmds(cmds).await else {
             return;
         };
-        let Some(broker) = self.broker() else { return };
         for r in replies.iter().step_by(2) {
-            if let Some(w) = val_bytes(Some(r)).filter(|b| !b.is_empty()) {
-                if let Ok((m, _)) = wire::decode_message(w) {
-                    broker.publish_message(Arc::new(m));
-                }
-            }
+            self.publish_stored_will(val_bytes(Some(r)));
+        }
+    }
+
+    /// Up to [`SWEEP_BATCH`] members of a time-scored set that are due by
+    /// Redis's clock (none when Redis does not answer).
+    async fn due(&self, set: &str) -> Vec<String> {
+        match self
+            .query_cmds(vec![eval(LUA_DUE, &[set]).arg(SWEEP_BATCH).clone()])
+            .await
+        {
+            Ok(r) => str_list(r.first())
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Publish a will taken out of Redis (its stored bytes; none when
+    /// empty).
+    fn publish_stored_will(&self, will: Option<Bytes>) {
+        let Some(w) = will.filter(|b| !b.is_empty()) else {
+            return;
+        };
+        if let (Ok((m, _)), Some(b)) = (wire::decode_message(w), self.broker()) {
+            b.publish_message(Arc::new(m));
         }
     }
 
@@ -337,18 +344,7 @@ impl RedisStore {
     pub(super) async fn sweep_expired(&self) {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_millis(500) {
-            let Ok(r) = self
-                .query_cmds(vec![eval(LUA_DUE, &[keys::EXPIRY])
-                    .arg(SWEEP_BATCH)
-                    .clone()])
-                .await
-            else {
-                return;
-            };
-            let cids: Vec<String> = str_list(r.first())
-                .into_iter()
-                .map(str::to_string)
-                .collect();
+            let cids = self.due(keys::EXPIRY).await;
             if cids.is_empty() {
                 return;
             }
@@ -360,7 +356,6 @@ impl RedisStore {
             let Ok(replies) = self.query_cmds(cmds).await else {
                 return;
             };
-            let broker = self.broker();
             let mut after = Vec::new();
             for (cid, r) in cids.iter().zip(replies.iter().step_by(2)) {
                 let Some(a) = as_array(r) else { continue };
@@ -374,12 +369,7 @@ impl RedisStore {
                 }
                 after.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
                 // The session ended: a will still waiting goes now.
-                if let (Some(w), Some(b)) = (val_bytes(a.get(2)).filter(|b| !b.is_empty()), &broker)
-                {
-                    if let Ok((m, _)) = wire::decode_message(w) {
-                        b.publish_message(Arc::new(m));
-                    }
-                }
+                self.publish_stored_will(val_bytes(a.get(2)));
                 debug!(client_id = cid, "session expired");
             }
             self.run_later(after);

@@ -24,15 +24,7 @@ impl RedisStore {
             cmds: vec![cmd],
             done: Some(tx),
         };
-        let send = match self.ops.try_send(op) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(op)) => Some((self.ops.clone(), op)),
-            Err(mpsc::error::TrySendError::Closed(_)) => None,
-        };
-        Pending {
-            send,
-            done: Some(rx),
-        }
+        self.pending(op, Some(rx))
     }
 
     /// PUBCOMP: the packet id of an outgoing QoS 2 message is free again.

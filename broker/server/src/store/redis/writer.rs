@@ -143,20 +143,25 @@ impl RedisStore {
             targets,
             done: done_tx,
         };
+        (n, Some(self.pending(op, done_rx)))
+    }
+
+    /// Queue `op` for the writer now if there is room, else in the caller's
+    /// `Pending::finish` (which so slows the caller down); `done` tells how
+    /// it went.
+    pub(super) fn pending(
+        &self,
+        op: Op,
+        done: Option<oneshot::Receiver<Result<(), StoreFail>>>,
+    ) -> Pending {
         let send = match self.ops.try_send(op) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(op)) => Some((self.ops.clone(), op)),
-            // Shutting down: a QoS 1/2 publisher hears that it failed (its
-            // sender is gone with the operation).
+            // Shutting down: whoever waits hears that it failed (the
+            // sender went with the operation).
             Err(mpsc::error::TrySendError::Closed(_)) => None,
         };
-        (
-            n,
-            Some(Pending {
-                send,
-                done: done_rx,
-            }),
-        )
+        Pending { send, done }
     }
 
     /// A retained message was set or cleared on this pod.
