@@ -156,13 +156,39 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `n` masters (no replicas) on free loopback ports.
+/// A Redis Cluster on free loopback ports: `n` masters, and with
+/// [`RedisCluster::start_replicated`] one replica each.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// `n` masters, no replicas.
     pub fn start(n: usize) -> RedisCluster {
+        Self::start_inner(n, 0)
+    }
+
+    /// `n` masters with one replica each (`2 * n` servers); a replica takes
+    /// over when its master has been unreachable for 2 s.
+    pub fn start_replicated(n: usize) -> RedisCluster {
+        let c = Self::start_inner(n * 2, 1);
+        // Every replica has caught up with its master (the first sync).
+        let end = Instant::now() + Duration::from_secs(30);
+        for s in &c.nodes {
+            loop {
+                let info = command(s.port, "INFO replication").unwrap_or_default();
+                let synced = info.contains("role:master") || info.contains("master_link_status:up");
+                if synced {
+                    break;
+                }
+                assert!(Instant::now() < end, "replica never synced: {info}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        c
+    }
+
+    fn start_inner(n: usize, replicas: usize) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| {
                 RedisServer::start_with(&[
@@ -183,7 +209,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -206,7 +232,55 @@ impl RedisCluster {
         RedisCluster { nodes }
     }
 
-    /// Seed URLs of every master, comma-separated (what `--redis` takes).
+    /// The master serving `key` and its replica: indexes into `nodes`.
+    pub fn master_and_replica_of(&self, key: &str) -> (usize, usize) {
+        let slot: u16 = command(self.nodes[0].port, &format!("CLUSTER KEYSLOT {key}"))
+            .and_then(|r| r.trim().trim_start_matches(':').parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        let nodes = command(self.nodes[0].port, "CLUSTER NODES").expect("CLUSTER NODES");
+        // Lines: id addr@bus flags master-id ping pong epoch state slots...
+        let rows: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| {
+                l.trim_start_matches('$')
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+            })
+            .filter(|f| f.len() >= 8)
+            .collect();
+        let serves = |f: &[&str]| {
+            f[8..].iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                }
+                None => r.parse::<u16>().is_ok_and(|s| s == slot),
+            })
+        };
+        let master = rows
+            .iter()
+            .find(|f| f[2].contains("master") && serves(f))
+            .expect("a master serves the slot");
+        let replica = rows
+            .iter()
+            .find(|f| f[2].contains("slave") && f[3] == master[0])
+            .expect("the master has a replica");
+        let index = |f: &[&str]| {
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("a node address");
+            self.nodes
+                .iter()
+                .position(|n| n.port == port)
+                .expect("a node of this cluster")
+        };
+        (index(master), index(replica))
+    }
+
+    /// Seed URLs of every node, comma-separated (what `--redis` takes).
     pub fn url(&self) -> String {
         self.nodes
             .iter()

@@ -48,6 +48,27 @@ pub struct Redis {
     /// A pod silent for this long is dead: its routes are dropped and its
     /// clients' wills published by a survivor.
     pub node_timeout_ms: u64,
+    /// What a PUBACK, PUBREC or SUBACK waits for (see [`Durability`]).
+    pub durability: Durability,
+    /// `replicated`: how many replicas must hold each write.
+    pub replicas: u32,
+    /// `replicated`: how long to wait for them; a write they did not
+    /// confirm in time is answered with an error code (the client sends it
+    /// again), never with success.
+    pub wait_timeout_ms: u64,
+}
+
+/// When a write to Redis counts as stored.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Once the Redis primary answered. Fastest; a primary lost before its
+    /// replica copied the write (asynchronous replication) loses it.
+    #[default]
+    Async,
+    /// Once `replicas` replicas also hold it (Redis `WAIT` after each
+    /// pipeline): a PUBACKed message survives the loss of the primary.
+    Replicated,
 }
 
 impl Default for Redis {
@@ -57,6 +78,9 @@ impl Default for Redis {
             cluster: false,
             ca_file: None,
             node_timeout_ms: 5000,
+            durability: Durability::Async,
+            replicas: 1,
+            wait_timeout_ms: 1000,
         }
     }
 }
@@ -69,6 +93,9 @@ impl std::fmt::Debug for Redis {
             .field("cluster", &self.cluster)
             .field("ca_file", &self.ca_file)
             .field("node_timeout_ms", &self.node_timeout_ms)
+            .field("durability", &self.durability)
+            .field("replicas", &self.replicas)
+            .field("wait_timeout_ms", &self.wait_timeout_ms)
             .finish()
     }
 }
@@ -281,6 +308,11 @@ impl Config {
         }
         if self.redis.node_timeout_ms < 1000 {
             return bad("redis.node_timeout_ms must be at least 1000");
+        }
+        if self.redis.durability == Durability::Replicated
+            && (self.redis.replicas == 0 || self.redis.wait_timeout_ms == 0)
+        {
+            return bad("redis.durability replicated needs redis.replicas and redis.wait_timeout_ms of at least 1");
         }
         let ls = &self.listeners;
         if ls.tcp.is_none() && ls.tls.is_none() && ls.ws.is_none() && ls.wss.is_none() {

@@ -247,6 +247,12 @@ pub async fn render(broker: &Broker) -> String {
             "Redis commands or connections that failed.",
             c.redis_errors.load(Ordering::Relaxed),
         );
+        o.one(
+            "cirrus_redis_unreplicated_writes_total",
+            "counter",
+            "redis.durability replicated: commands whose writes the replicas did not confirm in time (their publishers got an error code).",
+            c.unreplicated.load(Ordering::Relaxed),
+        );
         o.histogram(
             "cirrus_redis_roundtrip_seconds",
             "Round trip of one Redis pipeline.",

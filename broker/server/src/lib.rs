@@ -117,6 +117,12 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
             ca_file: broker.config.redis.ca_file.clone(),
             node_timeout: Duration::from_millis(broker.config.redis.node_timeout_ms),
             node_id: node_id(),
+            replicated: (broker.config.redis.durability
+                == cirrus_config::broker::Durability::Replicated)
+                .then(|| store::redis::Replicated {
+                    replicas: broker.config.redis.replicas,
+                    timeout: Duration::from_millis(broker.config.redis.wait_timeout_ms),
+                }),
         };
         let c = store::redis::RedisStore::start(cfg, &broker, store_stop.clone()).await?;
         info!(node = %c.node, "state in Redis");

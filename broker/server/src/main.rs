@@ -84,11 +84,24 @@ struct Args {
     /// Milliseconds without a heartbeat after which a pod is dead.
     #[arg(long, env = "CIRRUS_NODE_TIMEOUT_MS")]
     node_timeout_ms: Option<u64>,
+    /// When a write to Redis counts as stored: `async` (the primary
+    /// answered) or `replicated` (its replicas hold it too, Redis WAIT).
+    #[arg(long, env = "CIRRUS_REDIS_DURABILITY", value_parser = parse_durability)]
+    redis_durability: Option<cirrus_config::broker::Durability>,
     /// Log format.
     #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+fn parse_durability(s: &str) -> Result<cirrus_config::broker::Durability, String> {
+    use cirrus_config::broker::Durability;
+    match s {
+        "async" => Ok(Durability::Async),
+        "replicated" => Ok(Durability::Replicated),
+        _ => Err("expected async or replicated".into()),
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -226,6 +239,9 @@ impl Args {
         }
         if let Some(v) = self.node_timeout_ms {
             c.redis.node_timeout_ms = v;
+        }
+        if let Some(v) = self.redis_durability {
+            c.redis.durability = v;
         }
         if let Some(v) = self.tls_listen {
             c.listeners.tls = Some(v);

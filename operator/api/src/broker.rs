@@ -144,6 +144,28 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub managed_image: Option<String>,
+    /// When a PUBACK, PUBREC or SUBACK may be sent: `Async` once the Redis
+    /// primary has the write; `Replicated` once `waitReplicas` replicas
+    /// have it too (Redis `WAIT`), so that it survives the primary's loss.
+    #[serde(default)]
+    pub durability: RedisDurability,
+    /// `Replicated`: replicas that must hold each write (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub wait_replicas: Option<u32>,
+    /// `Replicated`: how long to wait for them (default 1000); an
+    /// unconfirmed write gets an error code, never success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub wait_timeout_ms: Option<u64>,
+}
+
+/// See [`RedisSpec::durability`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum RedisDurability {
+    #[default]
+    Async,
+    Replicated,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

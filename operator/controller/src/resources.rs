@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use cirrus_config::Config;
-use cirrus_operator_api::{MqttBroker, MqttUser, ServiceType};
+use cirrus_operator_api::{MqttBroker, MqttUser, RedisDurability, ServiceType};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -116,6 +116,16 @@ pub fn broker_config(b: &MqttBroker) -> Config {
     }
     // The URL itself comes from CIRRUS_REDIS_URL (it may hold a password).
     c.redis.cluster = s.redis.cluster;
+    c.redis.durability = match s.redis.durability {
+        RedisDurability::Async => cirrus_config::broker::Durability::Async,
+        RedisDurability::Replicated => cirrus_config::broker::Durability::Replicated,
+    };
+    if let Some(n) = s.redis.wait_replicas {
+        c.redis.replicas = n;
+    }
+    if let Some(ms) = s.redis.wait_timeout_ms {
+        c.redis.wait_timeout_ms = ms;
+    }
     c.shutdown_timeout_secs = DRAIN_SECS;
     c.shutdown_delay_secs = SHUTDOWN_DELAY_SECS;
     // The auth Secret's mount (see `deployment`).
@@ -720,6 +730,19 @@ mod tests {
         let owner = d.metadata.owner_references.unwrap();
         assert_eq!(owner[0].controller, Some(true));
         assert_eq!(owner[0].kind, "MqttBroker");
+    }
+
+    #[test]
+    fn replicated_durability_reaches_the_broker_config() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: x}\nspec: {redis: {url: 'redis://r:6379', durability: Replicated, waitReplicas: 2}}\n");
+        let yaml = serde_yaml::to_string(&broker_config(&b)).unwrap();
+        let c = Config::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.redis.durability,
+            cirrus_config::broker::Durability::Replicated
+        );
+        assert_eq!((c.redis.replicas, c.redis.wait_timeout_ms), (2, 1000));
     }
 
     #[test]

@@ -696,3 +696,127 @@ async fn redis_out_of_memory_refuses_and_loses_nothing_acknowledged() {
     })
     .await;
 }
+
+/// A Redis Cluster with one replica per master. The master holding an
+/// offline persistent session's queue stream goes on taking writes while
+/// its replica is paused, then is SIGKILLed: the replica takes over
+/// without those writes. Publishes go on through it all.
+async fn primary_killed_run(durability: &str) -> Tally {
+    let mut cluster = cirrus_e2e::RedisCluster::start_replicated(3);
+    let url = cluster.url();
+    // A node timeout longer than the failover: the pods ride it out.
+    let p: Vec<BrokerProcess> = (0..2)
+        .map(|_| {
+            BrokerProcess::start(&[
+                "--redis",
+                &url,
+                "--node-timeout-ms",
+                "15000",
+                "--max-queued-messages",
+                "100000",
+                "--redis-durability",
+                durability,
+            ])
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = p.iter().map(|b| b.addr).collect();
+    let opts = Opts::v5("offline").persistent(3600);
+    let mut c = Client::connect_ok(addrs[1], opts).await;
+    c.subscribe("load/#", QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    routes_settle().await;
+    let (master, replica) = cluster.master_and_replica_of("offline");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let publisher = tokio::spawn(publish_numbered(
+        vec![addrs[0]],
+        "load/m",
+        QoS::AtLeastOnce,
+        6000,
+        2000,
+        4,
+        tally.clone(),
+    ));
+    let t0 = Instant::now();
+    while tally.lock().unwrap().acked.len() < 1000 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "publisher stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cut the replication link (a paused replica would not do: the kernel
+    // still takes the stream into its socket buffer): the replica's next
+    // handshake fails on a password the master does not have, while the
+    // cluster bus stays up for the failover.
+    let rport = cluster.nodes[replica].port;
+    let cmd = |c: &str| cirrus_e2e::redis::command(rport, c).unwrap_or_default();
+    assert!(cmd("CONFIG SET masterauth not-the-password").starts_with("+OK"));
+    cmd("CLIENT KILL TYPE master");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !cmd("INFO replication").contains("master_link_status:down") {
+        assert!(Instant::now() < end, "the replication link stayed up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cluster.nodes[master].signal("KILL");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !cmd("INFO replication").contains("role:master") {
+        assert!(Instant::now() < end, "the replica never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The dead master comes back (as Kubernetes restarts a Redis pod),
+    // empty, and joins as the new master's replica: until then a
+    // `replicated` write to that shard cannot be confirmed.
+    cluster.nodes[master].restart();
+    publisher.await.expect("publisher");
+    persistent_subscriber(
+        vec![addrs[1]],
+        "offline".into(),
+        "load/#".into(),
+        QoS::AtLeastOnce,
+        Leave::Stay,
+        Duration::from_millis(300),
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        tally.clone(),
+        true,
+    )
+    .await;
+    if durability == "replicated" {
+        assert!(
+            p[0].metric("cirrus_redis_unreplicated_writes_total") >= 1.0,
+            "the paused replica confirmed writes"
+        );
+    }
+    Arc::try_unwrap(tally)
+        .ok()
+        .expect("tally still shared")
+        .into_inner()
+        .unwrap()
+}
+
+/// Invariant 2 across a Redis failover: with `redis.durability:
+/// replicated`, nothing PUBACKed is lost when the master dies. The same
+/// fault with the default (`async`) loses what only the master had — the
+/// control that shows the fault bites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_primary_killed_with_replicated_durability() {
+    repeated("redis_cluster_primary_killed", || async {
+        let t = primary_killed_run("replicated").await;
+        t.check("primary killed, replicated", QoS::AtLeastOnce);
+        assert!(t.refused > 0, "the failover refused nothing");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_primary_killed_loses_writes_without_replication() {
+    let t = primary_killed_run("async").await;
+    eprintln!(
+        "async: {} acknowledged, {} lost",
+        t.acked.len(),
+        t.lost().len()
+    );
+    assert!(
+        !t.lost().is_empty(),
+        "the master took writes its replica never had: async durability cannot keep them"
+    );
+}

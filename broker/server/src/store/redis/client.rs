@@ -118,12 +118,29 @@ pub(super) async fn connect(cfg: &RedisConfig) -> anyhow::Result<(Client, Conn)>
     Ok((Client::Single(client), Conn::Single(con)))
 }
 
+/// `WAIT` after a pipeline: its reply says how many replicas hold what
+/// the pipeline wrote.
+fn wait_cmd(r: Replicated) -> Cmd {
+    redis::cmd("WAIT")
+        .arg(r.replicas)
+        .arg(r.timeout.as_millis().max(1) as u64)
+        .clone()
+}
+
+/// Whether the reply of a `WAIT` says enough replicas have the writes.
+fn replicated_enough(v: Option<&Value>, r: Replicated) -> bool {
+    matches!(v, Some(Value::Int(n)) if *n >= i64::from(r.replicas))
+}
+
 /// Run a pipeline on a Redis Cluster: one pipeline per slot, all at once,
-/// with the replies put back in the original order.
+/// with the replies put back in the original order. With `wait`, each ends
+/// with a `WAIT` on its primary; the commands of one whose writes the
+/// replicas did not confirm are listed in `unreplicated`.
 pub(super) async fn query_sharded(
     con: &ClusterConnection,
     pipe: &redis::Pipeline,
-) -> redis::RedisResult<Vec<Value>> {
+    wait: Option<Replicated>,
+) -> redis::RedisResult<Replies> {
     let mut groups: HashMap<u16, (Vec<usize>, redis::Pipeline)> = HashMap::new();
     let mut n = 0;
     for (i, c) in pipe.cmd_iter().enumerate() {
@@ -137,14 +154,28 @@ pub(super) async fn query_sharded(
         g.0.push(i);
         g.1.add_command(c.clone());
     }
-    let runs = groups.into_values().map(|(idx, p)| {
+    let runs = groups.into_values().map(|(idx, mut p)| {
         let mut con = con.clone();
+        if let Some(w) = wait {
+            // Keyless: the pipeline goes where its other commands go.
+            p.add_command(wait_cmd(w));
+        }
         async move { (idx, p.query_async::<Vec<Value>>(&mut con).await) }
     });
-    let mut out = vec![Value::Nil; n];
+    let mut out = Replies {
+        values: vec![Value::Nil; n],
+        unreplicated: Vec::new(),
+    };
     for (idx, r) in futures_util::future::join_all(runs).await {
-        for (i, v) in idx.into_iter().zip(r?) {
-            if let Some(slot) = out.get_mut(i) {
+        let mut r = r?;
+        if let Some(w) = wait {
+            if !replicated_enough(r.get(idx.len()), w) {
+                out.unreplicated.extend(&idx);
+            }
+            r.truncate(idx.len());
+        }
+        for (i, v) in idx.into_iter().zip(r) {
+            if let Some(slot) = out.values.get_mut(i) {
                 *slot = v;
             }
         }
@@ -152,18 +183,67 @@ pub(super) async fn query_sharded(
     Ok(out)
 }
 
+/// The replies of a pipeline, in order, and (`redis.durability:
+/// replicated`) the commands whose writes the replicas did not confirm.
+pub(super) struct Replies {
+    pub(super) values: Vec<Value>,
+    pub(super) unreplicated: Vec<usize>,
+}
+
 impl RedisStore {
     pub(super) async fn query(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        self.query_waiting(pipe, false).await.map(|r| r.values)
+    }
+
+    /// Run a pipeline; with `durable` and `redis.durability: replicated`,
+    /// also wait until the replicas hold its writes.
+    pub(super) async fn query_waiting(
+        &self,
+        pipe: &redis::Pipeline,
+        durable: bool,
+    ) -> Result<Replies, StoreError> {
         let t0 = Instant::now();
+        let wait = self.replicated.filter(|_| durable);
         let r = match &self.cmd {
-            Conn::Single(c) => pipe.query_async::<Vec<Value>>(&mut c.clone()).await,
-            Conn::Cluster(c) => query_sharded(c, pipe).await,
+            Conn::Single(c) => match wait {
+                None => pipe
+                    .query_async::<Vec<Value>>(&mut c.clone())
+                    .await
+                    .map(|values| Replies {
+                        values,
+                        unreplicated: Vec::new(),
+                    }),
+                Some(w) => {
+                    let mut p = pipe.clone();
+                    p.add_command(wait_cmd(w));
+                    p.query_async::<Vec<Value>>(&mut c.clone())
+                        .await
+                        .map(|mut values| {
+                            let ok = replicated_enough(values.get(pipe.len()), w);
+                            values.truncate(pipe.len());
+                            Replies {
+                                unreplicated: if ok {
+                                    Vec::new()
+                                } else {
+                                    (0..values.len()).collect()
+                                },
+                                values,
+                            }
+                        })
+                }
+            },
+            Conn::Cluster(c) => query_sharded(c, pipe, wait).await,
         };
         self.redis_commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         self.roundtrip.observe(t0.elapsed());
         match r {
-            Ok(v) => Ok(v),
+            Ok(r) => {
+                if !r.unreplicated.is_empty() {
+                    self.unreplicated_logged(r.unreplicated.len());
+                }
+                Ok(r)
+            }
             Err(e) => {
                 self.failed("command", &e);
                 Err(e.into())

@@ -129,6 +129,17 @@ pub struct RedisConfig {
     pub node_timeout: Duration,
     /// This pod's id (unique per process).
     pub node_id: String,
+    /// Writes someone waits for count only once replicas hold them.
+    pub replicated: Option<Replicated>,
+}
+
+/// `redis.durability: replicated`: after each pipeline that carries a
+/// write someone waits for, `WAIT replicas timeout` on every primary it
+/// went to.
+#[derive(Debug, Clone, Copy)]
+pub struct Replicated {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 /// What a connect found in Redis.
@@ -206,8 +217,11 @@ pub struct RedisStore {
     reader_ok: AtomicBool,
     broker: OnceLock<Weak<Broker>>,
     node_timeout: Duration,
+    replicated: Option<Replicated>,
     max_queued: usize,
     pub redis_errors: AtomicU64,
+    /// Commands whose writes the replicas did not confirm in time.
+    pub unreplicated: AtomicU64,
     pub redis_commands: AtomicU64,
     /// Round trips of pipelines.
     pub roundtrip: crate::stats::Histogram,
@@ -294,8 +308,10 @@ impl RedisStore {
             reader_ok: AtomicBool::new(false),
             broker: OnceLock::new(),
             node_timeout: cfg.node_timeout,
+            replicated: cfg.replicated,
             max_queued: broker.config.limits.max_queued_messages,
             redis_errors: AtomicU64::new(0),
+            unreplicated: AtomicU64::new(0),
             redis_commands: AtomicU64::new(0),
             roundtrip: Default::default(),
             stream_lag: AtomicU64::new(0),

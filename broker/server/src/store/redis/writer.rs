@@ -385,10 +385,13 @@ impl RedisStore {
             }
             return;
         }
-        let results = self.query(&b.pipe).await;
+        let results = self.query_waiting(&b.pipe, !dones.is_empty()).await;
         let mut wakes = Vec::new();
         match results {
-            Ok(results) => {
+            Ok(Replies {
+                values: results,
+                unreplicated,
+            }) => {
                 let mut fail = |op: Option<usize>, f: StoreFail| {
                     if let Some(slot) = op.and_then(|o| dones.get_mut(o)) {
                         if slot.1.is_ok() {
@@ -410,6 +413,17 @@ impl RedisStore {
                             }
                         }
                         self.log_write_error(e);
+                    }
+                }
+                // Stored, but not yet where it survives the primary's loss.
+                for &i in &unreplicated {
+                    fail(b.owner.get(i).copied().flatten(), StoreFail::Unavailable);
+                    for (slot, ops) in &inbox_slots {
+                        if *slot == i {
+                            for &o in ops {
+                                fail(Some(o), StoreFail::Unavailable);
+                            }
+                        }
                     }
                 }
                 if results.len() < b.owner.len() {
@@ -486,17 +500,30 @@ impl RedisStore {
         h.insert(client_id.clone(), node);
     }
 
-    /// A write Redis refused: logged at most every 10 s (a full Redis
-    /// refuses every write).
-    pub(super) fn log_write_error(&self, e: &redis::ServerError) {
+    /// Writes the replicas did not confirm: counted, logged at most every
+    /// 10 s.
+    pub(super) fn unreplicated_logged(&self, n: usize) {
+        self.unreplicated.fetch_add(n as u64, Ordering::Relaxed);
+        if self.rate_limited_log() {
+            warn!("Redis replicas did not confirm writes in time: publishers get an error code");
+        }
+    }
+
+    /// Whether a rate-limited warning may be logged now (one per 10 s).
+    fn rate_limited_log(&self) -> bool {
         let now = wire::unix_ms() / 1000;
         let last = self.write_error_logged.load(Ordering::Relaxed);
-        if now >= last + 10
+        now >= last + 10
             && self
                 .write_error_logged
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
-        {
+    }
+
+    /// A write Redis refused: logged at most every 10 s (a full Redis
+    /// refuses every write).
+    pub(super) fn log_write_error(&self, e: &redis::ServerError) {
+        if self.rate_limited_log() {
             warn!(
                 code = e.code(),
                 "Redis refused a write: publishers get an error code"
