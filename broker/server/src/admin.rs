@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::stats::{Refused, Stats};
+use crate::store::Store;
 
 /// Serve the admin port until `stop`. `draining` is cancelled when the
 /// broker starts its shutdown: `/readyz` then says not ready, so that
@@ -94,9 +95,9 @@ pub async fn render(broker: &Broker) -> String {
         "Sessions with a connection on this pod.",
         connections,
     );
-    let offline = match broker.redis() {
-        Some(c) => c.offline_sessions().await,
-        None => sessions.saturating_sub(connections),
+    let offline = match &broker.store {
+        Store::Redis(c) => c.offline_sessions().await,
+        Store::Memory => sessions.saturating_sub(connections),
     };
     o.one(
         "cirrus_sessions_offline",
@@ -228,7 +229,7 @@ pub async fn render(broker: &Broker) -> String {
         "From this pod receiving a message to writing it to a subscriber.",
         &s.delivery_latency,
     );
-    if let Some(c) = broker.redis() {
+    if let Store::Redis(c) = &broker.store {
         o.one(
             "cirrus_redis_up",
             "gauge",

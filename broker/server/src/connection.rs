@@ -1286,13 +1286,10 @@ where
             }
             Some(i) => {
                 st.inflight[i].state = OutState::AwaitComp;
-                let recorded = self.broker.redis().is_some()
-                    && st.inflight[i]
-                        .delivery
-                        .ack
-                        .as_deref()
-                        .and_then(StoreAck::session_id)
-                        .is_some();
+                let recorded = self
+                    .broker
+                    .store
+                    .records_qos2(st.inflight[i].delivery.ack.as_deref());
                 // The receiver has it: its stream entry is done. One of the
                 // session's stream keeps its entry reference while Redis
                 // records it (the release leaves it out of `rel`).
@@ -1307,21 +1304,21 @@ where
                 // must first know that the message is delivered and that
                 // the id awaits PUBCOMP; else the next pod would send the
                 // message again, or give the id to another message.
-                if let (Some(a), Some(c)) = (&ack, self.broker.redis()) {
-                    if let StoreAck::Session(entry) = &**a {
-                        let stored = c.delivered_qos2(
-                            &self.session.client_id,
-                            entry,
-                            r.packet_id,
-                            self.epoch,
-                        );
-                        let pid = r.packet_id;
-                        let acks = self.acks.get_or_insert_with(Default::default);
-                        acks.push_back(Box::pin(async move {
-                            (stored.finish().await, QoS::ExactlyOnce, pid, SEND_PUBREL)
-                        }));
-                        return;
-                    }
+                let stored = ack.as_deref().and_then(|a| {
+                    self.broker.store.delivered_qos2(
+                        &self.session.client_id,
+                        a,
+                        r.packet_id,
+                        self.epoch,
+                    )
+                });
+                if let Some(stored) = stored {
+                    let pid = r.packet_id;
+                    let acks = self.acks.get_or_insert_with(Default::default);
+                    acks.push_back(Box::pin(async move {
+                        (stored.finish().await, QoS::ExactlyOnce, pid, SEND_PUBREL)
+                    }));
+                    return;
                 }
                 self.stream_ack(ack);
                 self.send(&Packet::PubRel(PubResp::new(r.packet_id, reason::SUCCESS)));
@@ -1353,11 +1350,7 @@ where
         if let Some(done) = removed {
             if expect == OutState::AwaitComp {
                 // Its entry went with PUBREC; the recorded packet id goes.
-                if self.session.is_stream_fed() {
-                    if let Some(c) = self.broker.redis() {
-                        c.completed_qos2(&self.session.client_id, pid);
-                    }
-                }
+                self.broker.store.completed_qos2(&self.session, pid);
             } else {
                 self.stream_ack(done.delivery.ack);
             }
@@ -1368,9 +1361,7 @@ where
     /// Redis store: the client has a message of a stream (its session's,
     /// or a shared group's): let go of the entry.
     fn stream_ack(&self, ack: Option<Box<StoreAck>>) {
-        if let (Some(ack), Some(c)) = (ack, self.broker.redis()) {
-            c.ack(&self.session.client_id, *ack);
-        }
+        self.broker.store.ack(&self.session.client_id, ack);
     }
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
@@ -1408,24 +1399,22 @@ where
                         .broker
                         .subscribe(&self.session, filter, fr, o, sub_id, true)
                     {
-                        Ok(existed) => match self.broker.redis() {
-                            None => o.qos.as_u8(),
-                            Some(c) => {
-                                let c = c.clone();
-                                match c
-                                    .subscribed(&self.session, filter, o, sub_id, existed, true)
-                                    .await
-                                {
-                                    Ok(()) => o.qos.as_u8(),
-                                    Err(_) => {
-                                        if !existed {
-                                            self.broker.unsubscribe(&self.session, filter, fr);
-                                        }
-                                        failure(reason::UNSPECIFIED_ERROR)
+                        Ok(existed) => {
+                            let broker = self.broker.clone();
+                            match broker
+                                .store
+                                .subscribed(&self.session, filter, o, sub_id, existed, true)
+                                .await
+                            {
+                                Ok(()) => o.qos.as_u8(),
+                                Err(_) => {
+                                    if !existed {
+                                        self.broker.unsubscribe(&self.session, filter, fr);
                                     }
+                                    failure(reason::UNSPECIFIED_ERROR)
                                 }
                             }
-                        },
+                        }
                         Err(SubscribeError::TooMany) => failure(reason::QUOTA_EXCEEDED),
                         Err(SubscribeError::Ended) => failure(reason::UNSPECIFIED_ERROR),
                     }
@@ -1450,9 +1439,8 @@ where
                 Err(_) => reason::TOPIC_FILTER_INVALID,
                 Ok(fr) => {
                     if self.broker.unsubscribe(&self.session, f, fr) {
-                        if let Some(c) = self.broker.redis().cloned() {
-                            c.unsubscribed(&self.session, f).await;
-                        }
+                        let broker = self.broker.clone();
+                        broker.store.unsubscribed(&self.session, f).await;
                         reason::SUCCESS
                     } else {
                         reason::NO_SUBSCRIPTION_EXISTED
@@ -1650,7 +1638,8 @@ mod tests {
     async fn an_idle_connection_task_stays_small() {
         let cfg = Arc::new(crate::config::Config::default());
         let auth = crate::auth::Auth::new(None, 10).unwrap();
-        let broker = crate::broker::Broker::new(cfg, auth);
+        let local = crate::local::Local::new(cfg, false);
+        let broker = crate::broker::Broker::new(local, auth, crate::store::Store::Memory);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -26,6 +26,7 @@ pub mod broker;
 pub use cirrus_config::broker as config;
 pub mod connection;
 pub mod listener;
+pub mod local;
 pub mod message;
 pub mod retained;
 pub mod router;
@@ -108,26 +109,30 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         config.auth_file.clone(),
         config.limits.max_failed_logins_per_minute,
     )?;
-    let broker = Broker::new(Arc::new(config), auth);
+    let redis = config.redis.clone();
+    let local = local::Local::new(Arc::new(config), redis.url.is_some());
     let store_stop = CancellationToken::new();
-    if let Some(url) = broker.config.redis.url.clone() {
-        let cfg = store::redis::RedisConfig {
-            url,
-            cluster: broker.config.redis.cluster,
-            ca_file: broker.config.redis.ca_file.clone(),
-            node_timeout: Duration::from_millis(broker.config.redis.node_timeout_ms),
-            node_id: node_id(),
-            replicated: (broker.config.redis.durability
-                == cirrus_config::broker::Durability::Replicated)
-                .then(|| store::redis::Replicated {
-                    replicas: broker.config.redis.replicas,
-                    timeout: Duration::from_millis(broker.config.redis.wait_timeout_ms),
-                }),
-        };
-        let c = store::redis::RedisStore::start(cfg, &broker, store_stop.clone()).await?;
-        info!(node = %c.node, "state in Redis");
-        broker.set_redis(c);
-    }
+    let store = match redis.url {
+        None => store::Store::Memory,
+        Some(url) => {
+            let cfg = store::redis::RedisConfig {
+                url,
+                cluster: redis.cluster,
+                ca_file: redis.ca_file.clone(),
+                node_timeout: Duration::from_millis(redis.node_timeout_ms),
+                node_id: node_id(),
+                replicated: (redis.durability == cirrus_config::broker::Durability::Replicated)
+                    .then(|| store::redis::Replicated {
+                        replicas: redis.replicas,
+                        timeout: Duration::from_millis(redis.wait_timeout_ms),
+                    }),
+            };
+            let c = store::redis::RedisStore::start(cfg, local.clone(), store_stop.clone()).await?;
+            info!(node = %c.node, "state in Redis");
+            store::Store::Redis(c)
+        }
+    };
+    let broker = Broker::new(local, auth, store);
     let ls = broker.config.listeners.clone();
     // One certificate state for TLS and secure WebSocket.
     let tls_state = match ls.tls.is_some() || ls.wss.is_some() {
@@ -259,9 +264,7 @@ impl Bound {
         }
         // The store's writer lands what connections left (releases,
         // acknowledgements) and the pod leaves the cluster; waited for.
-        if let Some(c) = broker.redis() {
-            c.stop(Duration::from_secs(10)).await;
-        }
+        broker.store.stop(Duration::from_secs(10)).await;
         self.store_stop.cancel();
     }
 }

@@ -209,15 +209,13 @@ impl RedisStore {
             table.add_node_route(&self.node, f);
         }
         *self.routes.write() = table;
-        if let Some(b) = self.broker() {
-            let mut msgs = Vec::new();
-            for (_, v) in pairs(retained) {
-                if let Some(Ok((m, _))) = val_bytes(Some(v)).map(wire::decode_message) {
-                    msgs.push(Arc::new(m));
-                }
+        let mut msgs = Vec::new();
+        for (_, v) in pairs(retained) {
+            if let Some(Ok((m, _))) = val_bytes(Some(v)).map(wire::decode_message) {
+                msgs.push(Arc::new(m));
             }
-            b.replace_retained(msgs);
         }
+        self.local.replace_retained(msgs);
         Ok(last)
     }
 
@@ -308,26 +306,22 @@ impl RedisStore {
                 if node == &*self.node {
                     return;
                 }
-                if let Some(broker) = self.broker() {
-                    if let Ok((m, _)) = wire::decode_message(Bytes::copy_from_slice(message)) {
-                        broker.mirror_retained(Arc::new(m));
-                    }
+                if let Ok((m, _)) = wire::decode_message(Bytes::copy_from_slice(message)) {
+                    self.local.mirror_retained(Arc::new(m));
                 }
             }
             Event::RetainedCleared { node, topic } => {
                 if node == &*self.node {
                     return;
                 }
-                if let Some(broker) = self.broker() {
-                    broker.mirror_retained(Arc::new(Message::from_wire(
-                        ByteString::from(topic),
-                        Bytes::new(),
-                        QoS::AtMostOnce,
-                        true,
-                        Default::default(),
-                        None,
-                    )));
-                }
+                self.local.mirror_retained(Arc::new(Message::from_wire(
+                    ByteString::from(topic),
+                    Bytes::new(),
+                    QoS::AtMostOnce,
+                    true,
+                    Default::default(),
+                    None,
+                )));
             }
             Event::PodDead { node } | Event::PodHello { node } => {
                 if node != &*self.node {

@@ -51,7 +51,7 @@ impl RedisStore {
     }
 
     pub(super) async fn on_inbox(&self, e: &Entry<'_>) {
-        let Some(broker) = self.broker() else { return };
+        let broker = &self.local;
         let Some(batch) = val_bytes(e.field("b")) else {
             return;
         };

@@ -145,10 +145,7 @@ impl RedisStore {
             pipe.add_command(c);
         }
         self.query(&pipe).await?;
-        let Some(broker) = self.broker() else {
-            return Ok(());
-        };
-        for (session, epoch, expiry) in broker.local_sessions() {
+        for (session, epoch, expiry) in self.local.local_sessions() {
             let cid = &session.client_id;
             let r = self
                 .query_cmds(vec![session_eval(LUA_RECLAIM, cid)
@@ -158,7 +155,7 @@ impl RedisStore {
                     .clone()])
                 .await?;
             match r.first().and_then(as_int) {
-                Some(0) => broker.kick_local(cid, None),
+                Some(0) => self.local.kick_local(cid, None),
                 Some(existed) => {
                     let mut cmds = vec![redis::cmd("SADD")
                         .arg(keys::node_sessions(&self.node))
@@ -333,8 +330,8 @@ impl RedisStore {
         let Some(w) = will.filter(|b| !b.is_empty()) else {
             return;
         };
-        if let (Ok((m, _)), Some(b)) = (wire::decode_message(w), self.broker()) {
-            b.publish_message(Arc::new(m));
+        if let Ok((m, _)) = wire::decode_message(w) {
+            self.publish_will(Arc::new(m));
         }
     }
 

@@ -35,7 +35,7 @@ pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, Stored};
+use crate::local::{Local, Stored};
 use crate::message::{Delivery, Message, StoreAck};
 use crate::session::Session;
 use crate::stats::{DropReason, Stats};
@@ -215,7 +215,8 @@ pub struct RedisStore {
     pullers: Mutex<HashMap<ByteString, Arc<Puller>>>,
     healthy: AtomicBool,
     reader_ok: AtomicBool,
-    broker: OnceLock<Weak<Broker>>,
+    /// The pod's memory: where what comes from other pods goes.
+    local: Arc<Local>,
     node_timeout: Duration,
     replicated: Option<Replicated>,
     max_queued: usize,
@@ -288,7 +289,7 @@ impl RedisStore {
     /// useful; one that loses it later stays up and reports not ready.
     pub async fn start(
         cfg: RedisConfig,
-        broker: &Arc<Broker>,
+        local: Arc<Local>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<RedisStore>> {
         let (client, cmd) = tokio::time::timeout(Duration::from_secs(10), connect(&cfg))
@@ -306,10 +307,10 @@ impl RedisStore {
             pullers: Mutex::new(HashMap::new()),
             healthy: AtomicBool::new(false),
             reader_ok: AtomicBool::new(false),
-            broker: OnceLock::new(),
+            local: local.clone(),
             node_timeout: cfg.node_timeout,
             replicated: cfg.replicated,
-            max_queued: broker.config.limits.max_queued_messages,
+            max_queued: local.config.limits.max_queued_messages,
             redis_errors: AtomicU64::new(0),
             unreplicated: AtomicU64::new(0),
             redis_commands: AtomicU64::new(0),
@@ -322,7 +323,6 @@ impl RedisStore {
             owner_hints: Mutex::new(HashMap::new()),
             steady_since: Mutex::new(Instant::now()),
         });
-        let _ = c.broker.set(Arc::downgrade(broker));
         c.heartbeat().await?;
         c.resync().await?;
         c.healthy.store(true, Ordering::Relaxed);
@@ -364,8 +364,25 @@ impl RedisStore {
         }
     }
 
-    pub(crate) fn broker(&self) -> Option<Arc<Broker>> {
-        self.broker.get().and_then(Weak::upgrade)
+    /// A will taken out of Redis (a dead pod's client's, or a delayed
+    /// one now due): to the subscribers here and everywhere else, like a
+    /// will published on this pod.
+    pub(super) fn publish_will(&self, msg: Arc<Message>) {
+        let mut scratch = Vec::new();
+        let here = self.local.publish_here(&msg, &mut scratch);
+        let keep = msg.retain && self.local.config.mqtt.retain_available && !here.retain_refused;
+        if keep {
+            self.retain(&msg);
+        }
+        if let (_, Some(p)) = self.forward(&msg) {
+            if p.must_wait() {
+                self.spawn(async move {
+                    if p.finish().await.is_err() {
+                        debug!("a will could not be written to Redis");
+                    }
+                });
+            }
+        }
     }
 
     /// Redis reachable and this pod's view of the cluster loaded.

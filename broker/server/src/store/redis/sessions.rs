@@ -247,7 +247,7 @@ impl RedisStore {
         hw: Option<String>,
         start: Option<String>,
     ) {
-        let Some(broker) = self.broker() else { return };
+        let broker = &self.local;
         let qkey = keys::queue(&session.client_id);
         let mut last: Option<String> = start;
         loop {

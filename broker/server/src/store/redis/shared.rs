@@ -13,16 +13,13 @@ impl RedisStore {
             }
             // Only groups with a member online here: the others' entries
             // stay unread for the pods that can deliver them.
-            let keys_now: Vec<ByteString> = match self.broker() {
-                Some(b) => self
-                    .shares
-                    .lock()
-                    .iter()
-                    .filter(|f| b.serves_share(f))
-                    .cloned()
-                    .collect(),
-                None => Vec::new(),
-            };
+            let keys_now: Vec<ByteString> = self
+                .shares
+                .lock()
+                .iter()
+                .filter(|f| self.local.serves_share(f))
+                .cloned()
+                .collect();
             if keys_now.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -104,9 +101,7 @@ impl RedisStore {
     /// member's client has it, and one that found no member stays pending
     /// (claimed again once idle, here or on another pod).
     pub(super) fn deliver_share_entry(&self, full: &ByteString, e: &Entry<'_>) -> bool {
-        let Some(broker) = self.broker() else {
-            return false;
-        };
+        let broker = &self.local;
         let id = ByteString::from(e.id);
         let Some(Ok((m, _))) = val_bytes(e.field("m")).map(wire::decode_message) else {
             warn!(filter = %full, "dropping an unreadable shared-group entry");

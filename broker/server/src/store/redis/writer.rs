@@ -244,9 +244,7 @@ impl RedisStore {
                     Err(_) => break,
                 }
             }
-            let broker = self.broker();
-            self.write_batch(&mut batch, broker.as_ref().map(|b| &b.stats))
-                .await;
+            self.write_batch(&mut batch, Some(&self.local.stats)).await;
         }
     }
 
