@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use cirrus_codec::QoS;
 use cirrus_e2e::{BrokerProcess, Client, Opts};
+use futures_util::StreamExt;
 
 /// The node id a pod announced (`joined the cluster through Redis node=…`).
 fn node_id(pod: &BrokerProcess) -> String {
@@ -132,21 +133,31 @@ async fn a_dead_pods_keys_are_removed_redis_cluster() {
     a_dead_pods_keys_are_removed(&ports, &r.url()).await;
 }
 
-/// 500 persistent sessions connected and idle: the pod's Redis commands in
-/// three seconds are its own heartbeats and sweeps, whatever the number of
-/// sessions (a poll per session would be 1,500 commands).
-#[tokio::test]
+/// 10,000 persistent sessions connected and idle: the pod's Redis commands
+/// in three seconds are its own heartbeats and sweeps, whatever the number
+/// of sessions (a poll per session would be 30,000 commands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_persistent_sessions_cost_redis_nothing() {
-    const SESSIONS: usize = 500;
+    const SESSIONS: usize = 10_000;
+    // One socket per session here, and one in the broker.
+    rlimit::increase_nofile_limit(2 * SESSIONS as u64 + 1024).expect("raise the open-file limit");
     let r = cirrus_e2e::RedisServer::start();
     let pod = BrokerProcess::start_on_redis(&r.url(), &[]);
-    let mut clients = Vec::with_capacity(SESSIONS);
-    for i in 0..SESSIONS {
-        let mut c =
-            Client::connect_ok(pod.addr, Opts::v5(&format!("idle{i}")).persistent(3600)).await;
-        c.subscribe(&format!("idle/{i}"), QoS::AtLeastOnce).await;
-        clients.push(c);
-    }
+    let addr = pod.addr;
+    let t0 = Instant::now();
+    // 64 at a time: each one connects, subscribes and stays.
+    let mut clients: Vec<(usize, Client)> = futures_util::stream::iter(0..SESSIONS)
+        .map(|i| async move {
+            let mut c =
+                Client::connect_ok(addr, Opts::v5(&format!("idle{i}")).persistent(3600)).await;
+            c.subscribe(&format!("idle/{i}"), QoS::AtLeastOnce).await;
+            (i, c)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    clients.sort_by_key(|(i, _)| *i);
+    eprintln!("{SESSIONS} sessions connected in {:?}", t0.elapsed());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = pod.metric("cirrus_redis_commands_total");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -164,7 +175,7 @@ async fn idle_persistent_sessions_cost_redis_nothing() {
             .await,
         0
     );
-    let m = clients[7].recv_ack().await;
+    let m = clients[7].1.recv_ack().await;
     assert_eq!(&m.payload[..], b"hi");
 }
 
@@ -284,4 +295,57 @@ async fn a_stalled_subscriber_slows_nobody_and_stays_bounded() {
     assert!(grown_mib < 64, "pod B grew {grown_mib} MiB");
     assert!(b.metric("cirrus_dropped_messages_total{reason=\"queue_full\"}") > 0.0);
     drop(stalled);
+}
+
+/// An offline persistent session's stream holds at most
+/// `max_queued_messages` entries: publishes past it are dropped for that
+/// session, and counted (`queue_full`), on one Redis and on a Redis Cluster.
+async fn an_offline_sessions_stream_is_capped(ports: &[u16], url: &str) {
+    const CAP: usize = 100;
+    let pods: Vec<BrokerProcess> = (0..2)
+        .map(|_| BrokerProcess::start_on_redis(url, &["--max-queued-messages", "100"]))
+        .collect();
+    let mut sub = Client::connect_ok(pods[1].addr, Opts::v5("capped").persistent(3600)).await;
+    sub.subscribe("cap/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publisher = Client::connect_ok(pods[0].addr, Opts::v5("cap-pub")).await;
+    for i in 0..5 * CAP {
+        let code = publisher
+            .publish("cap/x", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(code, 0);
+    }
+    let len: usize = ports
+        .iter()
+        .find_map(|&p| {
+            let r = cirrus_e2e::redis::command(p, "XLEN cirrus:q:{capped}")?;
+            let n: usize = r.trim().trim_start_matches(':').parse().ok()?;
+            (n > 0).then_some(n)
+        })
+        .expect("the session's stream");
+    let dropped = pods[0].metric("cirrus_dropped_messages_total{reason=\"queue_full\"}");
+    eprintln!("stream length {len}, {dropped} counted as dropped");
+    assert_eq!(len, CAP);
+    assert_eq!(dropped as usize, 4 * CAP);
+    // What the stream holds is delivered: the first CAP messages.
+    let mut sub =
+        Client::connect_ok(pods[1].addr, Opts::v5("capped").persistent(3600).resume()).await;
+    for i in 0..CAP {
+        let m = sub.recv_ack().await;
+        assert_eq!(m.payload, format!("{i}").as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn an_offline_sessions_stream_is_capped_single_redis() {
+    let r = cirrus_e2e::RedisServer::start();
+    an_offline_sessions_stream_is_capped(&[r.port], &r.url()).await;
+}
+
+#[tokio::test]
+async fn an_offline_sessions_stream_is_capped_redis_cluster() {
+    let r = cirrus_e2e::RedisCluster::start(3);
+    let ports: Vec<u16> = r.nodes.iter().map(|n| n.port).collect();
+    an_offline_sessions_stream_is_capped(&ports, &r.url()).await;
 }

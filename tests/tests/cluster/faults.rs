@@ -476,12 +476,39 @@ async fn moving_subscriber_run(
         .unwrap()
 }
 
+/// What a scenario runs on: one `redis-server`, or a Redis Cluster of
+/// three masters (each key on its slot's master; pipelines split by slot).
+enum Backend {
+    Single(RedisServer),
+    Cluster(cirrus_e2e::RedisCluster),
+}
+
+impl Backend {
+    fn start(cluster: bool) -> Backend {
+        if cluster {
+            Backend::Cluster(cirrus_e2e::RedisCluster::start(3))
+        } else {
+            Backend::Single(RedisServer::start())
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+}
+
 macro_rules! moving {
     ($name:ident, $qos:expr, $leave:expr, $n:expr) => {
+        moving!($name, $qos, $leave, $n, false);
+    };
+    ($name:ident, $qos:expr, $leave:expr, $n:expr, $cluster:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             repeated(stringify!($name), || async {
-                let r = RedisServer::start();
+                let r = Backend::start($cluster);
                 let t = moving_subscriber_run(&r.url(), 2, $qos, $leave, $n, |_| {}).await;
                 t.check(stringify!($name), $qos);
                 assert_eq!(t.refused, 0, "no publish was refused");
@@ -525,10 +552,13 @@ moving!(
 /// Invariant 2 under SIGKILL: the subscriber's pod, then the publisher's.
 macro_rules! killed {
     ($name:ident, $qos:expr, $victim:expr) => {
+        killed!($name, $qos, $victim, false);
+    };
+    ($name:ident, $qos:expr, $victim:expr, $cluster:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             repeated(stringify!($name), || async {
-                let r = RedisServer::start();
+                let r = Backend::start($cluster);
                 // Pod 0 serves the publisher, pod 1 the subscriber.
                 let t = moving_subscriber_run(&r.url(), 2, $qos, Leave::Stay, 4000, |p| {
                     p[$victim].signal("KILL")
@@ -545,6 +575,28 @@ killed!(sigkill_of_the_subscribers_pod_qos1, QoS::AtLeastOnce, 1);
 killed!(sigkill_of_the_subscribers_pod_qos2, QoS::ExactlyOnce, 1);
 killed!(sigkill_of_the_publishers_pod_qos1, QoS::AtLeastOnce, 0);
 killed!(sigkill_of_the_publishers_pod_qos2, QoS::ExactlyOnce, 0);
+
+// The same faults on a Redis Cluster.
+moving!(
+    abrupt_drops_between_pods_qos1_redis_cluster,
+    QoS::AtLeastOnce,
+    Leave::Drop,
+    6000,
+    true
+);
+moving!(
+    takeovers_between_pods_qos2_redis_cluster,
+    QoS::ExactlyOnce,
+    Leave::TakeOver,
+    4000,
+    true
+);
+killed!(
+    sigkill_of_the_subscribers_pod_qos1_redis_cluster,
+    QoS::AtLeastOnce,
+    1,
+    true
+);
 
 /// Shared group of two persistent members on pods 1 and 2; pod 1 is
 /// SIGKILLed: what its pod had read and not delivered is claimed by pod 2.
