@@ -872,3 +872,24 @@ async fn redis_cluster_primary_killed_loses_writes_without_replication() {
         "the master took writes its replica never had: async durability cannot keep them"
     );
 }
+
+/// Redis forgets its cached scripts (as after a restart or a failover to a
+/// replica that never ran them) in the middle of the load: the pods send
+/// them again whole, and nothing is refused or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_script_cache_flushed_under_load() {
+    repeated("redis_script_cache_flushed_under_load", || async {
+        let r = RedisServer::start();
+        let t = moving_subscriber_run(&r.url(), 2, QoS::AtLeastOnce, Leave::Drop, 6000, |_| {
+            for _ in 0..5 {
+                let ok = cirrus_e2e::redis::command(r.port, "SCRIPT FLUSH");
+                assert!(ok.is_some_and(|o| o.starts_with("+OK")));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .await;
+        t.check("redis_script_cache_flushed_under_load", QoS::AtLeastOnce);
+        assert_eq!(t.refused, 0, "no publish was refused");
+    })
+    .await;
+}

@@ -165,6 +165,7 @@ pub(super) async fn query_sharded(
     let mut out = Replies {
         values: vec![Value::Nil; n],
         unreplicated: Vec::new(),
+        retried: Vec::new(),
     };
     for (idx, r) in futures_util::future::join_all(runs).await {
         let mut r = r?;
@@ -183,11 +184,67 @@ pub(super) async fn query_sharded(
     Ok(out)
 }
 
+/// Run a pipeline on one Redis; with `wait`, it ends with a `WAIT`, and
+/// when too few replicas confirmed, every command is listed in
+/// `unreplicated`.
+async fn query_single(
+    con: &ConnectionManager,
+    pipe: &redis::Pipeline,
+    wait: Option<Replicated>,
+) -> redis::RedisResult<Replies> {
+    let n = pipe.len();
+    let mut values = match wait {
+        None => pipe.query_async::<Vec<Value>>(&mut con.clone()).await?,
+        Some(w) => {
+            let mut p = pipe.clone();
+            p.add_command(wait_cmd(w));
+            p.query_async::<Vec<Value>>(&mut con.clone()).await?
+        }
+    };
+    let mut unreplicated = Vec::new();
+    if let Some(w) = wait {
+        if !replicated_enough(values.get(n), w) {
+            unreplicated = (0..n).collect();
+        }
+        values.truncate(n);
+    }
+    Ok(Replies {
+        values,
+        unreplicated,
+        retried: Vec::new(),
+    })
+}
+
 /// The replies of a pipeline, in order, and (`redis.durability:
 /// replicated`) the commands whose writes the replicas did not confirm.
 pub(super) struct Replies {
     pub(super) values: Vec<Value>,
     pub(super) unreplicated: Vec<usize>,
+    /// Scripts Redis did not have cached (NOSCRIPT), sent again as `EVAL`
+    /// after the rest of the pipeline.
+    pub(super) retried: Vec<usize>,
+}
+
+/// `EVALSHA` that Redis answered with NOSCRIPT, as `EVAL` of the script.
+pub(super) fn as_eval(c: &Cmd) -> Option<Cmd> {
+    let mut args = c.args_iter().filter_map(|a| match a {
+        redis::Arg::Simple(b) => Some(b),
+        _ => None,
+    });
+    if !args.next()?.eq_ignore_ascii_case(b"EVALSHA") {
+        return None;
+    }
+    let script = script_of(args.next()?)?;
+    let mut e = redis::cmd("EVAL");
+    e.arg(script.body);
+    for a in args {
+        e.arg(a);
+    }
+    Some(e)
+}
+
+fn is_noscript(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.code() == "NOSCRIPT")
 }
 
 impl RedisStore {
@@ -204,39 +261,14 @@ impl RedisStore {
     ) -> Result<Replies, StoreError> {
         let t0 = Instant::now();
         let wait = self.replicated.filter(|_| durable);
-        let r = match &self.cmd {
-            Conn::Single(c) => match wait {
-                None => pipe
-                    .query_async::<Vec<Value>>(&mut c.clone())
-                    .await
-                    .map(|values| Replies {
-                        values,
-                        unreplicated: Vec::new(),
-                    }),
-                Some(w) => {
-                    let mut p = pipe.clone();
-                    p.add_command(wait_cmd(w));
-                    p.query_async::<Vec<Value>>(&mut c.clone())
-                        .await
-                        .map(|mut values| {
-                            let ok = replicated_enough(values.get(pipe.len()), w);
-                            values.truncate(pipe.len());
-                            Replies {
-                                unreplicated: if ok {
-                                    Vec::new()
-                                } else {
-                                    (0..values.len()).collect()
-                                },
-                                values,
-                            }
-                        })
-                }
-            },
-            Conn::Cluster(c) => query_sharded(c, pipe, wait).await,
-        };
+        let r = self.run_pipe(pipe, wait).await;
         self.redis_commands
             .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         self.roundtrip.observe(t0.elapsed());
+        let r = match r {
+            Ok(r) if r.values.iter().any(is_noscript) => self.retry_scripts(pipe, r, wait).await,
+            other => other,
+        };
         match r {
             Ok(r) => {
                 if !r.unreplicated.is_empty() {
@@ -248,6 +280,53 @@ impl RedisStore {
                 self.failed("command", &e);
                 Err(e.into())
             }
+        }
+    }
+
+    /// Send the scripts Redis did not know again, as `EVAL` (which also
+    /// caches them), and put their replies in place.
+    async fn retry_scripts(
+        &self,
+        pipe: &redis::Pipeline,
+        mut r: Replies,
+        wait: Option<Replicated>,
+    ) -> redis::RedisResult<Replies> {
+        let mut again = redis::pipe();
+        again.ignore_errors();
+        let mut at = Vec::new();
+        for (i, c) in pipe.cmd_iter().enumerate() {
+            if r.values.get(i).is_some_and(is_noscript) {
+                if let Some(e) = as_eval(c) {
+                    again.add_command(e);
+                    at.push(i);
+                }
+            }
+        }
+        let second = self.run_pipe(&again, wait).await?;
+        for (v, &i) in second.values.into_iter().zip(&at) {
+            if let Some(slot) = r.values.get_mut(i) {
+                *slot = v;
+            }
+        }
+        r.unreplicated.extend(
+            second
+                .unreplicated
+                .iter()
+                .filter_map(|&k| at.get(k).copied()),
+        );
+        r.retried = at;
+        Ok(r)
+    }
+
+    /// One pipeline, on one Redis or split by slot on a Redis Cluster.
+    async fn run_pipe(
+        &self,
+        pipe: &redis::Pipeline,
+        wait: Option<Replicated>,
+    ) -> redis::RedisResult<Replies> {
+        match &self.cmd {
+            Conn::Single(c) => query_single(c, pipe, wait).await,
+            Conn::Cluster(c) => query_sharded(c, pipe, wait).await,
         }
     }
 

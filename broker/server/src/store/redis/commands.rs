@@ -5,7 +5,7 @@ use super::*;
 /// Create a shared group's stream and group (made if missing, an existing
 /// one kept).
 pub(super) fn group_create(full: &str) -> Cmd {
-    eval(LUA_GROUP_CREATE, &[&keys::share(full)])
+    eval(&LUA_GROUP_CREATE, &[&keys::share(full)])
         .arg(keys::GROUP)
         .clone()
 }
@@ -22,16 +22,16 @@ pub(super) fn trim_before(key: &str, id: &str) -> Cmd {
 
 /// A session script: KEYS[1] the session hash, KEYS[2] its stream (one
 /// slot: they share the client id's hash tag).
-pub(super) fn session_eval(script: &str, client_id: &str) -> Cmd {
+pub(super) fn session_eval(script: &Lua, client_id: &str) -> Cmd {
     eval(
         script,
         &[&keys::session(client_id), &keys::queue(client_id)],
     )
 }
 
-pub(super) fn eval(script: &str, keys: &[&str]) -> Cmd {
-    let mut c = redis::cmd("EVAL");
-    c.arg(script).arg(keys.len());
+pub(super) fn eval(script: &Lua, keys: &[&str]) -> Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(script.hash()).arg(keys.len());
     for k in keys {
         c.arg(*k);
     }
@@ -43,7 +43,7 @@ pub(super) fn xack(key: &str, id: &str) -> Cmd {
 }
 
 pub(super) fn del_consumer(full: &str, consumer: &str) -> Cmd {
-    eval(LUA_DELCONSUMER, &[&keys::share(full)])
+    eval(&LUA_DELCONSUMER, &[&keys::share(full)])
         .arg(keys::GROUP)
         .arg(consumer)
         .clone()

@@ -8,7 +8,7 @@ impl RedisStore {
     /// `Ok(Some(gap))`: milliseconds since its previous heartbeat.
     pub(super) async fn heartbeat(&self) -> Result<Option<u64>, StoreError> {
         let r = self
-            .query_cmds(vec![eval(LUA_HEARTBEAT, &[keys::NODES, keys::STEADY])
+            .query_cmds(vec![eval(&LUA_HEARTBEAT, &[keys::NODES, keys::STEADY])
                 .arg(&*self.node)
                 .arg(self.node_timeout.as_millis() as u64)
                 .clone()])
@@ -148,7 +148,7 @@ impl RedisStore {
         for (session, epoch, expiry) in self.local.local_sessions() {
             let cid = &session.client_id;
             let r = self
-                .query_cmds(vec![session_eval(LUA_RECLAIM, cid)
+                .query_cmds(vec![session_eval(&LUA_RECLAIM, cid)
                     .arg(&*self.node)
                     .arg(epoch)
                     .arg(expiry)
@@ -185,7 +185,7 @@ impl RedisStore {
     pub(super) async fn sweep_dead_nodes(&self) {
         let timeout_ms = self.node_timeout.as_millis() as u64;
         let Ok(r) = self
-            .query_cmds(vec![eval(LUA_DEAD, &[keys::NODES, keys::STEADY])
+            .query_cmds(vec![eval(&LUA_DEAD, &[keys::NODES, keys::STEADY])
                 .arg(timeout_ms)
                 .arg(100)
                 .arg(&*self.node)
@@ -251,14 +251,14 @@ impl RedisStore {
                 .map(|cid| {
                     // Persistent or not is the session's own business: the
                     // script reads its expiry.
-                    eval(LUA_RELEASE_DEAD, &[&keys::session(cid), &keys::queue(cid)])
+                    eval(&LUA_RELEASE_DEAD, &[&keys::session(cid), &keys::queue(cid)])
                         .arg(node)
                         .clone()
                 })
                 .collect();
             let replies = self.query_cmds(cmds).await?;
             check_all(&replies)?;
-            let mut after = vec![eval(LUA_RENEW, &[&keys::lock(node)])
+            let mut after = vec![eval(&LUA_RENEW, &[&keys::lock(node)])
                 .arg(&*self.node)
                 .arg(LOCK_MS)
                 .clone()];
@@ -298,7 +298,7 @@ impl RedisStore {
         }
         let mut cmds = Vec::with_capacity(cids.len() * 2);
         for cid in &cids {
-            cmds.push(eval(LUA_FIRE_WILL, &[&keys::session(cid)]));
+            cmds.push(eval(&LUA_FIRE_WILL, &[&keys::session(cid)]));
             cmds.push(redis::cmd("ZREM").arg(keys::WILLS).arg(cid).clone());
         }
         let Ok(replies) = self.query_cmds(cmds).await else {
@@ -313,7 +313,7 @@ impl RedisStore {
     /// Redis's clock (none when Redis does not answer).
     async fn due(&self, set: &str) -> Vec<String> {
         match self
-            .query_cmds(vec![eval(LUA_DUE, &[set]).arg(SWEEP_BATCH).clone()])
+            .query_cmds(vec![eval(&LUA_DUE, &[set]).arg(SWEEP_BATCH).clone()])
             .await
         {
             Ok(r) => str_list(r.first())
@@ -347,7 +347,7 @@ impl RedisStore {
             }
             let mut cmds = Vec::with_capacity(cids.len() * 2);
             for cid in &cids {
-                cmds.push(session_eval(LUA_EXPIRE, cid));
+                cmds.push(session_eval(&LUA_EXPIRE, cid));
                 cmds.push(redis::cmd("ZREM").arg(keys::EXPIRY).arg(cid).clone());
             }
             let Ok(replies) = self.query_cmds(cmds).await else {

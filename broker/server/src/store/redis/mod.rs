@@ -415,13 +415,34 @@ mod tests {
         );
         assert_eq!(slot(keys::EVENTS.as_bytes()), slot(keys::PSUBS.as_bytes()));
         assert_eq!(
-            cmd_key(&eval("x", &["k1", "k2"])).as_deref(),
+            cmd_key(&eval(&LUA_RENEW, &["k1", "k2"])).as_deref(),
             Some(&b"k1"[..])
         );
         assert_eq!(
             cmd_key(redis::cmd("XGROUP").arg("CREATE").arg("s")).as_deref(),
             Some(&b"s"[..])
         );
+    }
+
+    #[test]
+    fn a_script_redis_lost_is_sent_again_whole() {
+        let sha = session_eval(&LUA_ENQUEUE, "c").arg(5).clone();
+        let args = |c: &Cmd| -> Vec<Vec<u8>> {
+            c.args_iter()
+                .filter_map(|a| match a {
+                    redis::Arg::Simple(b) => Some(b.to_vec()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let a = args(&sha);
+        assert_eq!(a[0], b"EVALSHA");
+        assert_eq!(a[1], LUA_ENQUEUE.hash().as_bytes());
+        let e = args(&as_eval(&sha).expect("an EVAL"));
+        assert_eq!(e[0], b"EVAL");
+        assert_eq!(e[1], LUA_ENQUEUE.body.as_bytes());
+        assert_eq!(e[2..], a[2..]);
+        assert!(as_eval(&redis::cmd("GET").arg("k").clone()).is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ impl RedisStore {
         pid: cirrus_codec::PacketId,
         epoch: u64,
     ) -> Pending {
-        let cmd = session_eval(LUA_DELIVERED, client_id)
+        let cmd = session_eval(&LUA_DELIVERED, client_id)
             .arg(entry)
             .arg(pid.get())
             .arg(&*self.node)
@@ -52,7 +52,7 @@ impl RedisStore {
         let will = will.map(|w| wire::encode_will(w, client_id));
         let skey = keys::session(client_id);
         let reply = self
-            .query_cmds(vec![session_eval(LUA_CLAIM, client_id)
+            .query_cmds(vec![session_eval(&LUA_CLAIM, client_id)
                 .arg(&*self.node)
                 .arg(epoch)
                 .arg(u8::from(clean_start))
@@ -147,7 +147,7 @@ impl RedisStore {
         let persistent = expiry > 0;
         let rel: Vec<String> = rel.iter().map(u16::to_string).collect();
         let reply = self
-            .query_cmds(vec![session_eval(LUA_RELEASE, client_id)
+            .query_cmds(vec![session_eval(&LUA_RELEASE, client_id)
                 .arg(&*self.node)
                 .arg(epoch)
                 .arg(u8::from(persistent))

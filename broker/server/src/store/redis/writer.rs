@@ -294,11 +294,6 @@ impl RedisStore {
                             if (*qos).min(msg.qos) == QoS::AtMostOnce {
                                 continue;
                             }
-                            let c = session_eval(LUA_ENQUEUE, cid)
-                                .arg(self.max_queued)
-                                .arg(&bytes[..])
-                                .clone();
-                            let i = b.add(c, slot);
                             // On one Redis the pipeline runs in order: a wake
                             // placed after the append cannot overtake it, so
                             // the owner last seen is woken in the same round
@@ -308,6 +303,12 @@ impl RedisStore {
                             } else {
                                 None
                             };
+                            let c = session_eval(&LUA_ENQUEUE, cid)
+                                .arg(self.max_queued)
+                                .arg(&bytes[..])
+                                .arg(guess.as_deref().unwrap_or_default())
+                                .clone();
+                            let i = b.add(c, slot);
                             if let Some(o) = &guess {
                                 let (buf, _) = inbox.entry(o.clone()).or_default();
                                 wire::put_record(buf, wire::REC_WAKE, cid.as_bytes());
@@ -389,6 +390,7 @@ impl RedisStore {
             Ok(Replies {
                 values: results,
                 unreplicated,
+                retried,
             }) => {
                 let mut fail = |op: Option<usize>, f: StoreFail| {
                     if let Some(slot) = op.and_then(|o| dones.get_mut(o)) {
@@ -430,12 +432,28 @@ impl RedisStore {
                         fail(*op, StoreFail::Unavailable);
                     }
                 }
-                for (i, cid, guess) in enqueues {
-                    let Some(r) = results.get(i).and_then(as_array) else {
-                        continue;
+                for (i, cid, mut guess) in enqueues {
+                    if retried.contains(&i) {
+                        // Sent again after the wake that went with it: the
+                        // owner is woken once more, after the append.
+                        guess = None;
+                    }
+                    // 1 alone: appended, and the pod woken with it serves
+                    // the session.
+                    let (code, owner) = match results.get(i) {
+                        Some(Value::Int(1)) => (Some(1), guess.as_deref().unwrap_or_default()),
+                        Some(Value::Int(_)) => (None, ""),
+                        Some(v) => match as_array(v) {
+                            Some(r) => (
+                                r.first().and_then(as_int),
+                                r.get(1).and_then(as_str).unwrap_or_default(),
+                            ),
+                            // An error reply, counted above.
+                            None => continue,
+                        },
+                        None => continue,
                     };
-                    let owner = r.get(1).and_then(as_str).unwrap_or_default();
-                    match r.first().and_then(as_int) {
+                    match code {
                         Some(1) => {}
                         Some(0) => {
                             if let Some(s) = stats {
@@ -454,7 +472,7 @@ impl RedisStore {
                     // parts of a pipeline run in parallel), unless the guess
                     // woken in the same pipeline was right. No pod polls an
                     // idle session.
-                    if !owner.is_empty() && r.first().and_then(as_int) == Some(1) {
+                    if !owner.is_empty() && code == Some(1) {
                         if guess.as_deref() != Some(owner) {
                             let node: Arc<str> = Arc::from(owner);
                             if in_order {
