@@ -56,6 +56,10 @@ pub struct Redis {
     /// confirm in time is answered with an error code (the client sends it
     /// again), never with success.
     pub wait_timeout_ms: u64,
+    /// Cap of a pod's inbox stream (entries, each a batch of messages from
+    /// another pod): a pod that falls this far behind loses the oldest,
+    /// counted in `cirrus_redis_inbox_cut_entries_total`.
+    pub inbox_max_entries: u64,
 }
 
 /// When a write to Redis counts as stored.
@@ -81,6 +85,7 @@ impl Default for Redis {
             durability: Durability::Async,
             replicas: 1,
             wait_timeout_ms: 1000,
+            inbox_max_entries: 100_000,
         }
     }
 }
@@ -96,6 +101,7 @@ impl std::fmt::Debug for Redis {
             .field("durability", &self.durability)
             .field("replicas", &self.replicas)
             .field("wait_timeout_ms", &self.wait_timeout_ms)
+            .field("inbox_max_entries", &self.inbox_max_entries)
             .finish()
     }
 }
@@ -308,6 +314,9 @@ impl Config {
         }
         if self.redis.node_timeout_ms < 1000 {
             return bad("redis.node_timeout_ms must be at least 1000");
+        }
+        if self.redis.inbox_max_entries < 100 {
+            return bad("redis.inbox_max_entries must be at least 100");
         }
         if self.redis.durability == Durability::Replicated
             && (self.redis.replicas == 0 || self.redis.wait_timeout_ms == 0)

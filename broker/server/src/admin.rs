@@ -265,6 +265,12 @@ pub async fn render(broker: &Broker) -> String {
             "Entries in this pod's inbox stream not yet read and trimmed.",
             c.stream_lag.load(Ordering::Relaxed),
         );
+        o.one(
+            "cirrus_redis_inbox_cut_entries_total",
+            "counter",
+            "Inbox entries (batches of messages from other pods) that the inbox cap removed before this pod read them.",
+            c.inbox_cut.load(Ordering::Relaxed),
+        );
     }
     o.finish()
 }

@@ -126,6 +126,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
                         replicas: redis.replicas,
                         timeout: Duration::from_millis(redis.wait_timeout_ms),
                     }),
+                inbox_max: redis.inbox_max_entries,
             };
             let c = store::redis::RedisStore::start(cfg, local.clone(), store_stop.clone()).await?;
             info!(node = %c.node, "state in Redis");

@@ -349,3 +349,65 @@ async fn an_offline_sessions_stream_is_capped_redis_cluster() {
     let ports: Vec<u16> = r.nodes.iter().map(|n| n.port).collect();
     an_offline_sessions_stream_is_capped(&ports, &r.url()).await;
 }
+
+/// A pod that stops reading (SIGSTOP, shorter than the node timeout) while
+/// another sends it 2,000 inbox entries: its inbox stays at the cap
+/// (`redis.inbox_max_entries` 200), and once it reads again it counts what
+/// the cap took (`cirrus_redis_inbox_cut_entries_total`) and delivers the
+/// rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_pods_inbox_is_capped_and_the_cut_counted() {
+    const SENT: usize = 2000;
+    let r = cirrus_e2e::RedisServer::start();
+    let url = r.url();
+    // The cap is applied by the writing pod: every pod has the same.
+    let pod = || {
+        BrokerProcess::start_with_config(
+            "redis: {inbox_max_entries: 200}",
+            &["--redis", &url, "--node-timeout-ms", "20000"],
+        )
+    };
+    let a = pod();
+    let b = pod();
+    let mut sub = Client::connect_ok(b.addr, Opts::v5("cut-sub")).await;
+    sub.subscribe("cut/#", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.signal("STOP");
+    // One at a time: each publish is a pipeline of its own, so one inbox
+    // entry each.
+    let mut publisher = Client::connect_ok(a.addr, Opts::v5("cut-pub")).await;
+    for i in 0..SENT {
+        let code = publisher
+            .publish("cut/x", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(code, 0);
+    }
+    let len: usize =
+        cirrus_e2e::redis::command(r.port, &format!("XLEN cirrus:inbox:{{{}}}", node_id(&b)))
+            .and_then(|v| v.trim().trim_start_matches(':').parse().ok())
+            .expect("XLEN of the inbox");
+    eprintln!("inbox length while stopped: {len}");
+    assert!(len < 400, "the inbox grew to {len} entries");
+    b.signal("CONT");
+    let mut received = 0usize;
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        match sub.next(Duration::from_millis(500)).await {
+            cirrus_e2e::Next::Packet(cirrus_codec::Packet::Publish(_)) => received += 1,
+            cirrus_e2e::Next::Packet(_) => {}
+            _ => {
+                if received > 0 {
+                    break;
+                }
+            }
+        }
+    }
+    let cut = b.metric("cirrus_redis_inbox_cut_entries_total") as usize;
+    eprintln!("{received} received, {cut} counted as cut by the cap, of {SENT}");
+    assert!(received > 0, "the entries under the cap were delivered");
+    // Each publish waited for its PUBACK, so each entry holds one message:
+    // what was delivered and what was counted as cut add up to what was
+    // sent (give or take an entry read between the two observations).
+    assert!(received + cut >= SENT - 10, "{cut} counted as cut");
+    assert!(received + cut <= SENT, "counted more than was cut");
+}

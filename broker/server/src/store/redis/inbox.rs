@@ -8,6 +8,7 @@ impl RedisStore {
         let inbox = keys::inbox(&self.node);
         // Kept across reconnects, so a Redis blip redelivers nothing.
         let mut in_id = "0-0".to_string();
+        let mut checked = Instant::now();
         loop {
             if self.shutdown.is_cancelled() {
                 return;
@@ -30,7 +31,12 @@ impl RedisStore {
                     }
                 };
                 let mut trim = None;
+                let mut behind = false;
                 for (_, list) in streams(&reply) {
+                    self.inbox_read
+                        .fetch_add(list.len() as u64, Ordering::Relaxed);
+                    behind |= list.len() >= READ_COUNT;
+                    behind |= !list.is_empty() && checked.elapsed() >= INBOX_CHECK_EVERY;
                     for e in &list {
                         // A busy subscriber slows this reader (bounded), as
                         // it slows local publishers; a stalled one does not
@@ -45,6 +51,12 @@ impl RedisStore {
                 if let Some(id) = trim {
                     // Everything before what was just read is delivered.
                     self.run_later(vec![trim_before(&inbox, &id)]);
+                }
+                if behind {
+                    // A full read, or the first in a while (after a stall):
+                    // this pod may have fallen behind the cap.
+                    checked = Instant::now();
+                    self.check_inbox().await;
                 }
             }
         }

@@ -78,16 +78,46 @@ impl RedisStore {
                 }
             }
             if n.is_multiple_of(4) {
-                if let Ok(r) = self
-                    .query_cmds(vec![redis::cmd("XLEN")
-                        .arg(keys::inbox(&self.node))
-                        .clone()])
-                    .await
-                {
-                    let lag = r.first().and_then(as_int).unwrap_or(0).max(0) as u64;
-                    self.stream_lag.store(lag, Ordering::Relaxed);
-                }
+                self.check_inbox().await;
             }
+        }
+    }
+
+    /// The inbox's length, and what its cap (`MAXLEN`) removed before this
+    /// pod read it: every entry ever added was read here, is still there,
+    /// or was cut by the cap (the pod trims only what it read).
+    pub(super) async fn check_inbox(&self) {
+        let Ok(r) = self
+            .query_cmds(vec![redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(keys::inbox(&self.node))
+                .clone()])
+            .await
+        else {
+            return;
+        };
+        let info = r.first().map(pairs).unwrap_or_default();
+        let field = |name: &str| {
+            info.iter()
+                .find(|(k, _)| as_str(k) == Some(name))
+                .and_then(|(_, v)| as_int(v))
+                .map(|n| n.max(0) as u64)
+        };
+        let (Some(len), Some(added)) = (field("length"), field("entries-added")) else {
+            return;
+        };
+        self.stream_lag.store(len, Ordering::Relaxed);
+        let read = self.inbox_read.load(Ordering::Relaxed);
+        // At least this many were cut unread (entries read but not yet
+        // trimmed count in `len`, so this never over-counts).
+        let cut = added.saturating_sub(read).saturating_sub(len);
+        let known = self.inbox_cut.load(Ordering::Relaxed);
+        if cut > known {
+            self.inbox_cut.store(cut, Ordering::Relaxed);
+            warn!(
+                entries = cut - known,
+                "the inbox cap removed entries this pod had not read: their messages are lost for the subscribers here"
+            );
         }
     }
 

@@ -87,9 +87,14 @@ const BATCH_MAX: usize = 2048;
 
 /// Inbox entries (each a batch of records) kept for a pod that does not
 /// read them: a pod stalled that long loses the oldest transient messages
-/// (QoS 0, and QoS 1/2 for sessions that end with their connection);
-/// persistent sessions and shared groups have streams of their own.
-const INBOX_MAXLEN: usize = 100_000;
+/// (QoS 0, and QoS 1/2 for sessions that end with their connection),
+/// counted (`inbox_cut`); persistent sessions and shared groups have
+/// streams of their own. The default of `redis.inbox_max_entries`.
+pub const INBOX_MAXLEN: u64 = 100_000;
+
+/// At most this often the inbox reader compares what it read with what was
+/// added (one `XINFO STREAM`), unless a read came back full.
+const INBOX_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Entries kept in a shared group's stream: the group's backlog when all
 /// its members are away. Past it the oldest are dropped.
@@ -131,6 +136,8 @@ pub struct RedisConfig {
     pub node_id: String,
     /// Writes someone waits for count only once replicas hold them.
     pub replicated: Option<Replicated>,
+    /// Cap of this pod's inbox stream (see [`INBOX_MAXLEN`]).
+    pub inbox_max: u64,
 }
 
 /// `redis.durability: replicated`: after each pipeline that carries a
@@ -220,6 +227,7 @@ pub struct RedisStore {
     node_timeout: Duration,
     replicated: Option<Replicated>,
     max_queued: usize,
+    inbox_max: u64,
     pub redis_errors: AtomicU64,
     /// Commands whose writes the replicas did not confirm in time.
     pub unreplicated: AtomicU64,
@@ -228,6 +236,11 @@ pub struct RedisStore {
     pub roundtrip: crate::stats::Histogram,
     /// Entries not yet read from this pod's streams (last observed).
     pub stream_lag: AtomicU64,
+    /// Inbox entries this pod read.
+    pub(super) inbox_read: AtomicU64,
+    /// Inbox entries the cap removed before this pod read them (each
+    /// carried one or more messages).
+    pub inbox_cut: AtomicU64,
     /// Second (unix) the last refused write was logged.
     write_error_logged: AtomicU64,
     /// Shared-group entries delivered to a member here and not yet
@@ -311,11 +324,14 @@ impl RedisStore {
             node_timeout: cfg.node_timeout,
             replicated: cfg.replicated,
             max_queued: local.config.limits.max_queued_messages,
+            inbox_max: cfg.inbox_max,
             redis_errors: AtomicU64::new(0),
             unreplicated: AtomicU64::new(0),
             redis_commands: AtomicU64::new(0),
             roundtrip: Default::default(),
             stream_lag: AtomicU64::new(0),
+            inbox_read: AtomicU64::new(0),
+            inbox_cut: AtomicU64::new(0),
             write_error_logged: AtomicU64::new(0),
             share_held: Mutex::new(HashSet::new()),
             shutdown: shutdown.clone(),

@@ -371,7 +371,7 @@ impl RedisStore {
                 .arg(keys::inbox(&node))
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(INBOX_MAXLEN)
+                .arg(self.inbox_max)
                 .arg("*")
                 .arg("b")
                 .arg(&buf[..])
