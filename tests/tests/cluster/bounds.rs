@@ -411,3 +411,87 @@ async fn a_stopped_pods_inbox_is_capped_and_the_cut_counted() {
     assert!(received + cut >= SENT - 10, "{cut} counted as cut");
     assert!(received + cut <= SENT, "counted more than was cut");
 }
+
+/// A shared group's stream is trimmed to what the group has not yet
+/// finished with: never past an entry a member's client holds
+/// unacknowledged, and down to (about) nothing once all are acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_groups_stream_is_trimmed_to_what_is_unacknowledged() {
+    const SENT: usize = 500;
+    const KEY: &str = "cirrus:{g}:share:$share/g/trim/#";
+    let r = cirrus_e2e::RedisServer::start();
+    let a = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let b = BrokerProcess::start_on_redis(&r.url(), &[]);
+    let mut member = Client::connect_ok(b.addr, Opts::v5("trim-member")).await;
+    member.subscribe("$share/g/trim/#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publisher = Client::connect_ok(a.addr, Opts::v5("trim-pub")).await;
+    for i in 0..SENT {
+        let code = publisher
+            .publish("trim/x", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(code, 0);
+    }
+    let xlen = || -> usize {
+        cirrus_e2e::redis::command(r.port, &format!("XLEN {KEY}"))
+            .and_then(|v| v.trim().trim_start_matches(':').parse().ok())
+            .expect("XLEN of the share stream")
+    };
+    // Half acknowledged, the rest held: whatever reaches the client of the
+    // second half stays unacknowledged.
+    let mut acked = 0usize;
+    let mut held = Vec::new();
+    loop {
+        match member.next(Duration::from_secs(2)).await {
+            cirrus_e2e::Next::Packet(cirrus_codec::Packet::Publish(p)) => {
+                if acked < SENT / 2 {
+                    member.ack(&p).await;
+                    acked += 1;
+                } else {
+                    held.push(p);
+                }
+            }
+            cirrus_e2e::Next::Packet(_) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(acked, SENT / 2, "the member got the first half");
+    assert!(!held.is_empty(), "the member holds some of the second half");
+    // The pod trims every 2 s while it reads the group.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let while_held = xlen();
+    eprintln!(
+        "{} held unacknowledged; stream length {while_held}",
+        held.len()
+    );
+    assert!(
+        while_held >= SENT - acked,
+        "trimmed past unacknowledged entries: {while_held} left"
+    );
+    assert!(
+        while_held <= SENT - acked + 1,
+        "not trimmed: {while_held} left"
+    );
+    for p in &held {
+        member.ack(p).await;
+        acked += 1;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while acked < SENT && Instant::now() < end {
+        if let cirrus_e2e::Next::Packet(cirrus_codec::Packet::Publish(p)) =
+            member.next(Duration::from_millis(500)).await
+        {
+            member.ack(&p).await;
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, SENT, "every entry delivered");
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut left = xlen();
+    while left > 1 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        left = xlen();
+    }
+    eprintln!("all acknowledged; stream length {left}");
+    assert!(left <= 1, "{left} entries left after all were acknowledged");
+}

@@ -73,18 +73,28 @@ pub(super) fn pairs(v: &Value) -> Vec<(&Value, &Value)> {
     }
 }
 
-/// One stream entry: id and fields.
+/// One stream entry: id and fields, borrowed from the reply (an inbox entry
+/// carries a batch of up to 2,048 messages: it is read in place, not
+/// copied into a map).
 pub(super) struct Entry<'a> {
     pub(super) id: &'a str,
-    pub(super) fields: Vec<(&'a Value, &'a Value)>,
+    pub(super) fields: Vec<(&'a [u8], &'a Value)>,
 }
 
 impl<'a> Entry<'a> {
     pub(super) fn field(&self, name: &str) -> Option<&'a Value> {
         self.fields
             .iter()
-            .find(|(k, _)| as_bytes(k) == Some(name.as_bytes()))
+            .find(|(k, _)| *k == name.as_bytes())
             .map(|(_, v)| *v)
+    }
+
+    /// An entry of one of the `redis` crate's typed stream replies.
+    pub(super) fn of(e: &'a redis::streams::StreamId) -> Entry<'a> {
+        Entry {
+            id: &e.id,
+            fields: e.map.iter().map(|(k, v)| (k.as_bytes(), v)).collect(),
+        }
     }
 }
 
@@ -96,10 +106,26 @@ pub(super) fn entries(v: &Value) -> Vec<Entry<'_>> {
             let a = as_array(e)?;
             Some(Entry {
                 id: as_str(a.first()?)?,
-                fields: pairs(a.get(1)?),
+                fields: pairs(a.get(1)?)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((as_bytes(k)?, v)))
+                    .collect(),
             })
         })
         .collect()
+}
+
+/// A reply as one of the `redis` crate's typed replies (`XINFO`,
+/// `XPENDING`, `XAUTOCLAIM`); `None` (logged) when its shape is not the
+/// expected one.
+pub(super) fn typed<T: redis::FromRedisValue>(what: &str, v: &Value) -> Option<T> {
+    match redis::from_redis_value_ref(v) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            debug!(reply = what, error = %e, "unexpected reply");
+            None
+        }
+    }
 }
 
 /// XREAD/XREADGROUP reply → (stream key, entries).

@@ -1,5 +1,9 @@
 //! Shared subscriptions: one stream and consumer group per `$share/{group}/{filter}`.
 
+use redis::streams::{
+    StreamAutoClaimReply, StreamInfoConsumersReply, StreamInfoGroupsReply, StreamPendingReply,
+};
+
 use super::*;
 
 impl RedisStore {
@@ -145,10 +149,10 @@ impl RedisStore {
         let mut trims = Vec::new();
         for (full, r) in fulls.iter().zip(&replies) {
             let key = keys::share(full);
-            let Some(list) = as_array(r).and_then(|a| a.get(1)) else {
+            let Some(claimed) = typed::<StreamAutoClaimReply>("XAUTOCLAIM", r) else {
                 continue;
             };
-            for e in entries(list) {
+            for e in claimed.claimed.iter().map(Entry::of) {
                 let held = self
                     .share_held
                     .lock()
@@ -184,49 +188,42 @@ impl RedisStore {
             let [groups, pending, consumers] = &r[..] else {
                 continue;
             };
+            let (Some(groups), Some(pending), Some(consumers)) = (
+                typed::<StreamInfoGroupsReply>("XINFO GROUPS", groups),
+                typed::<StreamPendingReply>("XPENDING", pending),
+                typed::<StreamInfoConsumersReply>("XINFO CONSUMERS", consumers),
+            ) else {
+                continue;
+            };
             // Consumers of pods long gone (or idle) that hold nothing are
             // removed, so the group does not grow with every pod ever
             // started; a live pod's consumer comes back with its next read.
-            let mut gone = Vec::new();
-            for c in as_array(consumers).unwrap_or_default() {
-                let p = pairs(c);
-                let get = |name: &str| {
-                    p.iter()
-                        .find(|(k, _)| as_str(k) == Some(name))
-                        .map(|(_, v)| *v)
-                };
-                let name = get("name").and_then(as_str).unwrap_or_default();
-                let pending = get("pending").and_then(as_int).unwrap_or(1);
-                let idle = get("idle").and_then(as_int).unwrap_or(0);
-                if pending == 0 && idle > CONSUMER_IDLE_MS && name != &*self.node {
-                    if let Some(full) = key.strip_prefix(keys::share("").as_str()) {
-                        gone.push(del_consumer(full, name));
-                    }
-                }
-            }
+            let gone = consumers
+                .consumers
+                .iter()
+                .filter(|c| c.pending == 0 && c.idle as i64 > CONSUMER_IDLE_MS)
+                .filter(|c| c.name != *self.node)
+                .filter_map(|c| {
+                    let full = key.strip_prefix(keys::share("").as_str())?;
+                    Some(del_consumer(full, &c.name))
+                })
+                .collect();
             self.run_later(gone);
-            let mut min_id: Option<String> = None;
-            for g in as_array(groups).unwrap_or_default() {
-                let p = pairs(g);
-                let get = |name: &str| {
-                    p.iter()
-                        .find(|(k, _)| as_str(k) == Some(name))
-                        .and_then(|(_, v)| as_str(v))
-                };
-                if let Some(id) = get("last-delivered-id") {
-                    if min_id.as_deref().is_none_or(|m| stream_id_le(id, m)) {
-                        min_id = Some(id.to_string());
-                    }
-                }
-            }
-            // XPENDING summary: [count, smallest id, greatest id, consumers]
-            if let Some(first) = as_array(pending).and_then(|a| a.get(1)).and_then(as_str) {
-                if min_id.as_deref().is_none_or(|m| stream_id_le(first, m)) {
-                    min_id = Some(first.to_string());
+            // Not past what the group has yet to read, nor past the first
+            // entry read and not acknowledged.
+            let mut min_id: Option<&str> = None;
+            let unread = groups.groups.iter().map(|g| g.last_delivered_id.as_str());
+            let first_pending = match &pending {
+                StreamPendingReply::Data(d) => Some(d.start_id.as_str()),
+                _ => None,
+            };
+            for id in unread.chain(first_pending) {
+                if min_id.is_none_or(|m| stream_id_le(id, m)) {
+                    min_id = Some(id);
                 }
             }
             if let Some(id) = min_id {
-                self.run_later(vec![trim_before(&key, &id)]);
+                self.run_later(vec![trim_before(&key, id)]);
             }
         }
     }
