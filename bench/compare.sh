@@ -15,6 +15,7 @@
 # target/bench/results.jsonl. TARGETS="a b ..." runs only those targets.
 #
 #   bash bench/compare.sh            # everything (about 10 minutes)
+#   COST_ONLY=1 TARGETS="redis-1 redis-2 redis-4" bash bench/compare.sh
 #   ROUNDS=1 QUICK=1 bash bench/compare.sh
 #   BASELINE_BROKER=/tmp/before/target/release/cirrus-broker \
 #     TARGETS="mosquitto before memory" bash bench/compare.sh
@@ -112,8 +113,10 @@ SCEN=(
   "latency-10k|--scenario pairs --qos 1 --rate 1000 --messages 5000"
   "v5-pairs-q1|--scenario pairs --qos 1 --protocol 5 --messages $((M / 5))"
 )
-# IDLE_ONLY=1: only the idle connections.
+# IDLE_ONLY=1: only the idle connections; COST_ONLY=1: only the Redis
+# commands per publish with 1, 2 and 4 pods (idle-pods-q1).
 [ "${IDLE_ONLY:-0}" = 1 ] && SCEN=()
+[ "${COST_ONLY:-0}" = 1 ] && SCEN=()
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   for s in "${SCEN[@]}"; do
@@ -124,11 +127,11 @@ for round in $(seq "$ROUNDS"); do
     done
   done
   # Persistent sessions on the Redis store (QoS 1 through session streams).
-  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted mosquitto before memory redis-2 before-redis-2); do
+  [ "${IDLE_ONLY:-0}" = 1 ] || [ "${COST_ONLY:-0}" = 1 ] || for t in $(wanted mosquitto before memory redis-2 before-redis-2); do
     run "$t" persistent-q1 --scenario pairs --qos 1 --protocol 5 --persistent --messages $((M / 5))
   done
   # Idle pods must not make a publish dearer (invariant 3).
-  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted redis-2 redis-4 before-redis-2); do
+  [ "${IDLE_ONLY:-0}" = 1 ] || for t in $(wanted redis-1 redis-2 redis-4 before-redis-2); do
     run "$t" idle-pods-q1 --scenario pairs --qos 1 --rate 1000 --messages 5000
   done
   # Idle connections: connect rate and broker memory per connection, with
@@ -136,6 +139,7 @@ for round in $(seq "$ROUNDS"); do
   # listen backlog, dropped handshakes wait a second for the retry).
   C=${CONNS:-9000}; [ "$QUICK" = 1 ] && C=5000
   for conc in 64 256; do
+    [ "${COST_ONLY:-0}" = 1 ] && break
     for t in $(wanted mosquitto before memory redis-1); do
       start "$t"
       label="$t|idle-$C-c$conc"
