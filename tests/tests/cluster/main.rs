@@ -419,6 +419,27 @@ async fn redis_over_tls_with_a_private_ca() {
     assert!(err.contains("cannot connect to Redis"), "{err}");
 }
 
+/// A pod that starts before its Redis (a managed Redis starts beside the
+/// brokers) waits for it instead of exiting, and then serves.
+#[tokio::test]
+async fn a_pod_started_before_its_redis_waits_for_it() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let url = redis.url();
+    let starting = std::thread::spawn(move || BrokerProcess::start_on_redis(&url, &[]));
+    std::thread::sleep(Duration::from_secs(2));
+    redis.restart();
+    let b = starting.join().expect("the pod started once Redis was up");
+    assert!(b.log().contains("not reachable yet"), "{}", b.log());
+    let mut sub = Client::connect_ok(b.addr, Opts::v5("late-sub")).await;
+    sub.subscribe("late/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_ok(b.addr, Opts::v5("late-pub")).await;
+    publisher
+        .publish("late/x", b"served", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(&sub.recv_ack().await.payload[..], b"served");
+}
+
 /// Shared-group entries that a pod read and never acknowledged (it died)
 /// are claimed by a live member's pod. The dead reader is played by
 /// redis-cli: it takes the entries while the member's pod is stopped.

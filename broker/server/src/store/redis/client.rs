@@ -65,8 +65,10 @@ pub(super) fn slot(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
 }
 
-/// Connect to one Redis or to a Redis Cluster.
-pub(super) async fn connect(cfg: &RedisConfig) -> anyhow::Result<(Client, Conn)> {
+/// Connect to one Redis or to a Redis Cluster. A Redis that does not
+/// answer yet (it starts beside the broker, as a managed Redis does) is
+/// tried again until `wait` has passed; a bad URL or CA file fails at once.
+pub(super) async fn connect(cfg: &RedisConfig, wait: Duration) -> anyhow::Result<(Client, Conn)> {
     let urls: Vec<&str> = cfg
         .url
         .split(',')
@@ -94,10 +96,10 @@ pub(super) async fn connect(cfg: &RedisConfig) -> anyhow::Result<(Client, Conn)>
             b = b.certs(c);
         }
         let client = b.build().map_err(bad)?;
-        let con = client
-            .get_async_connection()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to the Redis Cluster: {}", e))?;
+        let con = retry(wait, "the Redis Cluster", || async {
+            client.get_async_connection().await.map_err(Failed::from)
+        })
+        .await?;
         return Ok((Client::Cluster(client), Conn::Cluster(con)));
     }
     let url = urls.first().copied().unwrap_or_default();
@@ -111,11 +113,77 @@ pub(super) async fn connect(cfg: &RedisConfig) -> anyhow::Result<(Client, Conn)>
         .set_response_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
-    let con = client
-        .get_connection_manager_with_config(mgr_cfg)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {}", e))?;
+    let host = match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    };
+    let con = retry(wait, "Redis", || async {
+        // A Service's name may resolve only a moment after it was made.
+        if let Some((h, p)) = &host {
+            if let Err(e) = tokio::net::lookup_host((h.as_str(), *p)).await {
+                return Err(Failed {
+                    msg: format!("its host name does not resolve ({e})"),
+                    again: true,
+                });
+            }
+        }
+        client
+            .get_connection_manager_with_config(mgr_cfg.clone())
+            .await
+            .map_err(Failed::from)
+    })
+    .await?;
     Ok((Client::Single(client), Conn::Single(con)))
+}
+
+/// Why a connection attempt failed, and whether waiting may help.
+struct Failed {
+    msg: String,
+    again: bool,
+}
+
+impl From<redis::RedisError> for Failed {
+    fn from(e: redis::RedisError) -> Failed {
+        Failed {
+            msg: e.to_string(),
+            // Refused, silent, or a reply cut off or garbled while it
+            // starts: not up yet. Anything else (a certificate not trusted,
+            // a wrong password) will not change by waiting.
+            again: e.is_connection_refusal()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.kind() == redis::ErrorKind::Parse,
+        }
+    }
+}
+
+/// `attempt` until it succeeds, each try bounded to 5 s, pausing 200 ms
+/// doubling to 2 s between tries, while waiting may help and `wait` has
+/// not passed.
+async fn retry<T, F, Fut>(wait: Duration, what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failed>>,
+{
+    let end = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let f = match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(f)) => f,
+            Err(_) => Failed {
+                msg: "no answer within 5 s".into(),
+                again: true,
+            },
+        };
+        if !f.again || tokio::time::Instant::now() + pause >= end {
+            return Err(anyhow::anyhow!("cannot connect to {what}: {}", f.msg));
+        }
+        tracing::warn!(error = %f.msg, "{what} not reachable yet; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// `WAIT` after a pipeline: its reply says how many replicas hold what

@@ -296,18 +296,25 @@ pub fn delivery_for(
     })
 }
 
+/// How long a starting pod waits for Redis (a managed Redis starts beside
+/// the brokers): under the liveness probe's 30 s, so that the kubelet sees
+/// an exit with a reason rather than killing a silent process.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(20);
+
 impl RedisStore {
     /// Connect, register this pod and start its tasks. Fails when Redis
-    /// cannot be reached at start: a pod that never had a store is not
-    /// useful; one that loses it later stays up and reports not ready.
+    /// cannot be reached within [`STARTUP_WAIT`] (a pod that never had a
+    /// store is not useful; one that loses it later stays up and reports
+    /// not ready).
     pub async fn start(
         cfg: RedisConfig,
         local: Arc<Local>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<RedisStore>> {
-        let (client, cmd) = tokio::time::timeout(Duration::from_secs(10), connect(&cfg))
-            .await
-            .map_err(|_| anyhow::anyhow!("Redis did not answer within 10 s"))??;
+        let (client, cmd) = tokio::select! {
+            r = connect(&cfg, STARTUP_WAIT) => r?,
+            _ = shutdown.cancelled() => anyhow::bail!("stopped while connecting to Redis"),
+        };
         let (tx, rx) = mpsc::channel(OPS_QUEUE);
         let c = Arc::new(RedisStore {
             node: Arc::from(cfg.node_id.as_str()),
