@@ -57,6 +57,10 @@ pub struct MqttBrokerSpec {
     /// Allow clients without a user name.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// What clients without a user name may do (with `allowAnonymous`);
+    /// empty: nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anonymous_acl: Vec<crate::AclRule>,
     /// Pods that may be unavailable during voluntary disruptions.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]

@@ -47,9 +47,8 @@ pub fn username(u: &MqttUser) -> String {
 }
 
 /// An ACL rule whose filter is not a valid MQTT topic filter, if any.
-pub fn invalid_acl_filter(u: &MqttUser) -> Option<String> {
-    u.spec
-        .acl
+pub fn invalid_acl_filter(rules: &[cirrus_operator_api::AclRule]) -> Option<String> {
+    rules
         .iter()
         .find(|r| {
             // %u and %c expand to single levels; check the filter with them filled in.
@@ -59,9 +58,9 @@ pub fn invalid_acl_filter(u: &MqttUser) -> Option<String> {
         .map(|r| r.topic.clone())
 }
 
-pub fn acl(u: &MqttUser) -> Vec<AclRule> {
-    u.spec
-        .acl
+/// The broker's ACL rules from the custom resource's.
+pub fn acl(rules: &[cirrus_operator_api::AclRule]) -> Vec<AclRule> {
+    rules
         .iter()
         .map(|r| AclRule {
             topic: r.topic.clone(),
@@ -79,10 +78,15 @@ pub fn acl(u: &MqttUser) -> Vec<AclRule> {
 }
 
 /// The auth file for a broker from its users' entries (already hashed).
-pub fn auth_file(allow_anonymous: bool, mut users: Vec<User>) -> AuthFile {
+pub fn auth_file(
+    allow_anonymous: bool,
+    anonymous_acl: &[cirrus_operator_api::AclRule],
+    mut users: Vec<User>,
+) -> AuthFile {
     users.sort_by(|a, b| a.username.cmp(&b.username));
     AuthFile {
         allow_anonymous,
+        anonymous_acl: acl(anonymous_acl),
         users,
         ..AuthFile::default()
     }
@@ -91,6 +95,21 @@ pub fn auth_file(allow_anonymous: bool, mut users: Vec<User>) -> AuthFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anonymous_clients_get_the_brokers_anonymous_acl() {
+        let rules: Vec<cirrus_operator_api::AclRule> =
+            serde_yaml::from_str("[{topic: 'public/#', access: subscribe}, {topic: 'x/+', access: all, permission: deny}]").unwrap();
+        let f = auth_file(true, &rules, Vec::new());
+        assert!(f.allow_anonymous);
+        assert_eq!(f.anonymous_acl.len(), 2);
+        assert_eq!(f.anonymous_acl[0].access, Access::Subscribe);
+        assert_eq!(f.anonymous_acl[1].permission, Permission::Deny);
+        assert_eq!(invalid_acl_filter(&rules), None);
+        let bad: Vec<cirrus_operator_api::AclRule> =
+            serde_yaml::from_str("[{topic: 'a/#/b', access: all}]").unwrap();
+        assert_eq!(invalid_acl_filter(&bad).as_deref(), Some("a/#/b"));
+    }
 
     #[test]
     fn hashes_are_phc_and_reused_while_the_password_holds() {

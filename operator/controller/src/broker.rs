@@ -218,6 +218,9 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
 /// Why a spec cannot be reconciled, when the schema could not say it.
 fn invalid_spec(b: &MqttBroker) -> Option<String> {
     let s = &b.spec;
+    if let Some(f) = auth::invalid_acl_filter(&s.anonymous_acl) {
+        return Some(format!("anonymousAcl: {f:?} is not a valid topic filter"));
+    }
     if let Some(a) = &s.autoscaling {
         if a.min_replicas > a.max_replicas {
             return Some(format!(
@@ -449,7 +452,7 @@ async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, E
     let mut seen = std::collections::HashSet::new();
     for u in &users {
         let username = auth::username(u);
-        if auth::invalid_acl_filter(u).is_some() || !seen.insert(username.clone()) {
+        if auth::invalid_acl_filter(&u.spec.acl).is_some() || !seen.insert(username.clone()) {
             continue;
         }
         let Some(password) = crate::user::password(&secrets, u).await? else {
@@ -460,10 +463,10 @@ async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, E
         entries.push(User {
             username,
             password_hash: hash,
-            acl: auth::acl(u),
+            acl: auth::acl(&u.spec.acl),
         });
     }
-    auth::auth_file(b.spec.allow_anonymous, entries)
+    auth::auth_file(b.spec.allow_anonymous, &b.spec.anonymous_acl, entries)
         .to_yaml()
         .map_err(|_| Error::Serialize("auth file".into()))
 }

@@ -72,7 +72,7 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
     // Problems a person must fix: a condition and an event, no hot loop.
     let problem = |reason: &'static str, msg: String| (reason, msg);
     let mut issue = None;
-    if let Some(f) = auth::invalid_acl_filter(&u) {
+    if let Some(f) = auth::invalid_acl_filter(&u.spec.acl) {
         issue = Some(problem(
             "InvalidAcl",
             format!("ACL topic {f:?} is not a valid MQTT topic filter"),

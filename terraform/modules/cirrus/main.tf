@@ -84,6 +84,11 @@ resource "kubernetes_manifest" "broker" {
         tls            = merge({ enabled = var.tls.enabled }, var.tls.secret_name != null ? { secretName = var.tls.secret_name } : {})
         service        = { type = var.service.type, annotations = var.service.annotations }
         allowAnonymous = var.allow_anonymous
+        anonymousAcl = [for r in var.anonymous_acl : {
+          topic      = r.topic
+          access     = r.access
+          permission = r.permission
+        }]
       },
       local.autoscaling,
     )
