@@ -12,6 +12,7 @@ use cirrus_codec::{
     PubResp, Publish, QoS, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
@@ -70,8 +71,12 @@ pub enum Next {
     Timeout,
 }
 
+/// A byte stream the client speaks MQTT on: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct Client {
-    framed: Framed<TcpStream, MqttCodec>,
+    framed: Framed<Box<dyn Io>, MqttCodec>,
     pub protocol: Protocol,
     next_pid: u16,
 }
@@ -98,6 +103,19 @@ pub fn publish_packet(
     }
 }
 
+fn connect_packet(o: Opts) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: o.protocol,
+        clean_start: o.clean_start,
+        keep_alive: o.keep_alive,
+        properties: o.properties,
+        client_id: ByteString::from(o.client_id),
+        will: o.will,
+        username: o.username.map(ByteString::from),
+        password: o.password.map(Bytes::from),
+    }))
+}
+
 impl Client {
     /// Open a TCP connection without sending anything.
     pub async fn raw(addr: SocketAddr, protocol: Protocol) -> Client {
@@ -105,6 +123,10 @@ impl Client {
             .await
             .expect("connect timed out")
             .expect("connect");
+        Client::on(Box::new(stream), protocol)
+    }
+
+    fn on(stream: Box<dyn Io>, protocol: Protocol) -> Client {
         Client {
             framed: Framed::new(stream, MqttCodec::new(protocol, 1 << 28)),
             protocol,
@@ -112,22 +134,69 @@ impl Client {
         }
     }
 
+    /// Connect over TLS to `addr`, checking the server's certificate
+    /// against `ca_pem` for the name `server_name`, and return the CONNACK.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &[u8],
+        o: Opts,
+    ) -> (Client, ConnAck) {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(cert.expect("CA PEM")).expect("CA certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name =
+            rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("server name");
+        let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        let tls = tokio::time::timeout(
+            TIMEOUT,
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+        )
+        .await
+        .expect("TLS handshake timed out")
+        .expect("TLS handshake");
+        Client::on(Box::new(tls), o.protocol).handshake(o).await
+    }
+
     /// Connect and return the CONNACK, whatever its code.
     pub async fn connect(addr: SocketAddr, o: Opts) -> (Client, ConnAck) {
-        let mut c = Client::raw(addr, o.protocol).await;
-        c.send(Packet::Connect(Box::new(Connect {
-            protocol: o.protocol,
-            clean_start: o.clean_start,
-            keep_alive: o.keep_alive,
-            properties: o.properties,
-            client_id: ByteString::from(o.client_id),
-            will: o.will,
-            username: o.username.map(ByteString::from),
-            password: o.password.map(Bytes::from),
-        })))
-        .await;
+        Client::raw(addr, o.protocol).await.handshake(o).await
+    }
+
+    /// Connect and return the CONNACK, or `None` when the connection is
+    /// refused, closed or silent before one came (the address may lead to
+    /// a pod that is going away).
+    pub async fn try_connect(addr: SocketAddr, o: Opts) -> Option<(Client, ConnAck)> {
+        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let mut c = Client::on(Box::new(stream), o.protocol);
+        if !c.try_send(connect_packet(o)).await {
+            return None;
+        }
+        match c.next(TIMEOUT).await {
+            Next::Packet(Packet::ConnAck(a)) => Some((c, a)),
+            _ => None,
+        }
+    }
+
+    async fn handshake(mut self, o: Opts) -> (Client, ConnAck) {
+        let c = &mut self;
+        c.send(connect_packet(o)).await;
         match c.recv().await {
-            Packet::ConnAck(a) => (c, a),
+            Packet::ConnAck(a) => (self, a),
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }

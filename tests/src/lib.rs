@@ -4,7 +4,8 @@
 //! `cirrus-broker` binary on a free loopback port, [`Client`] is a small MQTT
 //! client on the project's codec, and [`tool`] finds the Debian clients
 //! (`mosquitto_pub`, `mosquitto_sub`, Python with paho) the suite also uses.
-//! [`k8s`] gives the operator tests a real Kubernetes API server.
+//! [`k8s`] gives the operator tests a real Kubernetes API server, [`node`] a
+//! one-node cluster where brokers run as real pods.
 //!
 //! Tests talk to the broker's address only, never to its internals, so the
 //! same tests run against any store the broker is started with: with
@@ -15,6 +16,8 @@
 pub mod certs;
 pub mod client;
 pub mod k8s;
+pub mod load;
+pub mod node;
 pub mod otlp;
 pub mod process;
 pub mod redis;
