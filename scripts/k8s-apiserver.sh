@@ -117,6 +117,11 @@ build() {  # build DIR: everything under DIR; binaries in DIR/out
   done
   go build -tags providerless -ldflags "$ld" -o "$W/out/kube-apiserver" ./cmd/kube-apiserver
   go build -tags providerless -ldflags "$ld" -o "$W/out/kube-controller-manager" ./cmd/kube-controller-manager
+  # The node of scripts/k8s-cluster.sh: scheduler, kubelet, kube-proxy, and the pod sandbox's `pause`.
+  go build -tags providerless -ldflags "$ld" -o "$W/out/kube-scheduler" ./cmd/kube-scheduler
+  go build -tags providerless -ldflags "$ld" -o "$W/out/kubelet" ./cmd/kubelet
+  go build -tags providerless -ldflags "$ld" -o "$W/out/kube-proxy" ./cmd/kube-proxy
+  gcc -static -Os -DVERSION=v1.20-cirrus -o "$W/out/pause" "$(ls build/pause/linux/pause.c build/pause/pause.c 2>/dev/null | head -1)"
 }
 # <<< recipe
 
@@ -137,7 +142,7 @@ bin_dir() {  # where the binaries are, building them if need be
     if ! (build "$W") > "$HOME_DIR/build.log" 2>&1; then
       tail -n 30 "$HOME_DIR/build.log" >&2; rm -rf "$W"; die "build failed"
     fi
-    mkdir -p "$bin"; mv -f "$W"/out/{etcd,kube-apiserver,kube-controller-manager} "$bin/"
+    mkdir -p "$bin"; mv -f "$W"/out/* "$bin/"
     recipe_id > "$HOME_DIR/RECIPE"; rm -rf "$W"
     say "built in $((SECONDS - t0))s"
   fi
@@ -227,6 +232,8 @@ cmd_stop() {
   done
 }
 
+# Sourced by scripts/k8s-cluster.sh for its functions; run, it does what its first argument says.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 case "${1:-}" in
   install) bin_dir ;;
   start) [ $# -eq 2 ] || die "usage: $0 start RUN_DIR"; cmd_start "$2" ;;
