@@ -452,6 +452,9 @@ async fn a_dead_readers_shared_entries_are_claimed_by_a_live_pod() {
     let mut publisher = Client::connect_ok(p[1].addr, Opts::v5("pub")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     p[0].signal("STOP");
+    // A read the pod sent before it stopped (XREADGROUP BLOCK 100) may still
+    // be waiting in Redis and would take the first entries: let it expire.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     for i in 0..5u8 {
         publisher
             .publish("jobs/x", &[i], QoS::AtLeastOnce, false)
