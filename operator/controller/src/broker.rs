@@ -76,6 +76,53 @@ where
         .await?)
 }
 
+/// The field manager that keeps a Deployment's replicas while autoscaling
+/// takes them over from the operator's own apply.
+const HANDOVER_MANAGER: &str = "cirrus-operator-handover";
+
+/// With autoscaling on, the operator's apply has no `replicas` (the HPA
+/// owns them). A field the last apply set and this one leaves out is
+/// removed by server-side apply, and the Deployment would fall back to 1
+/// pod: so while the operator's manager still owns `spec.replicas`, the
+/// current count (within the autoscaling bounds) is first applied by a
+/// second manager, which keeps it until the HPA changes it.
+async fn hand_replicas_over(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    a: &cirrus_operator_api::Autoscaling,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let Some(d) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let ours = d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(FIELD_MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+    });
+    if !ours {
+        return Ok(());
+    }
+    let current = d.spec.replicas.unwrap_or(1);
+    let keep = current.clamp(a.min_replicas, a.max_replicas.max(a.min_replicas));
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": keep},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(HANDOVER_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 pub(crate) fn condition(
     type_: &str,
     ok: bool,
@@ -130,6 +177,9 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     let auth_yaml = build_auth(&ctx, &b, &ns).await?;
     apply(client, &ns, &resources::auth_secret(&b, &auth_yaml)).await?;
 
+    if let Some(a) = &b.spec.autoscaling {
+        hand_replicas_over(client, &ns, &name, a).await?;
+    }
     let deployment = apply(client, &ns, &resources::deployment(&b, &config_yaml)).await?;
     apply(client, &ns, &resources::service(&b)).await?;
     apply(client, &ns, &resources::pdb(&b)).await?;

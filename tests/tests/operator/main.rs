@@ -542,6 +542,60 @@ async fn bad_specs_get_conditions_not_crashes() {
     assert!(get::<Deployment>(&c, &ns, "inverted").await.is_some());
 }
 
+/// Autoscaling turned on for a running broker keeps its pods: the
+/// Deployment's replicas stay where they were (for the HPA to move), not
+/// reset to 1 when the operator stops setting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_autoscaling_on_keeps_the_running_replicas() {
+    let c = client().await;
+    let ns = namespace(&c, "op-hpa").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: grow}\nspec: {replicas: 3}\n").await;
+    eventually(WAIT, "3 replicas", || async {
+        let d: Deployment = get(&c, &ns, "grow").await?;
+        (d.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+    Api::<MqttBroker>::namespaced(c.clone(), &ns)
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 6}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "HPA", || async {
+        get::<HorizontalPodAutoscaler>(&c, &ns, "grow").await
+    })
+    .await;
+    // Several resyncs (1 s each) later, still 3.
+    for _ in 0..4 {
+        tokio::time::sleep(RESYNC).await;
+        let d: Deployment = get(&c, &ns, "grow").await.unwrap();
+        assert_eq!(
+            d.spec.replicas,
+            Some(3),
+            "autoscaling on reset the replicas"
+        );
+    }
+    // The HPA's own change (through the scale subresource) is not undone.
+    Api::<Deployment>::namespaced(c.clone(), &ns)
+        .patch_scale(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(RESYNC).await;
+        let d: Deployment = get(&c, &ns, "grow").await.unwrap();
+        assert_eq!(d.spec.replicas, Some(5), "the operator undid a scale");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_broker_collects_its_children() {
     let c = client().await;
