@@ -150,6 +150,33 @@ bin_dir() {  # where the binaries are, building them if need be
   echo "$bin"
 }
 
+pki() {  # pki RUN CA_NAME: in RUN/pki a CA, the service-account key pair, and an admin token (tokens.csv)
+  local k=$1/pki
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=$2" -keyout "$k/ca.key" -out "$k/ca.crt" 2> /dev/null
+  openssl genrsa -out "$k/sa.key" 2048 2> /dev/null; openssl rsa -in "$k/sa.key" -pubout -out "$k/sa.pub" 2> /dev/null
+  echo "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n'),admin,admin,system:masters" > "$k/tokens.csv"
+}
+
+leaf() {  # leaf PKI NAME SUBJECT SAN USAGE: PKI/NAME.{key,crt} signed by PKI/ca
+  local k=$1
+  openssl req -newkey rsa:2048 -nodes -subj "$3" -keyout "$k/$2.key" -out "$k/$2.csr" 2> /dev/null
+  printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$4" "$5" > "$k/$2.cnf"
+  openssl x509 -req -in "$k/$2.csr" -CA "$k/ca.crt" -CAkey "$k/ca.key" -CAcreateserial -days 365 -extfile "$k/$2.cnf" -out "$k/$2.crt" 2> /dev/null
+}
+
+write_kubeconfig() {  # write_kubeconfig RUN SERVER NAME: RUN/kubeconfig for the admin token of RUN/pki
+  local k=$1/pki
+  (umask 077; cat > "$1/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: $3, cluster: {server: "$2", certificate-authority-data: $(base64 -w0 "$k/ca.crt")}}]
+users: [{name: admin, user: {token: $(cut -d, -f1 "$k/tokens.csv")}}]
+contexts: [{name: $3, context: {cluster: $3, user: admin, namespace: default}}]
+current-context: $3
+EOF
+  )
+}
+
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 cmd_start() {
@@ -159,22 +186,10 @@ cmd_start() {
   cmd_stop "$run"
   rm -rf "${run:?}"/{pki,etcd,logs,kubeconfig}; mkdir -p "$run"/{pki,etcd,logs}
   k=$run/pki
-  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=cirrus-test-ca -keyout "$k/ca.key" -out "$k/ca.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$k/api.key" -out "$k/api.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$k/ext.cnf"
-  openssl x509 -req -in "$k/api.csr" -CA "$k/ca.crt" -CAkey "$k/ca.key" -CAcreateserial -days 365 -extfile "$k/ext.cnf" -out "$k/api.crt" 2>/dev/null
-  openssl genrsa -out "$k/sa.key" 2048 2>/dev/null; openssl rsa -in "$k/sa.key" -pubout -out "$k/sa.pub" 2>/dev/null
-  token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  echo "$token,admin,admin,system:masters" > "$k/tokens.csv"
-  (umask 077; cat > "$run/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters: [{name: test, cluster: {server: "https://127.0.0.1:$API_PORT", certificate-authority-data: $(base64 -w0 "$k/ca.crt")}}]
-users: [{name: admin, user: {token: $token}}]
-contexts: [{name: test, context: {cluster: test, user: admin, namespace: default}}]
-current-context: test
-EOF
-  )
+  pki "$run" cirrus-test-ca
+  leaf "$k" api /CN=kube-apiserver "IP:127.0.0.1,DNS:localhost" serverAuth
+  write_kubeconfig "$run" "https://127.0.0.1:$API_PORT" test
+  token=$(cut -d, -f1 "$k/tokens.csv")
   "$bin/etcd" --name test --data-dir "$run/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \

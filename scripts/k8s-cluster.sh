@@ -136,28 +136,12 @@ network_up() {
 }
 
 certs() {  # certs RUN: a CA, the API server's and the kubelet's serving certificates, the admin token
-  local k=$1/pki token
-  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=cirrus-cluster-ca -keyout "$k/ca.key" -out "$k/ca.crt" 2> /dev/null
-  leaf() {  # leaf NAME SUBJECT SAN USAGE
-    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$k/$1.key" -out "$k/$1.csr" 2> /dev/null
-    printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "$3" "$4" > "$k/$1.cnf"
-    openssl x509 -req -in "$k/$1.csr" -CA "$k/ca.crt" -CAkey "$k/ca.key" -CAcreateserial -days 365 -extfile "$k/$1.cnf" -out "$k/$1.crt" 2> /dev/null
-  }
-  leaf api /CN=kube-apiserver "IP:$NODE_IP,IP:127.0.0.1,IP:${SERVICE_CIDR%.0/16}.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost" serverAuth
-  leaf kubelet "/CN=$NODE" "IP:$NODE_IP,DNS:$NODE" serverAuth
-  leaf apiclient "/O=system:masters/CN=kube-apiserver-kubelet-client" "DNS:client" clientAuth
-  openssl genrsa -out "$k/sa.key" 2048 2> /dev/null; openssl rsa -in "$k/sa.key" -pubout -out "$k/sa.pub" 2> /dev/null
-  token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  echo "$token,admin,admin,system:masters" > "$k/tokens.csv"
-  (umask 077; cat > "$1/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters: [{name: cirrus, cluster: {server: "https://$NODE_IP:$API_PORT", certificate-authority-data: $(base64 -w0 "$k/ca.crt")}}]
-users: [{name: admin, user: {token: $token}}]
-contexts: [{name: cirrus, context: {cluster: cirrus, user: admin, namespace: default}}]
-current-context: cirrus
-EOF
-  )
+  local k=$1/pki
+  pki "$1" cirrus-cluster-ca
+  leaf "$k" api /CN=kube-apiserver "IP:$NODE_IP,IP:127.0.0.1,IP:${SERVICE_CIDR%.0/16}.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost" serverAuth
+  leaf "$k" kubelet "/CN=$NODE" "IP:$NODE_IP,DNS:$NODE" serverAuth
+  leaf "$k" apiclient "/O=system:masters/CN=kube-apiserver-kubelet-client" "DNS:client" clientAuth
+  write_kubeconfig "$1" "https://$NODE_IP:$API_PORT" cirrus
 }
 
 config_files() {  # config_files RUN: containerd, CNI, kubelet, DNS

@@ -28,36 +28,59 @@ pub fn kubeconfig() -> PathBuf {
         return PathBuf::from(p);
     }
     let run = workspace_root().join("target/k8s-test-env");
-    std::fs::create_dir_all(&run).expect("run dir");
+    let crds = run.with_extension("crds");
+    started_once(
+        "scripts/k8s-apiserver.sh",
+        &run,
+        &["apiserver"],
+        &[("CIRRUS_K8S_CRDS_JSON", &crds)],
+        || {
+            std::fs::create_dir_all(&crds).expect("crd dir");
+            for crd in cirrus_operator_api::crds() {
+                let name = crd.metadata.name.clone().unwrap();
+                std::fs::write(
+                    crds.join(format!("{name}.json")),
+                    serde_json::to_vec(&crd).unwrap(),
+                )
+                .unwrap();
+            }
+        },
+    )
+}
+
+/// The kubeconfig of what `bash SCRIPT start RUN` starts, started by the
+/// first test process that needs it (under a file lock, so parallel test
+/// processes share it) and left running for the next ones: it counts as
+/// running while the processes of the `alive` pid files in RUN live.
+pub(crate) fn started_once(
+    script: &str,
+    run: &std::path::Path,
+    alive: &[&str],
+    env: &[(&str, &std::path::Path)],
+    prepare: impl FnOnce(),
+) -> PathBuf {
+    std::fs::create_dir_all(run).expect("run dir");
     let lock = std::fs::File::create(run.with_extension("lock")).expect("lock file");
     lock.lock().expect("lock");
     let kc = run.join("kubeconfig");
-    let up = kc.exists()
-        && std::fs::read_to_string(run.join("apiserver.pid"))
+    let live = |name: &&str| {
+        std::fs::read_to_string(run.join(format!("{name}.pid")))
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-    if !up {
-        let crds = run.with_extension("crds");
-        std::fs::create_dir_all(&crds).expect("crd dir");
-        for crd in cirrus_operator_api::crds() {
-            let name = crd.metadata.name.clone().unwrap();
-            std::fs::write(
-                crds.join(format!("{name}.json")),
-                serde_json::to_vec(&crd).unwrap(),
-            )
-            .unwrap();
-        }
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if !(kc.exists() && alive.iter().all(live)) {
+        prepare();
         let out = Command::new("bash")
-            .arg(workspace_root().join("scripts/k8s-apiserver.sh"))
+            .arg(workspace_root().join(script))
             .arg("start")
-            .arg(&run)
-            .env("CIRRUS_K8S_CRDS_JSON", &crds)
+            .arg(run)
+            .envs(env.iter().copied())
             .output()
-            .expect("run scripts/k8s-apiserver.sh");
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
         assert!(
             out.status.success(),
-            "starting the API server failed:\n{}",
+            "{script} start failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

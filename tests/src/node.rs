@@ -8,10 +8,9 @@
 //! with `scripts/k8s-cluster.sh stop target/k8s-cluster`. Needs root.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::k8s::{helm, run, workspace_root};
+use crate::k8s::{helm, run, started_once, workspace_root};
 
 /// Path of the kubeconfig of a running one-node cluster (started if needed).
 pub fn kubeconfig() -> PathBuf {
@@ -19,30 +18,13 @@ pub fn kubeconfig() -> PathBuf {
         return PathBuf::from(p);
     }
     let run_dir = workspace_root().join("target/k8s-cluster");
-    std::fs::create_dir_all(&run_dir).expect("run dir");
-    let lock = std::fs::File::create(run_dir.with_extension("lock")).expect("lock file");
-    lock.lock().expect("lock");
-    let kc = run_dir.join("kubeconfig");
-    let alive = |name: &str| {
-        std::fs::read_to_string(run_dir.join(format!("{name}.pid")))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-    };
-    if !(kc.exists() && alive("apiserver") && alive("kubelet")) {
-        let out = Command::new("bash")
-            .arg(workspace_root().join("scripts/k8s-cluster.sh"))
-            .arg("start")
-            .arg(&run_dir)
-            .output()
-            .expect("run scripts/k8s-cluster.sh");
-        assert!(
-            out.status.success(),
-            "starting the cluster failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    kc
+    started_once(
+        "scripts/k8s-cluster.sh",
+        &run_dir,
+        &["apiserver", "kubelet"],
+        &[],
+        || {},
+    )
 }
 
 /// `kubectl args` on the cluster, at most `timeout`: (success, stdout, stderr).
