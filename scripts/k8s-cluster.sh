@@ -11,7 +11,8 @@
 # runc with the bridge CNI plugin, kube-proxy (iptables) and a DNS server for Service names. The Kubernetes
 # binaries are those of scripts/k8s-apiserver.sh (built once from Debian's `kubernetes` 1.20 source, cached
 # under ~/.cache/cirrus-k8s); containerd, runc, the CNI plugins, iptables and dnsmasq are Debian packages,
-# installed with apt if missing. Needs root, on Linux with cgroup v1 or v2 and network namespaces.
+# installed with apt if missing (and redis-server, for the Redis image). Needs root, network namespaces
+# and iptables (tested on Debian 12 with cgroup v1, as root without CAP_SYS_RESOURCE).
 #
 # Images (no registry, no Docker): cirrus.local/cirrus-broker:dev and cirrus.local/cirrus-operator:dev hold
 # the release binaries of this tree (built with each Dockerfile's own `cargo build` line) at the path, user
@@ -49,7 +50,8 @@ PROCS=(etcd apiserver kcm scheduler containerd dns dnsfeed kubelet proxy)
 
 packages() {  # what the node needs from Debian
   local need=() p
-  for p in containerd:containerd runc:runc iptables:iptables dnsmasq:dnsmasq-base conntrack:conntrack; do
+  for p in containerd:containerd runc:runc iptables:iptables dnsmasq:dnsmasq-base conntrack:conntrack \
+    redis-server:redis-server; do
     command -v "${p%%:*}" > /dev/null || need+=("${p#*:}")
   done
   [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
@@ -73,8 +75,6 @@ add_with_libs() {  # add_with_libs ROOTFS FILE DEST: FILE at DEST, and every sha
     [ -e "$fs$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$fs$lib"
   done
 }
-
-json_list() { local a=() x; for x in "$@"; do a+=("\"$x\""); done; (IFS=,; echo "[${a[*]}]"); }
 
 pack() {  # pack ROOTFS NAME USER ENTRYPOINT(json) WORKDIR OUT: the image tar
   local fs=$1 name=$2 user=$3 entry=$4 workdir=$5 out=$6 w diff cfg
@@ -341,6 +341,6 @@ cmd_stop() {
 case "${1:-}" in
   start) [ $# -eq 2 ] || die "usage: $0 start RUN_DIR"; cmd_start "$2" ;;
   stop) [ $# -eq 2 ] || die "usage: $0 stop RUN_DIR"; cmd_stop "$(cd "$2" 2> /dev/null && pwd || echo "$2")" ;;
-  images) [ $# -eq 2 ] || die "usage: $0 images OUT_DIR"; cmd_images "$2" ;;
+  images) [ $# -eq 2 ] || die "usage: $0 images OUT_DIR"; packages; cmd_images "$2" ;;
   *) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2; exit 2 ;;
 esac
