@@ -156,15 +156,46 @@ pub fn run(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> (bool, String, String) {
-    let child = Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
+    let mut cmd = Command::new(program);
+    cmd.args(args).envs(env.iter().copied());
+    run_command(cmd, timeout)
+}
+
+/// `cargo args` as a person would run it from a shell: without the
+/// variables cargo sets for a test process (`CARGO_PKG_NAME`, …). Build
+/// scripts that watch those (`cargo:rerun-if-env-changed`) would otherwise
+/// see them change between this run and one from a shell, and cargo would
+/// rebuild everything above them twice.
+pub fn cargo_as_from_a_shell(args: &[&str], timeout: Duration) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ];
+        if set_for_tests.iter().any(|p| k.starts_with(p)) {
+            cmd.env_remove(&*k);
+        }
+    }
+    run_command(cmd, timeout)
+}
+
+fn run_command(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
+    let what = format!("{cmd:?}");
+    let child = cmd
         .current_dir(workspace_root())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
     let pid = child.id();
     // Output is read while waiting (it may be larger than a pipe holds).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -175,7 +206,7 @@ pub fn run(
         Ok(r) => r.expect("output"),
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{} {args:?} ran longer than {timeout:?}", program.display());
+            panic!("{what} ran longer than {timeout:?}");
         }
     };
     (

@@ -229,108 +229,167 @@ async fn on_packet(c: &mut Client, p: Packet, st: &mut SubState, tally: &Mutex<T
 /// A persistent subscriber of `filter` that moves between `addrs`, leaving
 /// each pod as `leave` says after `hold`, until `stop`; then it settles on
 /// one pod and reads until everything acknowledged arrived (or 30 s
-/// passed without anything new).
-#[allow(clippy::too_many_arguments)]
-pub async fn persistent_subscriber(
-    addrs: Vec<SocketAddr>,
-    client_id: String,
-    filter: String,
-    qos: QoS,
-    leave: Leave,
-    hold: Duration,
-    stop: Arc<AtomicBool>,
-    ready: Arc<AtomicBool>,
-    moves: Arc<AtomicUsize>,
-    tally: Arc<Mutex<Tally>>,
-    resume_first: bool,
-) {
-    let fresh = Opts::v5(&client_id).persistent(3600);
-    let (mut c, mut at, _) = connect_any(
-        &addrs,
-        0,
-        &Opts {
-            clean_start: !resume_first,
-            ..fresh.clone()
-        },
-    )
-    .await;
-    if !resume_first {
-        assert_eq!(c.subscribe(&filter, qos).await, qos.as_u8());
+/// passed without anything new). `moves` counts its reconnects.
+pub struct Subscriber {
+    pub addrs: Vec<SocketAddr>,
+    pub client_id: String,
+    pub filter: String,
+    pub qos: QoS,
+    pub leave: Leave,
+    pub hold: Duration,
+    /// Resume a session made earlier instead of subscribing afresh.
+    pub resume_first: bool,
+    pub stop: Arc<AtomicBool>,
+    pub moves: Arc<AtomicUsize>,
+    pub tally: Arc<Mutex<Tally>>,
+}
+
+impl Subscriber {
+    /// QoS 1, staying on its pod until the pod goes, with flags of its own.
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        client_id: &str,
+        filter: &str,
+        tally: &Arc<Mutex<Tally>>,
+    ) -> Self {
+        Subscriber {
+            addrs,
+            client_id: client_id.into(),
+            filter: filter.into(),
+            qos: QoS::AtLeastOnce,
+            leave: Leave::Stay,
+            hold: Duration::from_millis(300),
+            resume_first: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            moves: Arc::new(AtomicUsize::new(0)),
+            tally: tally.clone(),
+        }
     }
-    ready.store(true, Ordering::SeqCst);
-    let resume = fresh.resume();
-    let mut st = SubState::default();
-    let mut quiet_since = Instant::now();
-    let mut seen = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        assert!(Instant::now() < deadline, "subscriber did not finish");
-        let stopping = stop.load(Ordering::SeqCst);
-        let until = Instant::now()
-            + if stopping {
-                Duration::from_secs(1)
-            } else {
-                hold
-            };
-        let mut closed = false;
-        while Instant::now() < until {
-            match c.next(Duration::from_millis(50)).await {
-                Next::Packet(p) => on_packet(&mut c, p, &mut st, &tally).await,
-                Next::Timeout => {}
-                Next::Closed => {
-                    closed = true;
+
+    /// Run it as a task, once it has subscribed (at most 20 s).
+    pub async fn start(self) -> tokio::task::JoinHandle<()> {
+        let ready = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(self.run(ready.clone()));
+        let t0 = Instant::now();
+        while !ready.load(Ordering::SeqCst) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "subscriber never ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task
+    }
+
+    /// Read what the session kept while it was offline, until everything
+    /// acknowledged arrived.
+    pub async fn read_offline_session(mut self) {
+        self.resume_first = true;
+        self.stop.store(true, Ordering::SeqCst);
+        self.run(Arc::new(AtomicBool::new(false))).await
+    }
+
+    async fn run(self, ready: Arc<AtomicBool>) {
+        let Subscriber {
+            addrs,
+            client_id,
+            filter,
+            qos,
+            leave,
+            hold,
+            resume_first,
+            stop,
+            moves,
+            tally,
+        } = self;
+        let fresh = Opts::v5(&client_id).persistent(3600);
+        let (mut c, mut at, _) = connect_any(
+            &addrs,
+            0,
+            &Opts {
+                clean_start: !resume_first,
+                ..fresh.clone()
+            },
+        )
+        .await;
+        if !resume_first {
+            assert_eq!(c.subscribe(&filter, qos).await, qos.as_u8());
+        }
+        ready.store(true, Ordering::SeqCst);
+        let resume = fresh.resume();
+        let mut st = SubState::default();
+        let mut quiet_since = Instant::now();
+        let mut seen = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            assert!(Instant::now() < deadline, "subscriber did not finish");
+            let stopping = stop.load(Ordering::SeqCst);
+            let until = Instant::now()
+                + if stopping {
+                    Duration::from_secs(1)
+                } else {
+                    hold
+                };
+            let mut closed = false;
+            while Instant::now() < until {
+                match c.next(Duration::from_millis(50)).await {
+                    Next::Packet(p) => on_packet(&mut c, p, &mut st, &tally).await,
+                    Next::Timeout => {}
+                    Next::Closed => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if stopping {
+                let t = tally.lock().unwrap();
+                let all = t.acked.iter().all(|s| t.received.contains_key(s));
+                if t.received.len() != seen {
+                    seen = t.received.len();
+                    quiet_since = Instant::now();
+                }
+                if (all && !closed) || quiet_since.elapsed() > Duration::from_secs(30) {
                     break;
                 }
             }
-        }
-        if stopping {
-            let t = tally.lock().unwrap();
-            let all = t.acked.iter().all(|s| t.received.contains_key(s));
-            if t.received.len() != seen {
-                seen = t.received.len();
-                quiet_since = Instant::now();
-            }
-            if (all && !closed) || quiet_since.elapsed() > Duration::from_secs(30) {
-                break;
-            }
-        }
-        if !closed && (stopping || leave == Leave::Stay) {
-            continue;
-        }
-        // Move on: to the next pod (or, after a close, to any live one).
-        let next = at + 1;
-        match leave {
-            Leave::Drop | Leave::Stay => drop(c),
-            Leave::Disconnect => {
-                let _ = c.try_send(Packet::Disconnect(Default::default())).await;
-                drop(c);
-            }
-            Leave::TakeOver => {
-                let (nc, nat, present) = connect_any(&addrs, next, &resume).await;
-                assert!(present, "the session was there for the takeover");
-                // The old connection is closed by the broker within a
-                // second; whatever it still brings is handled (and may come
-                // again on the new one).
-                let mut old = c;
-                let end = Instant::now() + Duration::from_secs(2);
-                while Instant::now() < end {
-                    match old.next(Duration::from_millis(100)).await {
-                        Next::Packet(p) => on_packet(&mut old, p, &mut st, &tally).await,
-                        Next::Closed => break,
-                        Next::Timeout => {}
-                    }
-                }
-                c = nc;
-                at = nat;
-                moves.fetch_add(1, Ordering::Relaxed);
+            if !closed && (stopping || leave == Leave::Stay) {
                 continue;
             }
+            // Move on: to the next pod (or, after a close, to any live one).
+            let next = at + 1;
+            match leave {
+                Leave::Drop | Leave::Stay => drop(c),
+                Leave::Disconnect => {
+                    let _ = c.try_send(Packet::Disconnect(Default::default())).await;
+                    drop(c);
+                }
+                Leave::TakeOver => {
+                    let (nc, nat, present) = connect_any(&addrs, next, &resume).await;
+                    assert!(present, "the session was there for the takeover");
+                    // The old connection is closed by the broker within a
+                    // second; whatever it still brings is handled (and may come
+                    // again on the new one).
+                    let mut old = c;
+                    let end = Instant::now() + Duration::from_secs(2);
+                    while Instant::now() < end {
+                        match old.next(Duration::from_millis(100)).await {
+                            Next::Packet(p) => on_packet(&mut old, p, &mut st, &tally).await,
+                            Next::Closed => break,
+                            Next::Timeout => {}
+                        }
+                    }
+                    c = nc;
+                    at = nat;
+                    moves.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let (nc, nat, present) = connect_any(&addrs, next, &resume).await;
+            assert!(present, "the persistent session survived the move");
+            c = nc;
+            at = nat;
+            moves.fetch_add(1, Ordering::Relaxed);
         }
-        let (nc, nat, present) = connect_any(&addrs, next, &resume).await;
-        assert!(present, "the persistent session survived the move");
-        c = nc;
-        at = nat;
-        moves.fetch_add(1, Ordering::Relaxed);
+        let _ = c.try_send(Packet::Disconnect(Default::default())).await;
     }
-    let _ = c.try_send(Packet::Disconnect(Default::default())).await;
 }

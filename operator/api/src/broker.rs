@@ -21,7 +21,10 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/cirrus-mqtt/cirrus-broker:0.1.0";
     shortname = "mqb",
     namespaced,
     status = "MqttBrokerStatus",
-    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.updatedReplicas","priority":1}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -61,6 +64,10 @@ pub struct MqttBrokerSpec {
     /// empty: nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anonymous_acl: Vec<crate::AclRule>,
+    /// How a changed pod template (a new image, configuration or TLS
+    /// setting) replaces the pods.
+    #[serde(default)]
+    pub rollout: Rollout,
     /// Pods that may be unavailable during voluntary disruptions.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]
@@ -111,6 +118,45 @@ pub struct Autoscaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_connections_per_pod: Option<i64>,
+}
+
+/// The rolling update of the broker's Deployment: one new pod at a time by
+/// default, and no old pod goes before its replacement is available.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// New pods started at once above the desired count.
+    #[serde(default = "default_max_surge")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_surge: i32,
+    /// Seconds a new pod must be ready before it counts as available (and
+    /// the next old pod goes).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+    /// Seconds without progress after which a rollout counts as stuck:
+    /// `Progressing` turns False and `Degraded` True with reason
+    /// `ProgressDeadlineExceeded` (a bad image, pods that never get ready).
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub progress_deadline_seconds: i32,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_surge: default_max_surge(),
+            min_ready_seconds: 0,
+            progress_deadline_seconds: default_progress_deadline(),
+        }
+    }
+}
+
+fn default_max_surge() -> i32 {
+    1
+}
+fn default_progress_deadline() -> i32 {
+    600
 }
 
 fn default_cpu() -> i32 {
@@ -277,6 +323,9 @@ pub struct MqttBrokerStatus {
     pub replicas: i32,
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Pods already on the current pod template (a rollout's progress).
+    #[serde(default)]
+    pub updated_replicas: i32,
     /// `host:port` of the MQTT listener inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,

@@ -25,7 +25,7 @@ use tracing::{info, instrument, warn};
 use crate::metrics::Kind;
 use crate::resources::{self, AUTH_KEY};
 use crate::tls;
-use crate::{auth, Context, Error, FIELD_MANAGER};
+use crate::{auth, health, Context, Error, FIELD_MANAGER};
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
@@ -201,14 +201,14 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
         None
     };
 
-    // Honest readiness: ready pods as the Deployment reports them.
-    let ds = deployment.status.unwrap_or_default();
+    // Honest readiness: the rollout as the Deployment controller reports it.
     let desired = match (&b.spec.autoscaling, deployment.spec.replicas) {
         (_, Some(r)) => r,
         (Some(a), None) => a.min_replicas,
         (None, None) => b.spec.replicas,
     };
-    let available = ds.available_replicas.unwrap_or(0);
+    let health = health::of(&deployment, desired, redis_available);
+    let ds = deployment.status.unwrap_or_default();
     status.replicas = ds.replicas.unwrap_or(0);
     status.ready_replicas = ds.ready_replicas.unwrap_or(0);
     status.observed_generation = generation;
@@ -229,34 +229,41 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
             .endpoints
             .insert("websocket".into(), format!("ws://{host}:{p}/mqtt"));
     }
-    let pods_ready = available > 0 && available >= desired.max(1);
-    let ready = pods_ready && redis_available != Some(false);
-    let pods = format!("{available} of {desired} pods available");
-    let (reason, msg) = if ready {
-        ("Available", pods)
-    } else if pods_ready {
-        (
-            "RedisUnavailable",
-            format!("{pods}; the managed Redis has no available pod"),
-        )
-    } else {
-        ("Unavailable", pods)
+    status.updated_replicas = health.updated;
+    let was = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
     };
-    let was_ready = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    set_condition(
-        &mut status.conditions,
-        condition("Ready", ready, reason, msg, generation),
-    );
-    if ready && !was_ready {
+    let (was_ready, was_degraded) = (was("Ready"), was("Degraded"));
+    for (t, c) in [
+        ("Ready", &health.ready),
+        ("Progressing", &health.progressing),
+        ("Degraded", &health.degraded),
+    ] {
+        set_condition(
+            &mut status.conditions,
+            condition(t, c.ok, c.reason, c.message.clone(), generation),
+        );
+    }
+    if health.ready.ok && !was_ready {
         publish(
             &ctx,
             &*b,
             EventType::Normal,
             "Ready",
-            format!("{available} pods available"),
+            health.ready.message.clone(),
+        )
+        .await;
+    }
+    if health.degraded.ok && !was_degraded {
+        publish(
+            &ctx,
+            &*b,
+            EventType::Warning,
+            health.degraded.reason,
+            health.degraded.message.clone(),
         )
         .await;
     }

@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod resources;

@@ -386,13 +386,19 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                 match_labels: Some(selector(&name)),
                 ..Default::default()
             },
+            // No old pod goes before its replacement is available.
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
                     max_unavailable: Some(IntOrString::Int(0)),
-                    max_surge: Some(IntOrString::Int(1)),
+                    max_surge: Some(IntOrString::Int(s.rollout.max_surge)),
                 }),
             }),
+            // 0 is left out: the API server does not store it (omitempty),
+            // and applying it would rewrite the Deployment on every pass.
+            min_ready_seconds: (s.rollout.min_ready_seconds > 0)
+                .then_some(s.rollout.min_ready_seconds),
+            progress_deadline_seconds: Some(s.rollout.progress_deadline_seconds),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(&name)),

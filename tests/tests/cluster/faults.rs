@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cirrus_codec::QoS;
-use cirrus_e2e::load::{persistent_subscriber, publish_numbered, Leave, Tally};
+use cirrus_e2e::load::{publish_numbered, Leave, Subscriber, Tally};
 use cirrus_e2e::{BrokerProcess, Client, Opts, RedisServer};
 
 /// Queues big enough that no queue limit drops anything in these runs:
@@ -84,33 +84,16 @@ async fn moving_subscriber_run(
     let p = pods(url, pods_n);
     let addrs: Vec<SocketAddr> = p.iter().map(|b| b.addr).collect();
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(AtomicBool::new(false));
-    let moves = Arc::new(AtomicUsize::new(0));
     // The subscriber starts on the last pod, the publisher on the first.
     let mut sub_addrs = addrs.clone();
     sub_addrs.rotate_right(1);
-    let sub = tokio::spawn(persistent_subscriber(
-        sub_addrs,
-        "mover".into(),
-        "load/#".into(),
+    let sub = Subscriber {
         qos,
         leave,
-        Duration::from_millis(300),
-        stop.clone(),
-        ready.clone(),
-        moves.clone(),
-        tally.clone(),
-        false,
-    ));
-    let t0 = Instant::now();
-    while !ready.load(Ordering::SeqCst) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "subscriber never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        ..Subscriber::new(sub_addrs, "mover", "load/#", &tally)
+    };
+    let (stop, moves) = (sub.stop.clone(), sub.moves.clone());
+    let sub = sub.start().await;
     routes_settle().await;
     let publisher = tokio::spawn(publish_numbered(
         addrs.clone(),
@@ -286,27 +269,14 @@ async fn sigkill_of_a_shared_members_pod() {
         let moves = Arc::new(AtomicUsize::new(0));
         let mut members = Vec::new();
         for k in 1..3 {
-            let ready = Arc::new(AtomicBool::new(false));
             let mut at = addrs.clone();
             at.rotate_left(k);
-            members.push(tokio::spawn(persistent_subscriber(
-                at,
-                format!("member{k}"),
-                "$share/g/load/#".into(),
-                QoS::AtLeastOnce,
-                Leave::Stay,
-                Duration::from_millis(300),
-                stop.clone(),
-                ready.clone(),
-                moves.clone(),
-                tally.clone(),
-                false,
-            )));
-            let t0 = Instant::now();
-            while !ready.load(Ordering::SeqCst) {
-                assert!(t0.elapsed() < Duration::from_secs(20), "member never ready");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let member = Subscriber {
+                stop: stop.clone(),
+                moves: moves.clone(),
+                ..Subscriber::new(at, &format!("member{k}"), "$share/g/load/#", &tally)
+            };
+            members.push(member.start().await);
         }
         routes_settle().await;
         let publisher = tokio::spawn(publish_numbered(
@@ -402,20 +372,9 @@ async fn redis_out_of_memory_refuses_and_loses_nothing_acknowledged() {
         // write): the operator gives it room, and the session is drained.
         let set = cirrus_e2e::redis::command(r.port, "CONFIG SET maxmemory 256mb");
         assert!(set.is_some_and(|r| r.starts_with("+OK")));
-        persistent_subscriber(
-            vec![addrs[1]],
-            "offline".into(),
-            "load/#".into(),
-            QoS::AtLeastOnce,
-            Leave::Stay,
-            Duration::from_millis(300),
-            Arc::new(AtomicBool::new(true)),
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicUsize::new(0)),
-            tally.clone(),
-            true,
-        )
-        .await;
+        Subscriber::new(vec![addrs[1]], "offline", "load/#", &tally)
+            .read_offline_session()
+            .await;
         tally
             .lock()
             .unwrap()
@@ -493,20 +452,9 @@ async fn primary_killed_run(durability: &str) -> Tally {
     // `replicated` write to that shard cannot be confirmed.
     cluster.nodes[master].restart();
     publisher.await.expect("publisher");
-    persistent_subscriber(
-        vec![addrs[1]],
-        "offline".into(),
-        "load/#".into(),
-        QoS::AtLeastOnce,
-        Leave::Stay,
-        Duration::from_millis(300),
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        tally.clone(),
-        true,
-    )
-    .await;
+    Subscriber::new(vec![addrs[1]], "offline", "load/#", &tally)
+        .read_offline_session()
+        .await;
     if durability == "replicated" {
         assert!(
             p[0].metric("cirrus_redis_unreplicated_writes_total") >= 1.0,

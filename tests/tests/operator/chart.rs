@@ -450,7 +450,13 @@ async fn the_broker_chart_declares_resources_the_operator_reconciles() {
     assert!(ok, "kubectl apply: {out}{err}");
     let _op = Operator::start(&c, &ns);
     user_ready(&c, &ns, "alice", ("True", "Configured")).await;
-    let auth = auth_file(&c, &ns, "fleet").await;
+    // The user is Ready once its password is made; the broker's auth file
+    // follows at the broker's next reconcile.
+    let auth = eventually(WAIT, "alice in the broker's auth file", || async {
+        let a = auth_file(&c, &ns, "fleet").await;
+        (!a.users.is_empty()).then_some(a)
+    })
+    .await;
     assert_eq!(auth.users[0].username, "alice");
     eventually(WAIT, "the managed Redis and the TLS Secret", || async {
         let r = get::<Deployment>(&c, &ns, "fleet-redis").await;

@@ -6,23 +6,6 @@ use cirrus_operator::lease::{LeaseConfig, LeaseLock};
 use cirrus_operator::metrics::Metrics;
 use std::sync::Arc;
 
-async fn set_available(c: &Client, ns: &str, name: &str, n: i32) {
-    let status = DeploymentStatus {
-        replicas: Some(n),
-        ready_replicas: Some(n),
-        available_replicas: Some(n),
-        ..Default::default()
-    };
-    Api::<Deployment>::namespaced(c.clone(), ns)
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_redis_is_deployed_wired_and_removed() {
     let c = client().await;
@@ -58,9 +41,9 @@ async fn managed_redis_is_deployed_wired_and_removed() {
         .and_then(|e| e.value.clone());
     assert_eq!(url, Some(format!("redis://dev-redis.{ns}.svc:6379")));
     // Broker pods up but Redis not: not Ready, and it says why.
-    set_available(&c, &ns, "dev", 2).await;
+    deployment_available(&c, &ns, "dev", 2).await;
     broker_ready(&c, &ns, "dev", ("False", "RedisUnavailable")).await;
-    set_available(&c, &ns, "dev-redis", 1).await;
+    deployment_available(&c, &ns, "dev-redis", 1).await;
     broker_ready(&c, &ns, "dev", ("True", "Available")).await;
 
     // A URL and `managed` together is refused with a reason.

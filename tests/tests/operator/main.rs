@@ -89,6 +89,28 @@ fn ready(
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// Play the Deployment controller (none runs here): `n` pods on the
+/// Deployment's current template, all available.
+async fn deployment_available(c: &Client, ns: &str, name: &str, n: i32) {
+    let api = Api::<Deployment>::namespaced(c.clone(), ns);
+    let d = api.get(name).await.unwrap();
+    let status = DeploymentStatus {
+        observed_generation: d.metadata.generation,
+        replicas: Some(n),
+        updated_replicas: Some(n),
+        ready_replicas: Some(n),
+        available_replicas: Some(n),
+        ..Default::default()
+    };
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .unwrap();
+}
+
 async fn broker_ready(client: &Client, ns: &str, name: &str, want: (&str, &str)) -> MqttBroker {
     eventually(WAIT, &format!("broker {name} Ready={want:?}"), || async {
         let b: MqttBroker = get(client, ns, name).await?;
@@ -226,20 +248,7 @@ async fn broker_children_status_and_updates() {
     assert_eq!(st.endpoints["mqtts"], format!("main.{ns}.svc:8883"));
 
     // Pods become available (no kubelet here: the test plays the Deployment controller).
-    let status = DeploymentStatus {
-        replicas: Some(4),
-        ready_replicas: Some(4),
-        available_replicas: Some(4),
-        ..Default::default()
-    };
-    deployments
-        .patch_status(
-            "main",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .unwrap();
+    deployment_available(&c, &ns, "main", 4).await;
     let b = broker_ready(&c, &ns, "main", ("True", "Available")).await;
     assert_eq!(b.status.unwrap().ready_replicas, 4);
 

@@ -5,6 +5,7 @@
 //! NodePort on 127.0.0.1), never through a pod's own address.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cirrus_codec::QoS;
 use cirrus_e2e::k8s::run;
-use cirrus_e2e::load::{persistent_subscriber, publish_numbered, Leave, Tally};
+use cirrus_e2e::load::{publish_numbered, Subscriber, Tally};
 use cirrus_e2e::node::{self, apply, kubectl, kubectl_for, wait_for, Namespace};
 use cirrus_e2e::{Client, Opts};
 
@@ -187,49 +188,14 @@ async fn pods_deleted_and_killed_under_qos1_load_lose_no_acknowledged_message() 
         .await
         .unwrap(),
     );
-    let addr = ns.node_port("k", "mqtt");
-    let n = 3000;
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(AtomicBool::new(false));
-    let moves = Arc::new(AtomicUsize::new(0));
-    let sub = tokio::spawn(persistent_subscriber(
-        vec![addr],
-        "pods-sub".into(),
-        "load/#".into(),
-        QoS::AtLeastOnce,
-        Leave::Stay,
-        Duration::from_millis(300),
-        stop.clone(),
-        ready.clone(),
-        moves.clone(),
-        tally.clone(),
-        false,
-    ));
-    wait_until(Duration::from_secs(30), "subscriber", || {
-        ready.load(Ordering::SeqCst)
-    })
-    .await;
-    // Its subscription reaches every pod through the events stream.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let publisher = tokio::spawn(publish_numbered(
-        vec![addr],
-        "load/k",
-        QoS::AtLeastOnce,
-        n,
-        100,
-        16,
-        tally.clone(),
-    ));
+    let load = Load::start(ns.node_port("k", "mqtt"), "k", 3000, 100).await;
+    let n = load.n;
 
     // A third of the way in: `kubectl delete pod` of every pod holding a
     // client (the subscriber's among them); two thirds in: SIGKILL to the
     // container of every broker holding a client.
     for (at, how) in [(n / 3, "delete"), (2 * n / 3, "kill")] {
-        wait_until(Duration::from_secs(120), "publisher progress", || {
-            tally.lock().unwrap().acked.len() as u32 >= at || publisher.is_finished()
-        })
-        .await;
+        load.wait_acked(at).await;
         let ns2 = ns.clone();
         let victims = tokio::task::spawn_blocking(move || {
             let pods = ns2.pods(&broker_selector("k"));
@@ -271,31 +237,83 @@ async fn pods_deleted_and_killed_under_qos1_load_lose_no_acknowledged_message() 
         assert!(!victims.is_empty(), "no pod held a client");
         eprintln!("{how}: {victims:?} at {at} acknowledged");
     }
-    tokio::time::timeout(Duration::from_secs(150), publisher)
-        .await
-        .expect("publisher in time")
-        .unwrap();
-    stop.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(150), sub)
-        .await
-        .expect("subscriber in time")
-        .unwrap();
-    let moves = moves.load(Ordering::Relaxed);
-    eprintln!("subscriber reconnected {moves} times");
-    tally
-        .lock()
-        .unwrap()
-        .check("pods deleted and killed", QoS::AtLeastOnce);
+    let moves = load.finish("pods deleted and killed").await;
     assert!(
         moves >= 2,
         "both faults reached the subscriber ({moves} reconnects)"
     );
-    // The publisher got to the end (what was in flight when its pod went
-    // was not acknowledged, so not counted, and not sent again).
-    assert!(
-        tally.lock().unwrap().acked.contains(&(n - 1)),
-        "the last message was never acknowledged"
-    );
+}
+
+/// QoS 1 load through a Service's node port: a persistent subscriber and a
+/// publisher of `n` numbered messages at `rate` a second, both going on
+/// through the Service when their pod goes.
+struct Load {
+    n: u32,
+    tally: Arc<Mutex<Tally>>,
+    stop: Arc<AtomicBool>,
+    moves: Arc<AtomicUsize>,
+    sub: tokio::task::JoinHandle<()>,
+    publisher: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    async fn start(addr: SocketAddr, name: &str, n: u32, rate: u32) -> Load {
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let sub = Subscriber::new(vec![addr], &format!("{name}-sub"), "load/#", &tally);
+        let (stop, moves) = (sub.stop.clone(), sub.moves.clone());
+        let sub = sub.start().await;
+        // Its subscription reaches every pod through the events stream.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let topic = format!("load/{name}");
+        let t = tally.clone();
+        let publisher = tokio::spawn(async move {
+            publish_numbered(vec![addr], &topic, QoS::AtLeastOnce, n, rate, 16, t).await
+        });
+        Load {
+            n,
+            tally,
+            stop,
+            moves,
+            sub,
+            publisher,
+        }
+    }
+
+    fn acked(&self) -> u32 {
+        self.tally.lock().unwrap().acked.len() as u32
+    }
+
+    async fn wait_acked(&self, at: u32) {
+        wait_until(Duration::from_secs(120), "publisher progress", || {
+            self.acked() >= at || self.publisher.is_finished()
+        })
+        .await;
+    }
+
+    /// Let the publisher end and the subscriber read everything; check that
+    /// no acknowledged message was lost. The subscriber's reconnects.
+    async fn finish(self, what: &str) -> usize {
+        tokio::time::timeout(Duration::from_secs(150), self.publisher)
+            .await
+            .expect("publisher in time")
+            .unwrap();
+        self.stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(150), self.sub)
+            .await
+            .expect("subscriber in time")
+            .unwrap();
+        let moves = self.moves.load(Ordering::Relaxed);
+        eprintln!("{what}: subscriber reconnected {moves} times");
+        let t = self.tally.lock().unwrap();
+        t.check(what, QoS::AtLeastOnce);
+        // The publisher got to the end (what was in flight when its pod
+        // went was not acknowledged, so not counted, and not sent again).
+        assert!(
+            t.acked.contains(&(self.n - 1)),
+            "{what}: the last message was never acknowledged"
+        );
+        moves
+    }
 }
 
 async fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
@@ -396,4 +414,361 @@ fn the_clusters_images_match_the_dockerfiles() {
 /// The broker's pods (not its managed Redis).
 fn broker_selector(name: &str) -> String {
     format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=cirrus-broker")
+}
+
+/// `ctr` on the cluster's own containerd, in the namespace the kubelet uses.
+fn ctr(args: &[&str]) {
+    let sock = node::kubeconfig().with_file_name("containerd.sock");
+    let mut all = vec!["--address", sock.to_str().unwrap(), "-n", "k8s.io"];
+    all.extend(args);
+    let (ok, _, err) = run(Path::new("ctr"), &all, &[], Duration::from_secs(30));
+    assert!(ok, "ctr {args:?}: {err}");
+}
+
+/// `kubectl patch --type merge` of a broker's spec.
+fn patch_broker(ns: &Namespace, name: &str, spec: &str) {
+    kubectl(&[
+        "patch",
+        "mqttbroker",
+        name,
+        "-n",
+        &ns.name,
+        "--type",
+        "merge",
+        "-p",
+        &format!("{{\"spec\": {spec}}}"),
+    ]);
+}
+
+/// What `kubectl get` shows of a broker and its Deployment, as one JSON
+/// document each.
+fn get_json(ns: &Namespace, kind: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str(&kubectl(&["get", kind, name, "-n", &ns.name, "-o", "json"])).unwrap()
+}
+
+/// A broker condition: (status, reason, message).
+fn broker_condition(b: &serde_json::Value, type_: &str) -> (String, String, String) {
+    let c = b["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or_default();
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    (s("status"), s("reason"), s("message"))
+}
+
+/// The operator has seen the broker's current spec.
+fn observed(b: &serde_json::Value) -> bool {
+    b["status"]["observedGeneration"] == b["metadata"]["generation"]
+}
+
+/// One look at a rollout: the broker's updatedReplicas, its Ready and
+/// Progressing (status, reason), and the Deployment's available pods.
+#[derive(Debug, Clone, PartialEq)]
+struct RolloutStep {
+    updated: i64,
+    ready: (String, String),
+    progressing: (String, String),
+    available: i64,
+}
+
+fn rollout_step(ns: &Namespace, name: &str) -> Option<RolloutStep> {
+    let b = get_json(ns, "mqttbroker", name);
+    if !observed(&b) {
+        return None;
+    }
+    let d = get_json(ns, "deployment", name);
+    let (rs, rr, _) = broker_condition(&b, "Ready");
+    let (ps, pr, _) = broker_condition(&b, "Progressing");
+    Some(RolloutStep {
+        updated: b["status"]["updatedReplicas"].as_i64().unwrap_or(0),
+        ready: (rs, rr),
+        progressing: (ps, pr),
+        available: d["status"]["availableReplicas"].as_i64().unwrap_or(0),
+    })
+}
+
+/// The images of a broker's running pods that are not being deleted.
+fn pod_images(ns: &Namespace, name: &str) -> Vec<String> {
+    let out = kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        &broker_selector(name),
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.containers[0].image}|{.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ]);
+    // Old pods still draining their clients are not counted.
+    out.lines()
+        .filter_map(|l| l.strip_suffix('|'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_image_rolls_the_pods_one_by_one_under_qos1_load_and_a_bad_tag_is_not_ready() {
+    let ns = tokio::task::spawn_blocking(|| Namespace::with_operator("roll"))
+        .await
+        .unwrap();
+    apply(
+        &ns.name,
+        &broker(
+            "r",
+            3,
+            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n  rollout: {progressDeadlineSeconds: 20}\n",
+        ),
+    );
+    let ns = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            wait_ready(&ns, "r");
+            ns
+        })
+        .await
+        .unwrap(),
+    );
+    // The same image under a second tag, as a new release would be.
+    ctr(&[
+        "images",
+        "tag",
+        "--force",
+        "cirrus.local/cirrus-broker:dev",
+        "cirrus.local/cirrus-broker:next",
+    ]);
+    let load = Load::start(ns.node_port("r", "mqtt"), "r", 3000, 60).await;
+    load.wait_acked(300).await;
+    let t0 = Instant::now();
+    patch_broker(&ns, "r", r#"{"image": "cirrus.local/cirrus-broker:next"}"#);
+
+    // The rollout as the broker's status tells it, until Ready again.
+    let ns2 = ns.clone();
+    let steps = tokio::task::spawn_blocking(move || {
+        let mut steps: Vec<RolloutStep> = Vec::new();
+        wait_for(Duration::from_secs(200), "the rollout to finish", || {
+            let s = rollout_step(&ns2, "r")?;
+            if steps.last() != Some(&s) {
+                eprintln!("{:>5.1}s {s:?}", t0.elapsed().as_secs_f64());
+                steps.push(s.clone());
+            }
+            (s.ready.0 == "True" && s.updated == 3).then_some(())
+        });
+        steps
+    })
+    .await
+    .unwrap();
+    let took = t0.elapsed();
+    let acked = load.acked();
+    eprintln!(
+        "rollout took {took:?}; {acked} of {} acknowledged by then",
+        load.n
+    );
+    assert!(
+        acked < load.n,
+        "the load ended before the rollout did: make it longer"
+    );
+    // Not Ready while old pods ran; Progressing with the count of pods on
+    // the new image, one by one; never fewer than 3 pods available.
+    assert_eq!(
+        steps[0].ready,
+        ("False".into(), "RollingUpdate".into()),
+        "{steps:#?}"
+    );
+    let updated: Vec<i64> = steps.iter().map(|s| s.updated).collect();
+    assert!(updated.windows(2).all(|w| w[0] <= w[1]), "{steps:#?}");
+    for n in 1..=2 {
+        assert!(
+            steps.iter().any(|s| s.updated == n
+                && s.progressing == ("True".into(), "RollingUpdate".into())),
+            "no step with {n} of 3 pods updated: {steps:#?}"
+        );
+    }
+    assert!(steps.iter().all(|s| s.available >= 3), "{steps:#?}");
+    let last = steps.last().unwrap();
+    assert_eq!(last.progressing, ("False".into(), "RolloutComplete".into()));
+    let ns2 = ns.clone();
+    let images = tokio::task::spawn_blocking(move || pod_images(&ns2, "r"))
+        .await
+        .unwrap();
+    assert!(
+        images
+            .iter()
+            .all(|i| i == "cirrus.local/cirrus-broker:next"),
+        "{images:?}"
+    );
+    let moves = load.finish("rolling update").await;
+    assert!(moves >= 1, "the subscriber's pod was replaced: it moved");
+
+    // A tag that does not exist: the new pod never starts, the old ones go
+    // on serving, and the broker says so.
+    patch_broker(
+        &ns,
+        "r",
+        r#"{"image": "cirrus.local/cirrus-broker:no-such-tag"}"#,
+    );
+    let ns2 = ns.clone();
+    let (b, first) = tokio::task::spawn_blocking(move || {
+        let first = wait_for(
+            Duration::from_secs(30),
+            "the operator to see the change",
+            || rollout_step(&ns2, "r"),
+        );
+        let b = wait_for(
+            Duration::from_secs(120),
+            "the rollout to be called stuck",
+            || {
+                let b = get_json(&ns2, "mqttbroker", "r");
+                (broker_condition(&b, "Degraded").0 == "True").then_some(b)
+            },
+        );
+        (b, first)
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.ready.0, "False", "Ready at once: {first:?}");
+    let (rs, rr, rm) = broker_condition(&b, "Ready");
+    let (ps, pr, _) = broker_condition(&b, "Progressing");
+    assert_eq!(
+        (rs.as_str(), rr.as_str()),
+        ("False", "ProgressDeadlineExceeded"),
+        "{rm}"
+    );
+    assert_eq!(
+        (ps.as_str(), pr.as_str()),
+        ("False", "ProgressDeadlineExceeded")
+    );
+    // The one new pod (it never starts), and the 3 old ones available.
+    assert!(rm.starts_with("1 of 3 pods updated, 3 available"), "{rm}");
+    // The old pods still serve through the Service.
+    let addr = ns.node_port("r", "mqtt");
+    let (mut sub, _) = Client::connect(addr, Opts::v5("after-bad-tag")).await;
+    assert_eq!(sub.subscribe("load/after", QoS::AtLeastOnce).await, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut publ, _) = Client::connect(addr, Opts::v5("after-bad-tag-pub")).await;
+    assert_eq!(
+        publ.publish("load/after", b"still here", QoS::AtLeastOnce, false)
+            .await,
+        0
+    );
+    let got = sub.recv_ack().await;
+    assert_eq!(&got.payload[..], b"still here");
+    let ns2 = ns.clone();
+    let events = tokio::task::spawn_blocking(move || {
+        kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &ns2.name,
+            "--field-selector",
+            "involvedObject.kind=MqttBroker,type=Warning",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(events.contains("ProgressDeadlineExceeded"), "{events}");
+}
+
+/// Ask the eviction API to evict `pod` (what `kubectl drain` does for each
+/// pod): Ok, or the API server's refusal.
+fn evict(ns: &Namespace, pod: &str) -> Result<(), String> {
+    let dir = cirrus_e2e::certs::Dir::new();
+    let body = dir.write(
+        "eviction.json",
+        &format!(
+            r#"{{"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {{"name": "{pod}", "namespace": "{}"}}}}"#,
+            ns.name
+        ),
+    );
+    let (ok, _, err) = kubectl_for(
+        &[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/{}/pods/{pod}/eviction", ns.name),
+            "-f",
+            &body,
+        ],
+        Duration::from_secs(30),
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+fn disruptions_allowed(ns: &Namespace, name: &str) -> i64 {
+    get_json(ns, "pdb", name)["status"]["disruptionsAllowed"]
+        .as_i64()
+        .unwrap_or(-1)
+}
+
+#[test]
+fn a_disruption_budget_refuses_evictions_beyond_it_and_autoscaling_keeps_the_pods_running() {
+    let ns = Namespace::with_operator("pdb");
+    apply(&ns.name, &broker("p", 3, ""));
+    wait_ready(&ns, "p");
+    // maxUnavailable 1 (the default): one eviction, and the next refused
+    // until a replacement is ready.
+    wait_for(Duration::from_secs(60), "the budget's status", || {
+        (disruptions_allowed(&ns, "p") == 1).then_some(())
+    });
+    let pods: Vec<String> = ns
+        .pods(&broker_selector("p"))
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(pods.len(), 3);
+    evict(&ns, &pods[0]).expect("the first eviction");
+    let refused = evict(&ns, &pods[1]).expect_err("a second eviction at once");
+    assert!(refused.contains("disruption budget"), "{refused}");
+    assert!(ns
+        .pods(&broker_selector("p"))
+        .iter()
+        .any(|p| p.0 == pods[1]));
+    // Once the replacement is available, the budget allows one again.
+    wait_for(Duration::from_secs(120), "a replacement pod", || {
+        (disruptions_allowed(&ns, "p") == 1).then_some(())
+    });
+    evict(&ns, &pods[1]).expect("an eviction once the budget allows it");
+    wait_for(READY, "3 available pods again", || {
+        let d = get_json(&ns, "deployment", "p");
+        (d["status"]["availableReplicas"] == 3 && disruptions_allowed(&ns, "p") == 1).then_some(())
+    });
+
+    // Autoscaling turned on for the running 3 pods: the HPA takes over
+    // from 3, not from the Deployment's default of 1. (No metrics source
+    // runs here: the HPA keeps the count it finds.)
+    patch_broker(
+        &ns,
+        "p",
+        r#"{"autoscaling": {"minReplicas": 1, "maxReplicas": 5}}"#,
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the HPA controller at work",
+        || {
+            let (ok, out, _) = kubectl_for(
+                &[
+                    "get",
+                    "hpa",
+                    "p",
+                    "-n",
+                    &ns.name,
+                    "-o",
+                    "jsonpath={.status.currentReplicas}",
+                ],
+                Duration::from_secs(20),
+            );
+            (ok && out.trim() == "3").then_some(())
+        },
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        let d = get_json(&ns, "deployment", "p");
+        assert_eq!(d["spec"]["replicas"], 3, "{}", ns.describe());
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
