@@ -135,12 +135,17 @@ network_up() {
   sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 net.ipv4.conf.all.route_localnet=1
 }
 
-certs() {  # certs RUN: a CA, the API server's and the kubelet's serving certificates, the admin token
+certs() {  # certs RUN: a CA, the API server's and the kubelet's serving certificates, the admin token,
+          # and the aggregation layer's front-proxy CA and client certificate (for aggregated APIs)
   local k=$1/pki
   pki "$1" cirrus-cluster-ca
   leaf "$k" api /CN=kube-apiserver "IP:$NODE_IP,IP:127.0.0.1,IP:${SERVICE_CIDR%.0/16}.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost" serverAuth
   leaf "$k" kubelet "/CN=$NODE" "IP:$NODE_IP,DNS:$NODE" serverAuth
   leaf "$k" apiclient "/O=system:masters/CN=kube-apiserver-kubelet-client" "DNS:client" clientAuth
+  mkdir -p "$k/front-proxy"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=front-proxy-ca \
+    -keyout "$k/front-proxy/ca.key" -out "$k/front-proxy/ca.crt" 2> /dev/null
+  leaf "$k/front-proxy" client /CN=front-proxy-client "DNS:front-proxy-client" clientAuth
   write_kubeconfig "$1" "https://$NODE_IP:$API_PORT" cirrus
 }
 
@@ -251,7 +256,11 @@ cmd_start() {
     --token-auth-file="$k/tokens.csv" --authorization-mode=Node,RBAC --allow-privileged=true \
     --kubelet-client-certificate="$k/apiclient.crt" --kubelet-client-key="$k/apiclient.key" --kubelet-preferred-address-types=InternalIP \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$k/sa.pub" \
-    --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range="$SERVICE_CIDR"
+    --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range="$SERVICE_CIDR" \
+    --requestheader-client-ca-file="$k/front-proxy/ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- --proxy-client-cert-file="$k/front-proxy/client.crt" \
+    --proxy-client-key-file="$k/front-proxy/client.key" --enable-aggregator-routing=true
   wait_until "$run" apiserver 120 kubectl --kubeconfig "$kc" get --raw /readyz
   start_bg "$run" kcm "$bin/kube-controller-manager" --kubeconfig="$kc" --bind-address=127.0.0.1 \
     --secure-port=0 --port=0 --leader-elect=false --controllers='*' \

@@ -74,6 +74,11 @@ impl Namespace {
     /// A fresh namespace with the operator chart installed in it (one
     /// replica, this tree's image).
     pub fn with_operator(prefix: &str) -> Namespace {
+        Namespace::with_operator_set(prefix, &[])
+    }
+
+    /// The same, with more chart values (`--set` each of `sets`).
+    pub fn with_operator_set(prefix: &str, sets: &[&str]) -> Namespace {
         let name = format!("{prefix}-{}", std::process::id());
         kubectl(&["create", "namespace", &name]);
         let ns = Namespace { name };
@@ -102,7 +107,10 @@ impl Namespace {
                 "--wait",
                 "--timeout",
                 "120s",
-            ],
+            ]
+            .into_iter()
+            .chain(sets.iter().flat_map(|v| ["--set", *v]))
+            .collect::<Vec<&str>>(),
             &[],
             Duration::from_secs(150),
         );

@@ -63,4 +63,10 @@ The operator's permissions: exactly the verbs it uses (see docs/operator.md
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.customMetricsApi.enabled }}
+# The custom metrics API reads the broker pods' connection counts.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+{{- end }}
 {{- end -}}

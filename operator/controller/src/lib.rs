@@ -14,6 +14,8 @@
 //! - [`tls`]: the namespace CA and the brokers' server certificates.
 //! - [`lease`]: leader election, so that replicas can stand by.
 //! - [`metrics`]: the operator's `/metrics`, `/healthz`, `/readyz`.
+//! - [`custom_metrics`]: `custom.metrics.k8s.io` for the HPA (the broker
+//!   pods' connections), behind the API server's aggregation layer.
 //!
 //! Every write is a server-side apply with the field manager
 //! [`FIELD_MANAGER`]; children carry owner references, so deleting a
@@ -22,6 +24,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod custom_metrics;
 pub mod health;
 pub mod lease;
 pub mod metrics;

@@ -43,6 +43,15 @@ struct Args {
         default_value = "cirrus-operator"
     )]
     lease_name: String,
+    /// Serve the custom metrics API (`custom.metrics.k8s.io/v1beta1`,
+    /// `cirrus_connections` of the broker pods) here, for the HPA; needs
+    /// --custom-metrics-service and POD_NAMESPACE.
+    #[arg(long, env = "CIRRUS_OPERATOR_CUSTOM_METRICS")]
+    custom_metrics: Option<SocketAddr>,
+    /// The Service in front of the custom metrics API (its certificate's
+    /// name; the APIService points at it).
+    #[arg(long, env = "CIRRUS_OPERATOR_CUSTOM_METRICS_SERVICE")]
+    custom_metrics_service: Option<String>,
     /// Seconds a leader may go without renewing before another takes over.
     #[arg(long, env = "CIRRUS_OPERATOR_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
@@ -89,6 +98,29 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(10),
         shutdown.clone(),
     ));
+
+    if let Some(addr) = args.custom_metrics {
+        let (Some(service), Some(namespace)) = (
+            args.custom_metrics_service.clone(),
+            args.lease_namespace.clone(),
+        ) else {
+            anyhow::bail!("--custom-metrics needs --custom-metrics-service and POD_NAMESPACE");
+        };
+        let cfg = cirrus_operator::custom_metrics::Config {
+            addr,
+            service,
+            namespace,
+            watch: args.namespace.clone(),
+        };
+        let (client, stop) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            // Without it the controllers still run; the HPA then reports
+            // the metric missing, and this says why.
+            if let Err(e) = cirrus_operator::custom_metrics::run(client, cfg, stop).await {
+                tracing::error!(error = %e, "custom metrics API not served");
+            }
+        });
+    }
 
     let ctx = cirrus_operator::Context::new(
         client,

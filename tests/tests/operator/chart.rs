@@ -131,10 +131,15 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     // Every option on.
     let d = docs(&template("rel", "cirrus-system", &["--values", ALL_ON]));
     assert_eq!(of_kind(&d, "ServiceMonitor").len(), 1);
-    assert!(
-        of_kind(&d, "ClusterRole").is_empty(),
-        "one namespace: a Role"
+    // One namespace: a Role; the only ClusterRole is the custom metrics
+    // API's, for its own APIService.
+    let cluster_roles = of_kind(&d, "ClusterRole");
+    assert_eq!(cluster_roles.len(), 1, "one namespace: a Role");
+    assert_eq!(
+        cluster_roles[0]["rules"][0]["resourceNames"][0],
+        "v1beta1.custom.metrics.k8s.io"
     );
+    assert_eq!(of_kind(&d, "APIService").len(), 1);
     let roles = of_kind(&d, "Role");
     assert!(roles.iter().any(|r| r["metadata"]["namespace"] == "mqtt"));
     let dep = of_kind(&d, "Deployment")[0];
@@ -147,6 +152,8 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "grpc",
         "registry.example.com/cirrus/cirrus-operator:0.1.0-test",
+        "--custom-metrics=0.0.0.0:6443",
+        "--custom-metrics-service=rel-cirrus-operator-custom-metrics",
     ] {
         assert!(text.contains(want), "{want} missing from {text}");
     }
@@ -315,6 +322,72 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
     assert!(can_i(&scoped_sa, &watched, "get", "secrets", None));
     assert!(!can_i(&scoped_sa, &other, "get", "secrets", None));
     assert!(!can_i(&scoped_sa, "kube-system", "list", "secrets", None));
+
+    // With the custom metrics API: its own APIService's CA bundle,
+    // delegated authentication and authorization, the broker pods and its
+    // serving certificate's Secret; nothing more. (The APIService itself is
+    // not applied: with no pod behind it, discovery would report the group
+    // unavailable to every other test on this API server.)
+    let metrics_release = format!("{release}m");
+    let rendered = template(
+        &metrics_release,
+        &release_ns,
+        &[
+            "--set",
+            &format!("watchNamespace={watched}"),
+            "--set",
+            "customMetricsApi.enabled=true",
+        ],
+    );
+    let without_apiservice: Vec<&str> = rendered
+        .split("\n---")
+        .filter(|d| !d.contains("kind: APIService"))
+        .collect();
+    assert!(rendered.contains("kind: APIService"));
+    let metrics = dir.join("metrics.yaml");
+    std::fs::write(&metrics, without_apiservice.join("\n---")).unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", metrics.to_str().unwrap()]);
+    assert!(ok, "kubectl apply: {err}");
+    let _metrics = Applied(metrics);
+    let msa = format!("system:serviceaccount:{release_ns}:{metrics_release}-cirrus-operator");
+    let ours = "apiservices.apiregistration.k8s.io/v1beta1.custom.metrics.k8s.io";
+    assert!(can_i(&msa, &watched, "patch", ours, None));
+    assert!(can_i(&msa, &watched, "get", ours, None));
+    assert!(!can_i(&msa, &watched, "delete", ours, None));
+    assert!(!can_i(
+        &msa,
+        &watched,
+        "patch",
+        "apiservices.apiregistration.k8s.io/v1beta1.metrics.k8s.io",
+        None
+    ));
+    assert!(!can_i(
+        &msa,
+        &watched,
+        "create",
+        "apiservices.apiregistration.k8s.io",
+        None
+    ));
+    assert!(can_i(
+        &msa,
+        &watched,
+        "create",
+        "subjectaccessreviews.authorization.k8s.io",
+        None
+    ));
+    assert!(can_i(
+        &msa,
+        "kube-system",
+        "get",
+        "configmaps/extension-apiserver-authentication",
+        None
+    ));
+    assert!(!can_i(&msa, "kube-system", "get", "secrets", None));
+    assert!(can_i(&msa, &watched, "list", "pods", None));
+    assert!(!can_i(&msa, &other, "list", "pods", None));
+    assert!(!can_i(&msa, &watched, "create", "pods", None));
+    assert!(can_i(&msa, &release_ns, "create", "secrets", None));
+    assert!(!can_i(&msa, &release_ns, "delete", "secrets", None));
 
     // The operator itself, as that service account: every kind of child,
     // status, events, the Lease, and a deletion.

@@ -772,3 +772,80 @@ fn a_disruption_budget_refuses_evictions_beyond_it_and_autoscaling_keeps_the_pod
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
+    let ns = tokio::task::spawn_blocking(|| {
+        Namespace::with_operator_set("hpa", &["customMetricsApi.enabled=true"])
+    })
+    .await
+    .unwrap();
+    apply(
+        &ns.name,
+        &broker(
+            "h",
+            1,
+            "  allowAnonymous: true\n  autoscaling: {minReplicas: 1, maxReplicas: 3, targetConnectionsPerPod: 10}\n",
+        ),
+    );
+    let ns = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            wait_ready(&ns, "h");
+            // The API server reaches the operator's metrics API (the
+            // APIService is Available) and it reports the one pod.
+            let path = format!(
+                "/apis/custom.metrics.k8s.io/v1beta1/namespaces/{}/pods/*/cirrus_connections",
+                ns.name
+            );
+            let first = wait_for(Duration::from_secs(90), "the custom metrics API", || {
+                let (ok, out, _) = kubectl_for(&["get", "--raw", &path], Duration::from_secs(20));
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                (ok && v["items"].as_array()?.len() == 1).then_some(v)
+            });
+            eprintln!("{first}");
+            ns
+        })
+        .await
+        .unwrap(),
+    );
+
+    // 30 clients through the Service: 30 per pod against a target of 10.
+    let addr = ns.node_port("h", "mqtt");
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        let mut o = Opts::v5(&format!("hpa-{i}"));
+        o.keep_alive = 0;
+        let (c, ack) = Client::connect(addr, o).await;
+        assert_eq!(ack.reason_code, 0);
+        clients.push(c);
+    }
+    let t0 = Instant::now();
+    let ns2 = ns.clone();
+    let hpa = tokio::task::spawn_blocking(move || {
+        wait_for(Duration::from_secs(120), "the HPA to scale to 3", || {
+            let d = get_json(&ns2, "deployment", "h");
+            (d["spec"]["replicas"] == 3).then_some(())
+        });
+        get_json(&ns2, "hpa.v2.autoscaling", "h")
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "scaled to 3 in {:?}; HPA status: {}",
+        t0.elapsed(),
+        hpa["status"]
+    );
+    // The HPA read the connections (the CPU metric has no source here).
+    let current = hpa["status"]["currentMetrics"].to_string();
+    assert!(current.contains("cirrus_connections"), "{current}");
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for(READY, "3 available pods", || {
+            let d = get_json(&ns2, "deployment", "h");
+            (d["status"]["availableReplicas"] == 3).then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    drop(clients);
+}
