@@ -23,6 +23,8 @@ pub struct Config {
     /// ready and the listeners still serving (Kubernetes: time for the
     /// Service to stop sending clients here).
     pub shutdown_delay_secs: u64,
+    /// How the clients are sent away once the drain begins.
+    pub drain: Drain,
     /// The auth file (users, password hashes, ACLs; see `cirrus_config::auth`).
     /// Without one every client is allowed everything.
     pub auth_file: Option<PathBuf>,
@@ -193,11 +195,48 @@ impl Default for Config {
             sys_interval_secs: 10,
             shutdown_timeout_secs: 10,
             shutdown_delay_secs: 0,
+            drain: Drain::default(),
             auth_file: None,
             tls: Tls::default(),
             redis: Redis::default(),
         }
     }
+}
+
+/// The drain after SIGTERM (and `shutdown_delay_secs`): the listeners stop
+/// and the connected clients are told to go, `connections_per_sec` at a
+/// time, so that they reconnect to the other pods at a pace those can take;
+/// whatever is still connected shortly before `shutdown_timeout_secs` goes
+/// at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Drain {
+    /// Clients sent away per second; 0: all at once.
+    pub connections_per_sec: u32,
+    /// What MQTT 5 clients are told (3.1.1 clients: the socket closes).
+    pub reason: DrainReason,
+    /// Sent as the DISCONNECT's Server Reference with `use_another_server`
+    /// (for example the Service's host name and port).
+    pub server_reference: Option<String>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            connections_per_sec: 0,
+            reason: DrainReason::ServerShuttingDown,
+            server_reference: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainReason {
+    /// 0x8B: the server is going away (one broker on its own).
+    ServerShuttingDown,
+    /// 0x9C: the service goes on elsewhere (pods behind a Service).
+    UseAnotherServer,
 }
 
 impl Default for Listeners {
@@ -297,6 +336,14 @@ impl Config {
             || l.max_subscriptions_per_session == 0
         {
             return bad("limits.max_connections, max_queued_messages and max_subscriptions_per_session must be at least 1");
+        }
+        if self
+            .drain
+            .server_reference
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 1024)
+        {
+            return bad("drain.server_reference must be 1 to 1024 bytes");
         }
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");

@@ -201,6 +201,12 @@ pub async fn render(broker: &Broker) -> String {
         g(&s.publish_store_failed),
     );
     o.one(
+        "cirrus_drained_connections_total",
+        "counter",
+        "Clients sent to another pod by the paced drain after SIGTERM.",
+        g(&s.drained),
+    );
+    o.one(
         "cirrus_decode_errors_total",
         "counter",
         "Malformed or oversized packets (the connection was closed).",

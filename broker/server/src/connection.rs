@@ -41,6 +41,7 @@ use crate::session::{Inflight, OutState, Rung, Session, Signal};
 use crate::stats::{DropReason, Refused, Stats};
 use crate::store::redis::{Pending, StoreFail};
 use cirrus_config::auth::Access;
+use cirrus_config::DrainReason;
 
 /// Reads of a connection whose last read was small (most clients) land in
 /// a buffer of this size on the stack, and are copied to the read buffer.
@@ -87,6 +88,8 @@ enum Close {
     KeepAlive,
     TakenOver,
     Shutdown,
+    /// A paced drain sends the client to another pod.
+    Moved,
 }
 
 impl From<DecodeError> for Close {
@@ -581,6 +584,7 @@ const ACL_CACHE_MAX: usize = 1024;
 fn leave(r: Rung) -> Close {
     match r {
         Rung::Shutdown => Close::Shutdown,
+        Rung::Moved => Close::Moved,
         _ => Close::TakenOver,
     }
 }
@@ -902,11 +906,28 @@ where
             }
             Close::TakenOver => (Some(reason::SESSION_TAKEN_OVER), self.will.take(), None),
             Close::Shutdown => (Some(reason::SERVER_SHUTTING_DOWN), self.will.take(), None),
+            Close::Moved => {
+                let code = match self.broker.config.drain.reason {
+                    DrainReason::ServerShuttingDown => reason::SERVER_SHUTTING_DOWN,
+                    DrainReason::UseAnotherServer => reason::USE_ANOTHER_SERVER,
+                };
+                (Some(code), self.will.take(), None)
+            }
         };
         if let (Some(code), true) = (code, self.v5()) {
+            let mut properties = Properties::default();
+            if code == reason::USE_ANOTHER_SERVER {
+                properties.server_reference = self
+                    .broker
+                    .config
+                    .drain
+                    .server_reference
+                    .as_deref()
+                    .map(ByteString::from);
+            }
             self.send(&Packet::Disconnect(Disconnect {
                 reason_code: code,
-                properties: Properties::default(),
+                properties,
             }));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -38,6 +38,7 @@ pub mod trace;
 pub mod websocket;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,11 +248,12 @@ impl Bound {
         }
         shutdown.cancelled().await;
         info!("shutting down");
+        let deadline = broker.config.shutdown_timeout();
+        drain(&broker, deadline).await;
         // Connections attached before this see the signal; later ones see
         // the cancelled token when they start serving.
         broker.signal_all(session::Signal::shutdown);
         tracker.close();
-        let deadline = broker.config.shutdown_timeout();
         if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
@@ -267,6 +269,55 @@ impl Bound {
         // acknowledgements) and the pod leaves the cluster; waited for.
         broker.store.stop(Duration::from_secs(10)).await;
         self.store_stop.cancel();
+    }
+}
+
+/// Send the attached clients away at `drain.connections_per_sec` (faster if
+/// they would not all go 2 s before `deadline`; what is left then goes at
+/// once, with the rest).
+async fn drain(broker: &Broker, deadline: Duration) {
+    let rate = broker.config.drain.connections_per_sec;
+    if rate == 0 {
+        return;
+    }
+    let signals = broker.attached_signals();
+    let window = deadline.saturating_sub(Duration::from_secs(2));
+    let end = Instant::now() + window;
+    // More clients than fit in the time at this rate: faster, so that all
+    // are told to go (rather than dropped at the deadline).
+    let fits = (signals.len() as f64 / window.as_secs_f64().max(1.0)).ceil() as u32;
+    if fits > rate {
+        warn!(
+            clients = signals.len(),
+            configured = rate,
+            per_sec = fits,
+            "drain: more clients than the rate sends away in time; going faster"
+        );
+    }
+    let rate = rate.max(fits);
+    info!(clients = signals.len(), per_sec = rate, "draining");
+    // Ten steps a second (or one per client when slower than that).
+    let step = Duration::from_secs_f64((1.0 / f64::from(rate)).max(0.1));
+    let per_step = (f64::from(rate) * step.as_secs_f64()).round().max(1.0) as usize;
+    let mut tick = tokio::time::interval(step);
+    let mut sent = 0usize;
+    for chunk in signals.chunks(per_step) {
+        tick.tick().await;
+        if Instant::now() >= end {
+            warn!(
+                left = signals.len() - sent,
+                "drain: out of time, the rest go at once"
+            );
+            break;
+        }
+        for s in chunk {
+            s.move_away();
+        }
+        sent += chunk.len();
+        broker
+            .stats
+            .drained
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
 }
 

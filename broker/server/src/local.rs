@@ -351,6 +351,16 @@ impl Local {
         }
     }
 
+    /// The signals of the connections attached now (a paced drain rings
+    /// them a few at a time).
+    pub fn attached_signals(&self) -> Vec<Arc<Signal>> {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        sessions
+            .iter()
+            .filter_map(|s| s.state.lock().attached.as_ref().map(|a| a.signal.clone()))
+            .collect()
+    }
+
     /// Redis store: another pod took this client over. `epoch` names the
     /// connection it took over from (`None`: whatever is attached): a
     /// newer connection here is left alone, and a connection whose attach

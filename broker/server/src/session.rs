@@ -70,6 +70,8 @@ pub enum Rung {
     Kicked,
     /// The broker is shutting down.
     Shutdown,
+    /// The pod is draining: the client is sent to another pod.
+    Moved,
     /// A new auth policy was installed.
     AuthChanged,
     /// Messages were queued for the session.
@@ -81,6 +83,7 @@ impl Signal {
     const SHUTDOWN: u8 = 2;
     const AUTH: u8 = 4;
     const WAKE: u8 = 8;
+    const MOVE: u8 = 32;
     /// The connection is parked on the waker. Only then does a ring wake
     /// it: a running connection looks at the flags before it parks, so
     /// publishers do not make busy connections poll again for nothing.
@@ -107,6 +110,11 @@ impl Signal {
         self.ring(Self::SHUTDOWN);
     }
 
+    /// Send the client to another pod (a paced drain).
+    pub fn move_away(&self) {
+        self.ring(Self::MOVE);
+    }
+
     pub fn auth_changed(&self) {
         self.ring(Self::AUTH);
     }
@@ -114,6 +122,10 @@ impl Signal {
     fn leaving(f: u8) -> Option<Rung> {
         if f & Self::KICK != 0 {
             Some(Rung::Kicked)
+        } else if f & Self::MOVE != 0 {
+            // Sent away by the drain, even if the shutdown that follows
+            // rang before this connection looked.
+            Some(Rung::Moved)
         } else if f & Self::SHUTDOWN != 0 {
             Some(Rung::Shutdown)
         } else {
@@ -132,7 +144,7 @@ impl Signal {
         let flag = match rung {
             Rung::Wake => Self::WAKE,
             Rung::AuthChanged => Self::AUTH,
-            Rung::Kicked | Rung::Shutdown => return false,
+            Rung::Kicked | Rung::Shutdown | Rung::Moved => return false,
         };
         self.flags.load(Ordering::Acquire) & flag != 0
             && self.flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0

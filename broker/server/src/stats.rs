@@ -105,6 +105,8 @@ pub struct Stats {
     pub payload_bytes_sent_qos: [AtomicU64; 3],
     /// Logins refused for bad credentials.
     pub auth_failures: AtomicU64,
+    /// Clients sent to another pod by a paced drain.
+    pub drained: AtomicU64,
     /// From the broker receiving a message to writing it to a subscriber.
     pub delivery_latency: Histogram,
     /// Second (since start) each drop reason was last logged.

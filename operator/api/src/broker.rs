@@ -68,6 +68,10 @@ pub struct MqttBrokerSpec {
     /// setting) replaces the pods.
     #[serde(default)]
     pub rollout: Rollout,
+    /// How a terminating pod (scale-down, rollout, node drain) sends its
+    /// clients to the other pods.
+    #[serde(default)]
+    pub drain: DrainSpec,
     /// Pods that may be unavailable during voluntary disruptions.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]
@@ -150,6 +154,47 @@ impl Default for Rollout {
             progress_deadline_seconds: default_progress_deadline(),
         }
     }
+}
+
+/// After SIGTERM a pod turns not-ready, keeps serving 5 s while the Service
+/// stops sending it clients, then sends its clients away at a paced rate:
+/// MQTT 5 clients get DISCONNECT 0x9C "Use another server" (with
+/// `serverReference` when set), MQTT 3.1.1 clients a closed socket. The
+/// pod's `terminationGracePeriodSeconds` is `timeoutSeconds` + 15.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Clients sent away per second. A pod with more clients than fit in
+    /// `timeoutSeconds` at this rate goes faster, so as to finish in time.
+    #[serde(default = "default_drain_rate")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub connections_per_second: u32,
+    /// Seconds the drain may take.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub timeout_seconds: u32,
+    /// Server Reference for MQTT 5 clients (for example the external host
+    /// name and port); without it they reconnect where they connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub server_reference: Option<String>,
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        DrainSpec {
+            connections_per_second: default_drain_rate(),
+            timeout_seconds: default_drain_timeout(),
+            server_reference: None,
+        }
+    }
+}
+
+fn default_drain_rate() -> u32 {
+    200
+}
+fn default_drain_timeout() -> u32 {
+    30
 }
 
 fn default_max_surge() -> i32 {

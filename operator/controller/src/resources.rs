@@ -28,8 +28,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
-/// Seconds the broker may take to drain on SIGTERM (its `shutdown_timeout_secs`).
-pub const DRAIN_SECS: u64 = 20;
 /// The broker's admin port: /metrics, /healthz, /readyz.
 pub const ADMIN_PORT: u16 = 9090;
 /// Seconds a pod keeps serving (not ready) after SIGTERM, so that Services
@@ -126,8 +124,14 @@ pub fn broker_config(b: &MqttBroker) -> Config {
     if let Some(ms) = s.redis.wait_timeout_ms {
         c.redis.wait_timeout_ms = ms;
     }
-    c.shutdown_timeout_secs = DRAIN_SECS;
+    c.shutdown_timeout_secs = u64::from(s.drain.timeout_seconds);
     c.shutdown_delay_secs = SHUTDOWN_DELAY_SECS;
+    c.drain = cirrus_config::Drain {
+        connections_per_sec: s.drain.connections_per_second,
+        // Pods behind a Service: the service goes on elsewhere.
+        reason: cirrus_config::DrainReason::UseAnotherServer,
+        server_reference: s.drain.server_reference.clone(),
+    };
     // The auth Secret's mount (see `deployment`).
     c.auth_file = Some(format!("/etc/cirrus/auth/{AUTH_KEY}").into());
     let l = &s.limits;
@@ -408,10 +412,9 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
-                    // Drain deadline plus the time to stop.
-                    termination_grace_period_seconds: Some(
-                        (SHUTDOWN_DELAY_SECS + DRAIN_SECS) as i64 + 10,
-                    ),
+                    // Not-ready delay and drain deadline, plus the time to
+                    // stop (the store's last writes).
+                    termination_grace_period_seconds: Some(grace_period(s)),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -628,6 +631,12 @@ pub fn canonical_quantity(mut n: i64) -> Quantity {
     Quantity(format!("{n}{}", ["", "k", "M", "G", "T", "P", "E"][suffix]))
 }
 
+/// Seconds Kubernetes waits after SIGTERM: the not-ready delay, the drain,
+/// and 10 s to stop.
+pub fn grace_period(s: &cirrus_operator_api::MqttBrokerSpec) -> i64 {
+    (SHUTDOWN_DELAY_SECS + u64::from(s.drain.timeout_seconds)) as i64 + 10
+}
+
 /// None when autoscaling is off.
 pub fn hpa(b: &MqttBroker) -> Option<HorizontalPodAutoscaler> {
     let a = b.spec.autoscaling.as_ref()?;
@@ -710,10 +719,11 @@ mod tests {
             (sc.run_as_non_root, sc.read_only_root_filesystem),
             (Some(true), Some(true))
         );
-        assert!(
-            pod.termination_grace_period_seconds.unwrap()
-                > (SHUTDOWN_DELAY_SECS + DRAIN_SECS) as i64
-        );
+        assert!(pod.termination_grace_period_seconds.unwrap() > (SHUTDOWN_DELAY_SECS + 30) as i64);
+        // The drain is paced and tells MQTT 5 clients to go elsewhere.
+        assert_eq!(c.drain.connections_per_sec, 200);
+        assert_eq!(c.drain.reason, cirrus_config::DrainReason::UseAnotherServer);
+        assert_eq!(c.shutdown_timeout_secs, 30);
         let c = &pod.containers[0];
         let ready = c
             .readiness_probe
