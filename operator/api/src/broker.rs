@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -113,16 +114,29 @@ pub struct Autoscaling {
     pub min_replicas: i32,
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Average CPU utilisation to aim for, in percent of the request.
-    #[serde(default = "default_cpu")]
+    /// Average CPU utilisation to aim for, in percent of the pods' CPU
+    /// request (needs metrics-server). Default: 70 when
+    /// `targetConnectionsPerPod` is not set, else none (the HPA does not
+    /// scale down while one of its metrics is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
-    pub target_cpu_utilization: i32,
+    pub target_cpu_utilization: Option<i32>,
     /// Average MQTT connections per pod to aim for (the broker's
-    /// `cirrus_connections` metric through a metrics adapter).
+    /// `cirrus_connections`, from the operator's custom metrics API or a
+    /// Prometheus adapter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_connections_per_pod: Option<i64>,
+    /// The HPA's scaling behaviour (`autoscaling/v2`). Default: Kubernetes'
+    /// own for scaling up; scaling down removes at most one pod per drain
+    /// (`drain.timeoutSeconds` + 5 s), after Kubernetes' 300 s
+    /// stabilization window, so that it never outruns the drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<HorizontalPodAutoscalerBehavior>,
 }
+
+/// CPU target when none is given and connections are not the target.
+pub const DEFAULT_CPU_UTILIZATION: i32 = 70;
 
 /// The rolling update of the broker's Deployment: one new pod at a time by
 /// default, and no old pod goes before its replacement is available.
@@ -202,10 +216,6 @@ fn default_max_surge() -> i32 {
 }
 fn default_progress_deadline() -> i32 {
     600
-}
-
-fn default_cpu() -> i32 {
-    70
 }
 
 /// A key of a Secret in the same namespace.

@@ -12,8 +12,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-    MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
@@ -662,18 +663,42 @@ pub fn hpa(b: &MqttBroker) -> Option<HorizontalPodAutoscaler> {
             ..Default::default()
         });
     }
-    metrics.push(MetricSpec {
-        type_: "Resource".into(),
-        resource: Some(ResourceMetricSource {
-            name: "cpu".into(),
-            target: MetricTarget {
-                type_: "Utilization".into(),
-                average_utilization: Some(a.target_cpu_utilization),
+    let cpu = match (a.target_cpu_utilization, a.target_connections_per_pod) {
+        (Some(c), _) => Some(c),
+        (None, None) => Some(cirrus_operator_api::DEFAULT_CPU_UTILIZATION),
+        (None, Some(_)) => None,
+    };
+    if let Some(cpu) = cpu {
+        metrics.push(MetricSpec {
+            type_: "Resource".into(),
+            resource: Some(ResourceMetricSource {
+                name: "cpu".into(),
+                target: MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(cpu),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    // Scale-down never outruns the drain: one pod per drain.
+    let behavior = a
+        .behavior
+        .clone()
+        .unwrap_or_else(|| HorizontalPodAutoscalerBehavior {
+            scale_down: Some(HPAScalingRules {
+                policies: Some(vec![HPAScalingPolicy {
+                    type_: "Pods".into(),
+                    value: 1,
+                    period_seconds: grace_period(&b.spec) as i32 - 10,
+                }]),
+                select_policy: Some("Min".into()),
+                stabilization_window_seconds: Some(300),
                 ..Default::default()
-            },
-        }),
-        ..Default::default()
-    });
+            }),
+            scale_up: None,
+        });
     Some(HorizontalPodAutoscaler {
         metadata: meta(b, name.clone(), labels(&name)),
         spec: HorizontalPodAutoscalerSpec {
@@ -685,7 +710,7 @@ pub fn hpa(b: &MqttBroker) -> Option<HorizontalPodAutoscaler> {
             min_replicas: Some(a.min_replicas),
             max_replicas: a.max_replicas,
             metrics: Some(metrics),
-            ..Default::default()
+            behavior: Some(behavior),
         },
         ..Default::default()
     })
@@ -799,7 +824,15 @@ mod tests {
         assert_eq!(deployment(&b, "").spec.replicas, None);
         let h = hpa(&b).unwrap().spec;
         assert_eq!((h.min_replicas, h.max_replicas), (Some(2), 5));
-        assert_eq!(h.metrics.unwrap().len(), 2);
+        // Connections only: a CPU target would need metrics-server, and a
+        // missing metric stops the HPA from scaling down.
+        assert_eq!(h.metrics.unwrap().len(), 1);
+        let down = h.behavior.unwrap().scale_down.unwrap();
+        let p = &down.policies.unwrap()[0];
+        assert_eq!(
+            (p.type_.as_str(), p.value, p.period_seconds),
+            ("Pods", 1, 35)
+        );
         let ports = service(&b).spec.unwrap().ports.unwrap();
         assert_eq!(
             ports.iter().map(|p| p.port).collect::<Vec<_>>(),

@@ -19,10 +19,12 @@ locals {
   autoscaling = var.autoscaling == null ? {} : {
     autoscaling = merge(
       {
-        minReplicas          = var.autoscaling.min_replicas
-        maxReplicas          = var.autoscaling.max_replicas
-        targetCpuUtilization = var.autoscaling.target_cpu_utilization
+        minReplicas = var.autoscaling.min_replicas
+        maxReplicas = var.autoscaling.max_replicas
       },
+      var.autoscaling.target_cpu_utilization != null ? {
+        targetCpuUtilization = var.autoscaling.target_cpu_utilization
+      } : {},
       var.autoscaling.target_connections_per_pod != null ? {
         targetConnectionsPerPod = var.autoscaling.target_connections_per_pod
       } : {},

@@ -74,7 +74,7 @@ variable "autoscaling" {
   type = object({
     min_replicas               = number
     max_replicas               = number
-    target_cpu_utilization     = optional(number, 70)
+    target_cpu_utilization     = optional(number) # the operator's default: 70 unless connections are the target
     target_connections_per_pod = optional(number)
   })
   default = null

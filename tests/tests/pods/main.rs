@@ -785,7 +785,7 @@ async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
         &broker(
             "h",
             1,
-            "  allowAnonymous: true\n  autoscaling: {minReplicas: 1, maxReplicas: 3, targetConnectionsPerPod: 10}\n",
+            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n  autoscaling:\n    minReplicas: 1\n    maxReplicas: 3\n    targetConnectionsPerPod: 10\n    behavior: {scaleDown: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 15}]}}\n",
         ),
     );
     let ns = Arc::new(
@@ -847,5 +847,37 @@ async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
     })
     .await
     .unwrap();
+
+    // QoS 1 load through the Service, and the 30 clients gone: 2
+    // connections on 3 pods against a target of 10. The HPA scales down one
+    // pod per 15 s (the spec's behavior); each pod that goes drains its
+    // clients to the others, and nothing acknowledged is lost.
+    let load = Load::start(addr, "h", 3000, 60).await;
+    load.wait_acked(300).await;
     drop(clients);
+    let t0 = Instant::now();
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for(
+            Duration::from_secs(150),
+            "the HPA to scale down to 1",
+            || {
+                let d = get_json(&ns2, "deployment", "h");
+                (d["spec"]["replicas"] == 1 && pod_images(&ns2, "h").len() == 1).then_some(())
+            },
+        )
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "scaled down to 1 pod in {:?}; {} of {} acknowledged by then",
+        t0.elapsed(),
+        load.acked(),
+        load.n
+    );
+    assert!(
+        load.acked() < load.n,
+        "the load ended before the scale-down"
+    );
+    load.finish("HPA scale-down").await;
 }
