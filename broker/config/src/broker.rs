@@ -25,6 +25,9 @@ pub struct Config {
     pub shutdown_delay_secs: u64,
     /// How the clients are sent away once the drain begins.
     pub drain: Drain,
+    /// Redis store: evening out the clients between pods (new pods after a
+    /// scale-up or a rollout get their share).
+    pub rebalance: Rebalance,
     /// The auth file (users, password hashes, ACLs; see `cirrus_config::auth`).
     /// Without one every client is allowed everything.
     pub auth_file: Option<PathBuf>,
@@ -196,6 +199,7 @@ impl Default for Config {
             shutdown_timeout_secs: 10,
             shutdown_delay_secs: 0,
             drain: Drain::default(),
+            rebalance: Rebalance::default(),
             auth_file: None,
             tls: Tls::default(),
             redis: Redis::default(),
@@ -226,6 +230,34 @@ impl Default for Drain {
             connections_per_sec: 0,
             reason: DrainReason::ServerShuttingDown,
             server_reference: None,
+        }
+    }
+}
+
+/// Every `interval_secs` a pod compares its connections with the mean of
+/// the live pods (from Redis); holding more than `threshold_percent` above
+/// it, it sends the excess away (as a drain does: `drain.reason`,
+/// `drain.server_reference`), at most `connections_per_sec`, choosing
+/// clients connected for at least `min_connection_age_secs` — a client
+/// just moved is young on its new pod, so it is not moved again soon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rebalance {
+    pub enabled: bool,
+    pub threshold_percent: u32,
+    pub connections_per_sec: u32,
+    pub min_connection_age_secs: u64,
+    pub interval_secs: u64,
+}
+
+impl Default for Rebalance {
+    fn default() -> Self {
+        Rebalance {
+            enabled: true,
+            threshold_percent: 20,
+            connections_per_sec: 50,
+            min_connection_age_secs: 60,
+            interval_secs: 5,
         }
     }
 }
@@ -344,6 +376,10 @@ impl Config {
             .is_some_and(|r| r.is_empty() || r.len() > 1024)
         {
             return bad("drain.server_reference must be 1 to 1024 bytes");
+        }
+        let r = &self.rebalance;
+        if r.enabled && (r.connections_per_sec == 0 || r.interval_secs == 0) {
+            return bad("rebalance.connections_per_sec and interval_secs must be at least 1");
         }
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs and write_timeout_secs must be at least 1");

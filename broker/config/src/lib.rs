@@ -12,4 +12,4 @@
 pub mod auth;
 pub mod broker;
 
-pub use broker::{Config, ConfigError, Drain, DrainReason};
+pub use broker::{Config, ConfigError, Drain, DrainReason, Rebalance};

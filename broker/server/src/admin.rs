@@ -207,6 +207,12 @@ pub async fn render(broker: &Broker) -> String {
         g(&s.drained),
     );
     o.one(
+        "cirrus_rebalanced_connections_total",
+        "counter",
+        "Clients sent to another pod because this one held clearly more than the pods' mean.",
+        g(&s.rebalanced),
+    );
+    o.one(
         "cirrus_decode_errors_total",
         "counter",
         "Malformed or oversized packets (the connection was closed).",

@@ -291,6 +291,7 @@ impl Broker {
             st.attached = Some(Attachment {
                 epoch,
                 signal: signal.clone(),
+                since: Instant::now(),
             });
             st.epoch = epoch;
             st.protocol = req.protocol;

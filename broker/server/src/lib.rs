@@ -246,6 +246,9 @@ impl Bound {
         if broker.auth.enabled() {
             tracker.spawn(run_auth_reload(broker.clone(), shutdown.clone()));
         }
+        if let (true, store::Store::Redis(r)) = (broker.config.rebalance.enabled, &broker.store) {
+            tracker.spawn(run_rebalance(broker.clone(), r.clone(), shutdown.clone()));
+        }
         shutdown.cancelled().await;
         info!("shutting down");
         let deadline = broker.config.shutdown_timeout();
@@ -321,6 +324,89 @@ async fn drain(broker: &Broker, deadline: Duration) {
     }
 }
 
+/// Redis store: every `rebalance.interval_secs`, compare this pod's
+/// connections with the mean of the live pods and send the excess away.
+async fn run_rebalance(
+    broker: Arc<Broker>,
+    redis: Arc<store::redis::RedisStore>,
+    shutdown: CancellationToken,
+) {
+    let cfg = broker.config.rebalance.clone();
+    let every = Duration::from_secs(cfg.interval_secs);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a move, the counts in Redis are stale until every pod has
+    // written its own again: this pod waits two rounds before it looks.
+    let mut quiet = 0u32;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if quiet > 0 {
+            quiet -= 1;
+            let mine = broker.stats.connections_current.load(Ordering::Relaxed);
+            let _ = redis.pod_loads(mine).await;
+            continue;
+        }
+        let mine = broker.stats.connections_current.load(Ordering::Relaxed);
+        let Ok(loads) = redis.pod_loads(mine).await else {
+            continue;
+        };
+        let Some(excess) = rebalance_excess(mine as u64, &loads, cfg.threshold_percent) else {
+            continue;
+        };
+        // Half the excess at a time (other pods may be moving clients at
+        // the same moment, on counts as stale as these), and at most what
+        // the rate allows before the next look.
+        let excess = excess.div_ceil(2);
+        let budget = u64::from(cfg.connections_per_sec) * cfg.interval_secs;
+        let settled = broker.settled_signals(Duration::from_secs(cfg.min_connection_age_secs));
+        let n = (excess.min(budget) as usize).min(settled.len());
+        if n == 0 {
+            continue;
+        }
+        quiet = 2;
+        info!(
+            connections = mine,
+            pods = loads.len(),
+            moving = n,
+            "rebalancing: more than the pods' mean"
+        );
+        let step = Duration::from_secs_f64((1.0 / f64::from(cfg.connections_per_sec)).max(0.1));
+        let per_step = (f64::from(cfg.connections_per_sec) * step.as_secs_f64())
+            .round()
+            .max(1.0) as usize;
+        let mut pace = tokio::time::interval(step);
+        for chunk in settled[..n].chunks(per_step) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = pace.tick() => {}
+            }
+            for s in chunk {
+                s.move_away();
+            }
+            broker
+                .stats
+                .rebalanced
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How many clients a pod holding `mine` should send away, given the
+/// counts of all live pods (its own among them): the excess over the mean
+/// when it is more than `threshold_percent` above it (and at least 2).
+fn rebalance_excess(mine: u64, loads: &[u64], threshold_percent: u32) -> Option<u64> {
+    if loads.len() < 2 {
+        return None;
+    }
+    let mean = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
+    let limit = mean * (1.0 + f64::from(threshold_percent) / 100.0);
+    let excess = mine.saturating_sub(mean.ceil() as u64);
+    (mine as f64 > limit && excess >= 2).then_some(excess)
+}
+
 /// Bind and serve: the whole broker.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     bind(config).await?.serve(shutdown).await;
@@ -381,6 +467,25 @@ async fn run_sys(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => broker.publish_sys(),
         }
+    }
+}
+
+#[cfg(test)]
+mod rebalance_tests {
+    use super::rebalance_excess;
+
+    #[test]
+    fn only_a_pod_clearly_above_the_mean_sends_clients_away() {
+        // 60 here, a new pod with none: 30 go.
+        assert_eq!(rebalance_excess(60, &[60, 0], 20), Some(30));
+        // Within 20 % of the mean: nothing moves (no bouncing).
+        assert_eq!(rebalance_excess(34, &[34, 30, 26], 20), None);
+        assert_eq!(rebalance_excess(26, &[34, 30, 26], 20), None);
+        // Alone: nobody to give to.
+        assert_eq!(rebalance_excess(100, &[100], 20), None);
+        // A rounding excess of one is not worth a reconnect.
+        assert_eq!(rebalance_excess(3, &[3, 1, 1], 20), None);
+        assert_eq!(rebalance_excess(90, &[90, 30, 30], 20), Some(40));
     }
 }
 

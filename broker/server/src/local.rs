@@ -361,6 +361,20 @@ impl Local {
             .collect()
     }
 
+    /// Signals of connections attached for at least `min_age` (those a
+    /// rebalance may move).
+    pub fn settled_signals(&self, min_age: std::time::Duration) -> Vec<Arc<Signal>> {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        sessions
+            .iter()
+            .filter_map(|s| {
+                let st = s.state.lock();
+                let a = st.attached.as_ref()?;
+                (a.since.elapsed() >= min_age).then(|| a.signal.clone())
+            })
+            .collect()
+    }
+
     /// Redis store: another pod took this client over. `epoch` names the
     /// connection it took over from (`None`: whatever is attached): a
     /// newer connection here is left alone, and a connection whose attach

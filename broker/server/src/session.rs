@@ -52,6 +52,8 @@ pub struct Attachment {
     pub epoch: u64,
     /// How the connection is woken (messages queued) or sent away.
     pub signal: Arc<Signal>,
+    /// When it attached (a rebalance moves only clients settled here).
+    pub since: std::time::Instant,
 }
 
 /// What a connection's task is told from outside. One small allocation per

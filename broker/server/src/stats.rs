@@ -107,6 +107,8 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// Clients sent to another pod by a paced drain.
     pub drained: AtomicU64,
+    /// Clients sent to another pod because this one held more than its share.
+    pub rebalanced: AtomicU64,
     /// From the broker receiving a message to writing it to a subscriber.
     pub delivery_latency: Histogram,
     /// Second (since start) each drop reason was last logged.

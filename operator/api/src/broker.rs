@@ -73,6 +73,10 @@ pub struct MqttBrokerSpec {
     /// clients to the other pods.
     #[serde(default)]
     pub drain: DrainSpec,
+    /// How pods holding clearly more than their share of the clients (new
+    /// pods after a scale-up or a rollout) send the excess to the others.
+    #[serde(default)]
+    pub rebalance: RebalanceSpec,
     /// Pods that may be unavailable during voluntary disruptions.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]
@@ -202,6 +206,53 @@ impl Default for DrainSpec {
             server_reference: None,
         }
     }
+}
+
+/// Every 5 s each pod compares its connections with the mean of the pods
+/// (through Redis); above it by more than `thresholdPercent`, it sends half
+/// the excess away as the drain does (0x9C), at most
+/// `connectionsPerSecond`, choosing clients connected for at least
+/// `minConnectionAgeSeconds` (so a client just moved is not moved again),
+/// then waits two rounds for fresh counts. Counted in
+/// `cirrus_rebalanced_connections_total`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_rebalance_threshold")]
+    #[schemars(range(min = 5, max = 1000))]
+    pub threshold_percent: u32,
+    #[serde(default = "default_rebalance_rate")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub connections_per_second: u32,
+    #[serde(default = "default_rebalance_age")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub min_connection_age_seconds: u32,
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        RebalanceSpec {
+            enabled: true,
+            threshold_percent: default_rebalance_threshold(),
+            connections_per_second: default_rebalance_rate(),
+            min_connection_age_seconds: default_rebalance_age(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rebalance_threshold() -> u32 {
+    20
+}
+fn default_rebalance_rate() -> u32 {
+    50
+}
+fn default_rebalance_age() -> u32 {
+    60
 }
 
 fn default_drain_rate() -> u32 {

@@ -144,14 +144,15 @@ mod tests {
         d
     }
 
-    fn reasons(h: &Health) -> (bool, &str, bool, &str, bool, &str) {
-        (
-            h.ready.ok,
-            h.ready.reason,
-            h.progressing.ok,
-            h.progressing.reason,
-            h.degraded.ok,
-            h.degraded.reason,
+    /// The three conditions, as `kubectl get` would show them.
+    fn summary(h: &Health) -> String {
+        let c =
+            |t: &str, c: &Cond| format!("{t}={}/{}", if c.ok { "True" } else { "False" }, c.reason);
+        format!(
+            "{} {} {}",
+            c("Ready", &h.ready),
+            c("Progressing", &h.progressing),
+            c("Degraded", &h.degraded)
         )
     }
 
@@ -165,15 +166,8 @@ mod tests {
         );
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                true,
-                "Available",
-                false,
-                "RolloutComplete",
-                false,
-                "AsExpected"
-            )
+            summary(&h),
+            "Ready=True/Available Progressing=False/RolloutComplete Degraded=False/AsExpected"
         );
         assert_eq!(h.ready.message, "3 of 3 pods updated, 3 available");
         // ... unless its managed Redis has no pod.
@@ -191,15 +185,8 @@ mod tests {
         );
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "RollingUpdate",
-                true,
-                "RollingUpdate",
-                false,
-                "AsExpected"
-            )
+            summary(&h),
+            "Ready=False/RollingUpdate Progressing=True/RollingUpdate Degraded=False/AsExpected"
         );
         assert_eq!(h.updated, 0);
     }
@@ -214,15 +201,8 @@ mod tests {
         );
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "RollingUpdate",
-                true,
-                "RollingUpdate",
-                false,
-                "AsExpected"
-            )
+            summary(&h),
+            "Ready=False/RollingUpdate Progressing=True/RollingUpdate Degraded=False/AsExpected"
         );
         assert_eq!(h.progressing.message, "2 of 3 pods updated, 3 available");
     }
@@ -238,15 +218,8 @@ mod tests {
         );
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "ProgressDeadlineExceeded",
-                false,
-                "ProgressDeadlineExceeded",
-                true,
-                "ProgressDeadlineExceeded"
-            )
+            summary(&h),
+            "Ready=False/ProgressDeadlineExceeded Progressing=False/ProgressDeadlineExceeded Degraded=True/ProgressDeadlineExceeded"
         );
         assert_eq!(
             h.ready.message,
@@ -267,15 +240,8 @@ mod tests {
         );
         let h = of(&d, 2, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "ReplicaFailure",
-                true,
-                "PodsStarting",
-                true,
-                "ReplicaFailure"
-            )
+            summary(&h),
+            "Ready=False/ReplicaFailure Progressing=True/PodsStarting Degraded=True/ReplicaFailure"
         );
     }
 
@@ -284,15 +250,8 @@ mod tests {
         let d = deployment(1, 0, (0, 0, 0), &[]);
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "Unavailable",
-                true,
-                "PodsStarting",
-                false,
-                "AsExpected"
-            )
+            summary(&h),
+            "Ready=False/Unavailable Progressing=True/PodsStarting Degraded=False/AsExpected"
         );
     }
 
@@ -306,15 +265,8 @@ mod tests {
         );
         let h = of(&d, 3, None);
         assert_eq!(
-            reasons(&h),
-            (
-                false,
-                "Unavailable",
-                true,
-                "PodsStarting",
-                false,
-                "AsExpected"
-            )
+            summary(&h),
+            "Ready=False/Unavailable Progressing=True/PodsStarting Degraded=False/AsExpected"
         );
     }
 }

@@ -133,6 +133,13 @@ pub fn broker_config(b: &MqttBroker) -> Config {
         reason: cirrus_config::DrainReason::UseAnotherServer,
         server_reference: s.drain.server_reference.clone(),
     };
+    c.rebalance = cirrus_config::Rebalance {
+        enabled: s.rebalance.enabled,
+        threshold_percent: s.rebalance.threshold_percent,
+        connections_per_sec: s.rebalance.connections_per_second,
+        min_connection_age_secs: u64::from(s.rebalance.min_connection_age_seconds),
+        ..cirrus_config::Rebalance::default()
+    };
     // The auth Secret's mount (see `deployment`).
     c.auth_file = Some(format!("/etc/cirrus/auth/{AUTH_KEY}").into());
     let l = &s.limits;

@@ -524,3 +524,89 @@ async fn a_pod_taken_for_dead_announces_itself_again() {
 mod bounds;
 mod faults;
 mod tracing;
+
+/// A pod that joins gets its share: the pod holding every client sends the
+/// excess over the mean away (0x9C, paced), the clients come back on the
+/// new pod, and nobody is moved twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_gets_its_share_of_the_clients_and_nobody_moves_twice() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let r = RedisServer::start();
+    let url = r.url();
+    let cfg = "rebalance: {min_connection_age_secs: 1, interval_secs: 1, connections_per_sec: 20}\ndrain: {reason: use_another_server}\n";
+    let args = ["--redis", url.as_str(), "--node-timeout-ms", "1000"];
+    let a = BrokerProcess::start_with_config(cfg, &args);
+    const N: usize = 60;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        clients.push(Client::connect_ok(a.addr, Opts::v5(&format!("c{i}"))).await);
+    }
+    let b = BrokerProcess::start_with_config(cfg, &args);
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            // Sent away, a client reconnects to the other pod (as a
+            // Service would spread it).
+            let (stop, moved, addrs) = (stop.clone(), moved.clone(), [a.addr, b.addr]);
+            tokio::spawn(async move {
+                let mut moves = 0;
+                let mut on = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    match c.next(Duration::from_millis(100)).await {
+                        Next::Packet(Packet::Disconnect(d)) => {
+                            assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER);
+                        }
+                        Next::Closed => {
+                            moves += 1;
+                            moved.fetch_add(1, Ordering::SeqCst);
+                            on = 1 - on;
+                            c = Client::connect_ok(addrs[on], Opts::v5(&format!("c{i}"))).await;
+                        }
+                        _ => {}
+                    }
+                }
+                moves
+            })
+        })
+        .collect();
+    // Balanced: each pod within 20 % of the mean (30).
+    let end = t0 + Duration::from_secs(30);
+    let counts = loop {
+        let counts = (
+            a.metric("cirrus_connections"),
+            b.metric("cirrus_connections"),
+        );
+        if (24.0..=36.0).contains(&counts.0) && (24.0..=36.0).contains(&counts.1) {
+            break counts;
+        }
+        assert!(Instant::now() < end, "not balanced in 30 s: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let took = t0.elapsed();
+    // A few more rounds: nothing else moves.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let settled = (
+        a.metric("cirrus_connections"),
+        b.metric("cirrus_connections"),
+    );
+    stop.store(true, Ordering::SeqCst);
+    let mut most = 0;
+    for t in tasks {
+        most = most.max(t.await.unwrap());
+    }
+    let moved = moved.load(Ordering::SeqCst);
+    eprintln!("balanced at {counts:?} in {took:?}; {moved} clients moved");
+    assert!(most <= 1, "a client was moved {most} times");
+    assert_eq!(
+        a.metric("cirrus_rebalanced_connections_total"),
+        moved as f64
+    );
+    assert_eq!(b.metric("cirrus_rebalanced_connections_total"), 0.0);
+    assert!(moved <= N / 2, "{moved} moved for a share of {}", N / 2);
+    assert_eq!(settled, ((N - moved) as f64, moved as f64));
+}

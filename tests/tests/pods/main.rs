@@ -26,6 +26,30 @@ fn broker(name: &str, replicas: u32, spec: &str) -> String {
     )
 }
 
+/// A namespace with the operator (and chart values `sets`), and in it a
+/// Ready broker `name` open to anonymous clients on `load/#`, with `spec`.
+async fn with_broker(
+    prefix: &'static str,
+    sets: &'static [&'static str],
+    name: &'static str,
+    replicas: u32,
+    spec: &'static str,
+) -> Arc<Namespace> {
+    tokio::task::spawn_blocking(move || {
+        let ns = Namespace::with_operator_set(prefix, sets);
+        let anonymous =
+            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n";
+        apply(
+            &ns.name,
+            &broker(name, replicas, &format!("{anonymous}{spec}")),
+        );
+        wait_ready(&ns, name);
+        Arc::new(ns)
+    })
+    .await
+    .unwrap()
+}
+
 /// `kubectl wait --for=condition=Ready` on the broker.
 fn wait_ready(ns: &Namespace, name: &str) {
     let (ok, _, err) = kubectl_for(
@@ -169,25 +193,7 @@ async fn three_pods_with_managed_redis_and_tls_carry_traffic_between_pods_throug
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_deleted_and_killed_under_qos1_load_lose_no_acknowledged_message() {
-    let ns = tokio::task::spawn_blocking(|| Namespace::with_operator("kill"))
-        .await
-        .unwrap();
-    apply(
-        &ns.name,
-        &broker(
-            "k",
-            3,
-            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n",
-        ),
-    );
-    let ns = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            wait_ready(&ns, "k");
-            ns
-        })
-        .await
-        .unwrap(),
-    );
+    let ns = with_broker("kill", &[], "k", 3, "").await;
     let load = Load::start(ns.node_port("k", "mqtt"), "k", 3000, 100).await;
     let n = load.n;
 
@@ -510,25 +516,14 @@ fn pod_images(ns: &Namespace, name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_image_rolls_the_pods_one_by_one_under_qos1_load_and_a_bad_tag_is_not_ready() {
-    let ns = tokio::task::spawn_blocking(|| Namespace::with_operator("roll"))
-        .await
-        .unwrap();
-    apply(
-        &ns.name,
-        &broker(
-            "r",
-            3,
-            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n  rollout: {progressDeadlineSeconds: 20}\n",
-        ),
-    );
-    let ns = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            wait_ready(&ns, "r");
-            ns
-        })
-        .await
-        .unwrap(),
-    );
+    let ns = with_broker(
+        "roll",
+        &[],
+        "r",
+        3,
+        "  rollout: {progressDeadlineSeconds: 20}\n",
+    )
+    .await;
     // The same image under a second tag, as a new release would be.
     ctr(&[
         "images",
@@ -775,39 +770,31 @@ fn a_disruption_budget_refuses_evictions_beyond_it_and_autoscaling_keeps_the_pod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
-    let ns = tokio::task::spawn_blocking(|| {
-        Namespace::with_operator_set("hpa", &["customMetricsApi.enabled=true"])
+    let ns = with_broker(
+        "hpa",
+        &["customMetricsApi.enabled=true"],
+        "h",
+        1,
+        "  autoscaling:\n    minReplicas: 1\n    maxReplicas: 3\n    targetConnectionsPerPod: 10\n    behavior: {scaleDown: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 15}]}}\n",
+    )
+    .await;
+    // The API server reaches the operator's metrics API (the APIService is
+    // Available) and it reports the one pod.
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        let path = format!(
+            "/apis/custom.metrics.k8s.io/v1beta1/namespaces/{}/pods/*/cirrus_connections",
+            ns2.name
+        );
+        let first = wait_for(Duration::from_secs(90), "the custom metrics API", || {
+            let (ok, out, _) = kubectl_for(&["get", "--raw", &path], Duration::from_secs(20));
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (ok && v["items"].as_array()?.len() == 1).then_some(v)
+        });
+        eprintln!("{first}");
     })
     .await
     .unwrap();
-    apply(
-        &ns.name,
-        &broker(
-            "h",
-            1,
-            "  allowAnonymous: true\n  anonymousAcl: [{topic: 'load/#', access: all}]\n  autoscaling:\n    minReplicas: 1\n    maxReplicas: 3\n    targetConnectionsPerPod: 10\n    behavior: {scaleDown: {stabilizationWindowSeconds: 0, policies: [{type: Pods, value: 1, periodSeconds: 15}]}}\n",
-        ),
-    );
-    let ns = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            wait_ready(&ns, "h");
-            // The API server reaches the operator's metrics API (the
-            // APIService is Available) and it reports the one pod.
-            let path = format!(
-                "/apis/custom.metrics.k8s.io/v1beta1/namespaces/{}/pods/*/cirrus_connections",
-                ns.name
-            );
-            let first = wait_for(Duration::from_secs(90), "the custom metrics API", || {
-                let (ok, out, _) = kubectl_for(&["get", "--raw", &path], Duration::from_secs(20));
-                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-                (ok && v["items"].as_array()?.len() == 1).then_some(v)
-            });
-            eprintln!("{first}");
-            ns
-        })
-        .await
-        .unwrap(),
-    );
 
     // 30 clients through the Service: 30 per pod against a target of 10.
     let addr = ns.node_port("h", "mqtt");

@@ -8,6 +8,8 @@ pub const RETAINED: &str = "cirrus:{g}:retained";
 pub const EXPIRY: &str = "cirrus:{g}:expiry";
 /// Client id → when its delayed will is due (Redis time, ms).
 pub const WILLS: &str = "cirrus:{g}:wills";
+/// Pod → its connection count (for rebalancing).
+pub const LOAD: &str = "cirrus:{g}:load";
 /// Pod → since when its heartbeats are steady (Redis time, ms).
 pub const STEADY: &str = "cirrus:{g}:steady";
 pub const GROUP: &str = "cirrus";

@@ -18,6 +18,27 @@ impl RedisStore {
         Ok(u64::try_from(gap).ok())
     }
 
+    /// Write this pod's connection count; the counts of the live pods
+    /// (this one among them).
+    pub async fn pod_loads(&self, mine: usize) -> Result<Vec<u64>, StoreError> {
+        let r = self
+            .query_cmds(vec![eval(&LUA_LOAD, &[keys::NODES, keys::LOAD])
+                .arg(&*self.node)
+                .arg(mine)
+                .arg(self.node_timeout.as_millis() as u64)
+                .clone()])
+            .await?;
+        check_all(&r)?;
+        Ok(match r.first() {
+            Some(Value::Array(v)) => v
+                .iter()
+                .filter_map(as_int)
+                .filter_map(|n| u64::try_from(n).ok())
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
     /// How often this pod writes its heartbeat: several times per node
     /// timeout, so that one late beat never makes it look dead.
     pub(super) fn beat_every(&self) -> Duration {
@@ -309,6 +330,7 @@ impl RedisStore {
             redis::cmd("DEL").arg(keys::inbox(node)).clone(),
             redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
             redis::cmd("HDEL").arg(keys::STEADY).arg(node).clone(),
+            redis::cmd("HDEL").arg(keys::LOAD).arg(node).clone(),
             Event::PodDead { node }.cmd(),
         ];
         for f in routes.iter().filter(|f| f.starts_with("$share/")) {
@@ -418,6 +440,7 @@ impl RedisStore {
                     .arg(keys::STEADY)
                     .arg(&*self.node)
                     .clone(),
+                redis::cmd("HDEL").arg(keys::LOAD).arg(&*self.node).clone(),
                 Event::PodDead { node: &self.node }.cmd(),
             ])
             .await;

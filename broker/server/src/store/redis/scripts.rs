@@ -186,6 +186,26 @@ if gap > tonumber(ARGV[2]) / 2 then redis.call('HSET', KEYS[2], ARGV[1], now) en
 return gap"
 ));
 
+/// This pod's connection count in, the counts of the live pods out (pods
+/// whose heartbeat is older than the node timeout are dropped from the
+/// hash). KEYS: nodes, load; ARGV: node, count, node timeout (ms).
+pub(super) static LUA_LOAD: Lua = Lua::new(lua_timed!(
+    r"
+local now = now_ms()
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local all = redis.call('HGETALL', KEYS[2])
+local out = {}
+for i = 1, #all, 2 do
+  local beat = redis.call('ZSCORE', KEYS[1], all[i])
+  if beat and now - tonumber(beat) <= tonumber(ARGV[3]) then
+    out[#out + 1] = tonumber(all[i + 1])
+  else
+    redis.call('HDEL', KEYS[2], all[i])
+  end
+end
+return out"
+));
+
 /// Pods whose heartbeat is older than the node timeout — asked by a pod
 /// whose own heartbeats are fresh and have been steady for a node timeout,
 /// all by Redis's clock (a sweep sent before an outage and run after it
@@ -264,7 +284,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])",
 );
 
 /// Every script, for [`script_of`].
-static ALL: [&Lua; 14] = [
+static ALL: [&Lua; 15] = [
     &LUA_ENQUEUE,
     &LUA_CLAIM,
     &LUA_RELEASE,
@@ -273,6 +293,7 @@ static ALL: [&Lua; 14] = [
     &LUA_RECLAIM,
     &LUA_EXPIRE,
     &LUA_HEARTBEAT,
+    &LUA_LOAD,
     &LUA_DEAD,
     &LUA_DUE,
     &LUA_GROUP_CREATE,
