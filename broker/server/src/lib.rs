@@ -299,29 +299,51 @@ async fn drain(broker: &Broker, deadline: Duration) {
     }
     let rate = rate.max(fits);
     info!(clients = signals.len(), per_sec = rate, "draining");
-    // Ten steps a second (or one per client when slower than that).
-    let step = Duration::from_secs_f64((1.0 / f64::from(rate)).max(0.1));
-    let per_step = (f64::from(rate) * step.as_secs_f64()).round().max(1.0) as usize;
+    let sent = send_away_paced(
+        &signals,
+        rate,
+        end,
+        &CancellationToken::new(),
+        &broker.stats.drained,
+    )
+    .await;
+    if sent < signals.len() {
+        warn!(
+            left = signals.len() - sent,
+            "drain: out of time, the rest go at once"
+        );
+    }
+}
+
+/// Send the clients of `signals` away (DISCONNECT with `drain.reason`),
+/// `per_sec` a second in ten steps a second (one client per step when
+/// slower), until `end` or `stop`; each counted in `counter`. How many went.
+async fn send_away_paced(
+    signals: &[Arc<session::Signal>],
+    per_sec: u32,
+    end: Instant,
+    stop: &CancellationToken,
+    counter: &std::sync::atomic::AtomicU64,
+) -> usize {
+    let step = Duration::from_secs_f64((1.0 / f64::from(per_sec.max(1))).max(0.1));
+    let per_step = (f64::from(per_sec) * step.as_secs_f64()).round().max(1.0) as usize;
     let mut tick = tokio::time::interval(step);
-    let mut sent = 0usize;
+    let mut sent = 0;
     for chunk in signals.chunks(per_step) {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
         if Instant::now() >= end {
-            warn!(
-                left = signals.len() - sent,
-                "drain: out of time, the rest go at once"
-            );
             break;
         }
         for s in chunk {
             s.move_away();
         }
         sent += chunk.len();
-        broker
-            .stats
-            .drained
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
+    sent
 }
 
 /// Redis store: every `rebalance.interval_secs`, compare this pod's
@@ -373,24 +395,14 @@ async fn run_rebalance(
             moving = n,
             "rebalancing: more than the pods' mean"
         );
-        let step = Duration::from_secs_f64((1.0 / f64::from(cfg.connections_per_sec)).max(0.1));
-        let per_step = (f64::from(cfg.connections_per_sec) * step.as_secs_f64())
-            .round()
-            .max(1.0) as usize;
-        let mut pace = tokio::time::interval(step);
-        for chunk in settled[..n].chunks(per_step) {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = pace.tick() => {}
-            }
-            for s in chunk {
-                s.move_away();
-            }
-            broker
-                .stats
-                .rebalanced
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
+        send_away_paced(
+            &settled[..n],
+            cfg.connections_per_sec,
+            Instant::now() + every * 2,
+            &shutdown,
+            &broker.stats.rebalanced,
+        )
+        .await;
     }
 }
 
