@@ -408,8 +408,7 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
     create::<MqttBroker>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: rbac}\nspec:\n  autoscaling: {minReplicas: 1, maxReplicas: 3}\n  listeners: {mqtt: 1883, mqtts: 8883}\n  tls: {enabled: true}\n  redis: {managed: true}\n").await;
     create::<MqttUser>(&c, &watched, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: alice}\nspec: {brokerRef: rbac, acl: [{topic: 'a/#', access: all}]}\n").await;
     user_ready(&c, &watched, "alice", ("True", "Configured")).await;
-    let f = auth_file(&c, &watched, "rbac").await;
-    assert_eq!(f.users.len(), 1);
+    auth_file_with(&c, &watched, "rbac", &["alice"]).await;
     for name in ["rbac-tls", "cirrus-ca", "alice-mqtt-credentials"] {
         eventually(WAIT, name, || async {
             get::<Secret>(&c, &watched, name).await
@@ -523,14 +522,7 @@ async fn the_broker_chart_declares_resources_the_operator_reconciles() {
     assert!(ok, "kubectl apply: {out}{err}");
     let _op = Operator::start(&c, &ns);
     user_ready(&c, &ns, "alice", ("True", "Configured")).await;
-    // The user is Ready once its password is made; the broker's auth file
-    // follows at the broker's next reconcile.
-    let auth = eventually(WAIT, "alice in the broker's auth file", || async {
-        let a = auth_file(&c, &ns, "fleet").await;
-        (!a.users.is_empty()).then_some(a)
-    })
-    .await;
-    assert_eq!(auth.users[0].username, "alice");
+    auth_file_with(&c, &ns, "fleet", &["alice"]).await;
     eventually(WAIT, "the managed Redis and the TLS Secret", || async {
         let r = get::<Deployment>(&c, &ns, "fleet-redis").await;
         let t = get::<Secret>(&c, &ns, "fleet-tls").await;

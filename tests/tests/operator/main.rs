@@ -141,6 +141,24 @@ async fn auth_file(client: &Client, ns: &str, broker: &str) -> AuthFile {
     AuthFile::from_yaml(&text).unwrap()
 }
 
+/// The broker's auth file once it holds exactly these usernames: the user
+/// turns Ready when its password is made, the auth file follows at the
+/// broker's next reconcile.
+async fn auth_file_with(client: &Client, ns: &str, broker: &str, usernames: &[&str]) -> AuthFile {
+    eventually(
+        WAIT,
+        &format!("{broker}'s auth file holds {usernames:?}"),
+        || async {
+            let f = auth_file(client, ns, broker).await;
+            let mut names: Vec<&str> = f.users.iter().map(|u| u.username.as_str()).collect();
+            names.sort_unstable();
+            (names == usernames).then_some(())?;
+            Some(f)
+        },
+    )
+    .await
+}
+
 async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> String {
     let s: Secret = get(client, ns, name).await.expect("secret");
     String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
@@ -523,14 +541,7 @@ async fn bad_specs_get_conditions_not_crashes() {
     create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: second}\nspec: {brokerRef: ok, username: same}\n").await;
     user_ready(&c, &ns, "second", ("False", "DuplicateUsername")).await;
     // Only valid, unique users reach the auth file.
-    let f = auth_file(&c, &ns, "ok").await;
-    assert_eq!(
-        f.users
-            .iter()
-            .map(|u| u.username.as_str())
-            .collect::<Vec<_>>(),
-        vec!["same"]
-    );
+    auth_file_with(&c, &ns, "ok", &["same"]).await;
     // The schema refuses out-of-range values before the operator sees them.
     let bad: MqttBroker = serde_yaml::from_str("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: zero}\nspec: {replicas: 0}\n").unwrap();
     let err = Api::<MqttBroker>::namespaced(c.clone(), &ns)
