@@ -358,7 +358,7 @@ async fn run_rebalance(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // After a move, the counts in Redis are stale until every pod has
-    // written its own again: this pod waits two rounds before it looks.
+    // written its own again: this pod waits a round before it looks.
     let mut quiet = 0u32;
     loop {
         tokio::select! {
@@ -378,17 +378,20 @@ async fn run_rebalance(
         let Some(excess) = rebalance_excess(mine as u64, &loads, cfg.threshold_percent) else {
             continue;
         };
-        // Half the excess at a time (other pods may be moving clients at
-        // the same moment, on counts as stale as these), and at most what
-        // the rate allows before the next look.
-        let excess = excess.div_ceil(2);
+        // The excess over the mean, at most what the rate allows before
+        // the next look. Every pod above the mean sends only its own
+        // excess, which the pods below it can take: the moved clients
+        // spread over all pods (this one too, through the Service), so the
+        // count approaches the mean from above and settles inside the
+        // threshold. The longest-connected go first: a client that came
+        // back here is the last to be moved again.
         let budget = u64::from(cfg.connections_per_sec) * cfg.interval_secs;
         let settled = broker.settled_signals(Duration::from_secs(cfg.min_connection_age_secs));
         let n = (excess.min(budget) as usize).min(settled.len());
         if n == 0 {
             continue;
         }
-        quiet = 2;
+        quiet = 1;
         info!(
             connections = mine,
             pods = loads.len(),

@@ -362,17 +362,19 @@ impl Local {
     }
 
     /// Signals of connections attached for at least `min_age` (those a
-    /// rebalance may move).
+    /// rebalance may move), the longest attached first.
     pub fn settled_signals(&self, min_age: std::time::Duration) -> Vec<Arc<Signal>> {
         let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
-        sessions
+        let mut settled: Vec<(std::time::Instant, Arc<Signal>)> = sessions
             .iter()
             .filter_map(|s| {
                 let st = s.state.lock();
                 let a = st.attached.as_ref()?;
-                (a.since.elapsed() >= min_age).then(|| a.signal.clone())
+                (a.since.elapsed() >= min_age).then(|| (a.since, a.signal.clone()))
             })
-            .collect()
+            .collect();
+        settled.sort_by_key(|(since, _)| *since);
+        settled.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Redis store: another pod took this client over. `epoch` names the

@@ -209,11 +209,11 @@ impl Default for DrainSpec {
 }
 
 /// Every 5 s each pod compares its connections with the mean of the pods
-/// (through Redis); above it by more than `thresholdPercent`, it sends half
-/// the excess away as the drain does (0x9C), at most
-/// `connectionsPerSecond`, choosing clients connected for at least
+/// (through Redis); above it by more than `thresholdPercent`, it sends the
+/// excess away as the drain does (0x9C), at most `connectionsPerSecond`,
+/// the longest-connected first and only those connected for at least
 /// `minConnectionAgeSeconds` (so a client just moved is not moved again),
-/// then waits two rounds for fresh counts. Counted in
+/// then waits a round for fresh counts. Counted in
 /// `cirrus_rebalanced_connections_total`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
