@@ -81,6 +81,10 @@ pub struct MqttBrokerSpec {
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1))]
     pub max_unavailable: i32,
+    /// The broker container's requests and limits. A resource with neither
+    /// a request nor a limit here is requested at the default: CPU `100m`,
+    /// memory `128Mi` (the HPA's CPU utilization is a share of the CPU
+    /// request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

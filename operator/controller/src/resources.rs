@@ -18,9 +18,9 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Volume, VolumeMount,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -375,7 +375,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
         ]),
         ports: Some(ports),
         env: (!env.is_empty()).then_some(env),
-        resources: s.resources.clone(),
+        resources: Some(broker_resources(s.resources.as_ref())),
         // Ready: listeners bound, Redis reachable, not draining.
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
@@ -630,6 +630,30 @@ pub fn pdb(b: &MqttBroker) -> PodDisruptionBudget {
 /// An integer quantity in the API server's canonical form (5000 → "5k"):
 /// server-side apply compares quantities as strings, so a non-canonical one
 /// would be rewritten on every apply.
+/// What a broker pod requests when the spec does not say: the HPA's CPU
+/// utilization is a share of the CPU request (no request, no CPU scaling),
+/// and the scheduler places pods by their requests.
+pub const DEFAULT_CPU_REQUEST: &str = "100m";
+pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
+
+/// The spec's `resources`, with the default request for CPU and for memory
+/// where it names neither a request nor a limit (a limit alone makes
+/// Kubernetes request the same).
+fn broker_resources(spec: Option<&ResourceRequirements>) -> ResourceRequirements {
+    let mut r = spec.cloned().unwrap_or_default();
+    let limits = r.limits.clone().unwrap_or_default();
+    let requests = r.requests.get_or_insert_with(BTreeMap::new);
+    for (name, default) in [
+        ("cpu", DEFAULT_CPU_REQUEST),
+        ("memory", DEFAULT_MEMORY_REQUEST),
+    ] {
+        if !requests.contains_key(name) && !limits.contains_key(name) {
+            requests.insert(name.into(), Quantity(default.into()));
+        }
+    }
+    r
+}
+
 pub fn canonical_quantity(mut n: i64) -> Quantity {
     let mut suffix = 0;
     while n != 0 && n % 1000 == 0 && suffix < 6 {
@@ -735,6 +759,31 @@ mod tests {
     }
 
     #[test]
+    fn resources_keep_what_the_spec_says_and_request_the_rest() {
+        let q = |v: &str| Quantity(v.into());
+        let spec = ResourceRequirements {
+            requests: Some([("cpu".to_string(), q("2"))].into()),
+            limits: Some([("memory".to_string(), q("1Gi"))].into()),
+            ..Default::default()
+        };
+        let r = broker_resources(Some(&spec));
+        // The CPU request as given; memory requested by its limit.
+        assert_eq!(r.requests, Some([("cpu".to_string(), q("2"))].into()));
+        assert_eq!(r.limits, spec.limits);
+        let r = broker_resources(None);
+        assert_eq!(
+            r.requests,
+            Some(
+                [
+                    ("cpu".to_string(), q(DEFAULT_CPU_REQUEST)),
+                    ("memory".to_string(), q(DEFAULT_MEMORY_REQUEST))
+                ]
+                .into()
+            )
+        );
+    }
+
+    #[test]
     fn defaults_give_a_working_single_pod() {
         let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: dev}\nspec: {}\n");
         let yaml = serde_yaml::to_string(&broker_config(&b)).unwrap();
@@ -757,6 +806,10 @@ mod tests {
         assert_eq!(c.drain.reason, cirrus_config::DrainReason::UseAnotherServer);
         assert_eq!(c.shutdown_timeout_secs, 30);
         let c = &pod.containers[0];
+        // CPU utilization needs a request: the default sets one.
+        let requests = c.resources.as_ref().unwrap().requests.clone().unwrap();
+        assert_eq!(requests["cpu"].0, DEFAULT_CPU_REQUEST);
+        assert_eq!(requests["memory"].0, DEFAULT_MEMORY_REQUEST);
         let ready = c
             .readiness_probe
             .as_ref()
