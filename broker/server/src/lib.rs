@@ -362,7 +362,7 @@ async fn run_rebalance(
     let mut quiet = 0u32;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         if quiet > 0 {
@@ -407,19 +407,28 @@ async fn run_rebalance(
         )
         .await;
     }
+    // Draining: the count this pod wrote last would make the pods that stay
+    // look above the mean (and send clients away to nowhere better) until
+    // its heartbeat stops.
+    if let Err(e) = redis.leave_loads().await {
+        warn!(error = %e, "rebalance: could not take this pod's count out");
+    }
 }
 
 /// How many clients a pod holding `mine` should send away, given the
-/// counts of all live pods (its own among them): the excess over the mean
-/// when it is more than `threshold_percent` above it (and at least 2).
+/// counts of all live pods (its own among them): when some pod is more than
+/// `threshold_percent` away from the mean (above it, or below it: a pod
+/// that new clients avoid pulls nothing by itself), each pod above the mean
+/// sends its excess over it (when at least 2).
 fn rebalance_excess(mine: u64, loads: &[u64], threshold_percent: u32) -> Option<u64> {
     if loads.len() < 2 {
         return None;
     }
     let mean = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
-    let limit = mean * (1.0 + f64::from(threshold_percent) / 100.0);
+    let band = mean * f64::from(threshold_percent) / 100.0;
+    let out_of_band = loads.iter().any(|&l| (l as f64 - mean).abs() > band);
     let excess = mine.saturating_sub(mean.ceil() as u64);
-    (mine as f64 > limit && excess >= 2).then_some(excess)
+    (out_of_band && excess >= 2).then_some(excess)
 }
 
 /// Bind and serve: the whole broker.
@@ -490,7 +499,7 @@ mod rebalance_tests {
     use super::rebalance_excess;
 
     #[test]
-    fn only_a_pod_clearly_above_the_mean_sends_clients_away() {
+    fn pods_above_the_mean_send_their_excess_when_one_is_out_of_band() {
         // 60 here, a new pod with none: 30 go.
         assert_eq!(rebalance_excess(60, &[60, 0], 20), Some(30));
         // Within 20 % of the mean: nothing moves (no bouncing).
@@ -501,6 +510,11 @@ mod rebalance_tests {
         // A rounding excess of one is not worth a reconnect.
         assert_eq!(rebalance_excess(3, &[3, 1, 1], 20), None);
         assert_eq!(rebalance_excess(90, &[90, 30, 30], 20), Some(40));
+        // One pod far below the mean, none far above: those above send.
+        let loads = [1144, 1079, 778];
+        assert_eq!(rebalance_excess(1144, &loads, 20), Some(143));
+        assert_eq!(rebalance_excess(1079, &loads, 20), Some(78));
+        assert_eq!(rebalance_excess(778, &loads, 20), None);
     }
 }
 

@@ -63,10 +63,9 @@ The operator's permissions: exactly the verbs it uses (see docs/operator.md
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-{{- if .Values.customMetricsApi.enabled }}
-# The custom metrics API reads the broker pods' connection counts.
+# The broker pods: their connection counts (read from the pods) go into
+# their pod-deletion-cost annotation, and to the custom metrics API.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
-{{- end }}
+  verbs: ["get", "list", "patch"]
 {{- end -}}

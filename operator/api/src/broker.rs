@@ -213,8 +213,9 @@ impl Default for DrainSpec {
 }
 
 /// Every 5 s each pod compares its connections with the mean of the pods
-/// (through Redis); above it by more than `thresholdPercent`, it sends the
-/// excess away as the drain does (0x9C), at most `connectionsPerSecond`,
+/// (through Redis); when any pod is more than `thresholdPercent` away from
+/// it, each pod above the mean sends its excess over the mean away as the
+/// drain does (0x9C), at most `connectionsPerSecond`,
 /// the longest-connected first and only those connected for at least
 /// `minConnectionAgeSeconds` (so a client just moved is not moved again),
 /// then waits a round for fresh counts. Counted in

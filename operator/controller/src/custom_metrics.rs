@@ -50,7 +50,7 @@ pub const VERSION: &str = "v1beta1";
 pub const API_SERVICE: &str = "v1beta1.custom.metrics.k8s.io";
 pub const METRIC: &str = "cirrus_connections";
 /// Label every broker pod carries.
-const BROKER_LABEL: &str = "app.kubernetes.io/name=cirrus-broker";
+pub(crate) const BROKER_LABEL: &str = "app.kubernetes.io/name=cirrus-broker";
 /// A scrape of one pod: at most this long, and at most this many bytes.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const SCRAPE_MAX: u64 = 4 << 20;
@@ -536,7 +536,7 @@ async fn values_of(
 }
 
 /// `cirrus_connections` from a broker pod's `/metrics`.
-async fn scrape(ip: &str) -> Option<u64> {
+pub(crate) async fn scrape(ip: &str) -> Option<u64> {
     let read = async {
         let mut s = TcpStream::connect((ip, ADMIN_PORT)).await.ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: broker\r\n\r\n")

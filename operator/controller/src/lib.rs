@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod broker;
 pub mod custom_metrics;
+pub mod deletion_cost;
 pub mod health;
 pub mod lease;
 pub mod metrics;
@@ -164,11 +165,13 @@ where
     r
 }
 
-/// Run both controllers until `shutdown` is cancelled.
+/// Run both controllers, and keep the broker pods' deletion cost, until
+/// `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let b = broker::run(ctx.clone(), shutdown.clone());
-    let u = user::run(ctx, shutdown);
-    tokio::join!(b, u);
+    let u = user::run(ctx.clone(), shutdown.clone());
+    let d = deletion_cost::run(ctx, shutdown);
+    tokio::join!(b, u, d);
 }
 
 /// Run the controllers only while this replica holds the leader Lease;

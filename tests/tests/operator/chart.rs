@@ -259,6 +259,8 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
         ("patch", "horizontalpodautoscalers.autoscaling", None),
         ("patch", "poddisruptionbudgets.policy", None),
         ("create", "events.events.k8s.io", None),
+        ("list", "pods", None),
+        ("patch", "pods", None),
     ];
     for (verb, what, sub) in yes {
         assert!(
@@ -279,6 +281,7 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
     let no: &[(&str, &str, Option<&str>)] = &[
         ("*", "*", None),
         ("create", "pods", None),
+        ("delete", "pods", None),
         ("delete", "secrets", None),
         ("update", "mqttbrokers.mqtt.cirrus.dev", None),
         ("delete", "mqttbrokers.mqtt.cirrus.dev", None),

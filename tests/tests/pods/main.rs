@@ -17,6 +17,8 @@ use cirrus_e2e::load::{publish_numbered, Subscriber, Tally};
 use cirrus_e2e::node::{self, apply, kubectl, kubectl_for, wait_for, Namespace};
 use cirrus_e2e::{Client, Opts};
 
+mod fleet;
+
 /// Pods start, pass their probes and the operator sees them within this.
 const READY: Duration = Duration::from_secs(240);
 
@@ -768,6 +770,24 @@ fn a_disruption_budget_refuses_evictions_beyond_it_and_autoscaling_keeps_the_pod
     }
 }
 
+/// Each running broker pod's `controller.kubernetes.io/pod-deletion-cost`.
+fn deletion_costs(ns: &Namespace, name: &str) -> Vec<String> {
+    kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        &broker_selector(name),
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.annotations.controller\\.kubernetes\\.io/pod-deletion-cost}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
     let ns = with_broker(
@@ -834,6 +854,21 @@ async fn the_hpa_scales_on_connections_through_the_operators_metrics_api() {
     })
     .await
     .unwrap();
+
+    // The operator keeps each pod's deletion cost at its connections: the
+    // first pod holds the 30 clients, the new ones none (the rebalance
+    // waits for clients connected a minute).
+    let ns2 = ns.clone();
+    let costs = tokio::task::spawn_blocking(move || {
+        wait_for(Duration::from_secs(60), "the pods' deletion cost", || {
+            let mut c = deletion_costs(&ns2, "h");
+            c.sort_unstable();
+            (c == ["0", "0", "30"]).then_some(c)
+        })
+    })
+    .await
+    .unwrap();
+    eprintln!("pod-deletion-cost: {costs:?}");
 
     // QoS 1 load through the Service, and the 30 clients gone: 2
     // connections on 3 pods against a target of 10. The HPA scales down one

@@ -39,6 +39,18 @@ impl RedisStore {
         })
     }
 
+    /// Take this pod's count out of the rebalance (it is draining): the
+    /// others then compare themselves with the pods that stay.
+    pub async fn leave_loads(&self) -> Result<(), StoreError> {
+        let r = self
+            .query_cmds(vec![redis::cmd("HDEL")
+                .arg(keys::LOAD)
+                .arg(&*self.node)
+                .clone()])
+            .await?;
+        check_all(&r)
+    }
+
     /// How often this pod writes its heartbeat: several times per node
     /// timeout, so that one late beat never makes it look dead.
     pub(super) fn beat_every(&self) -> Duration {
