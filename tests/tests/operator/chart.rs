@@ -131,6 +131,15 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     // Every option on.
     let d = docs(&template("rel", "cirrus-system", &["--values", ALL_ON]));
     assert_eq!(of_kind(&d, "ServiceMonitor").len(), 1);
+    // The broker pods' admin port, in the watched namespace.
+    let pm = of_kind(&d, "PodMonitor");
+    assert_eq!(pm.len(), 1);
+    assert_eq!(pm[0]["spec"]["namespaceSelector"]["matchNames"][0], "mqtt");
+    assert_eq!(
+        pm[0]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "cirrus-broker"
+    );
+    assert_eq!(pm[0]["spec"]["podMetricsEndpoints"][0]["port"], "admin");
     // One namespace: a Role; the only ClusterRole is the custom metrics
     // API's, for its own APIService.
     let cluster_roles = of_kind(&d, "ClusterRole");
@@ -173,6 +182,36 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option_on() {
             serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(crd, &want, "{name} differs from crds/");
     }
+}
+
+/// The prometheus-adapter rules the chart ships serve the metric the
+/// operator's HPA asks for, from the series the PodMonitor scrapes off the
+/// port the broker pods name `admin`.
+#[test]
+fn the_prometheus_adapter_rules_serve_the_hpas_metric() {
+    let text = std::fs::read_to_string(
+        workspace_root().join("charts/cirrus-operator/prometheus-adapter-values.yaml"),
+    )
+    .unwrap();
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let rule = &v["rules"]["custom"][0];
+    let metric = cirrus_operator::custom_metrics::METRIC;
+    assert!(rule["seriesQuery"].as_str().unwrap().starts_with(metric));
+    assert_eq!(rule["name"]["as"], metric);
+    assert_eq!(rule["resources"]["overrides"]["pod"]["resource"], "pod");
+    let b: MqttBroker = serde_yaml::from_str("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: a, namespace: n, uid: u}\nspec: {autoscaling: {minReplicas: 1, maxReplicas: 3, targetConnectionsPerPod: 100}}\n").unwrap();
+    let hpa = serde_json::to_value(cirrus_operator::resources::hpa(&b).unwrap()).unwrap();
+    assert_eq!(hpa["spec"]["metrics"][0]["pods"]["metric"]["name"], metric);
+    let d = serde_json::to_value(cirrus_operator::resources::deployment(&b, "")).unwrap();
+    let ports = &d["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert!(
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "admin"),
+        "{ports}"
+    );
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
