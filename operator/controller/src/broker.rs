@@ -385,63 +385,27 @@ async fn ensure_tls(
         );
         return Ok(ctx.resync);
     }
-    let ca = match secrets
-        .get_opt(tls::CA_SECRET)
-        .await?
-        .as_ref()
-        .and_then(tls::ca_from_secret)
-    {
-        Some(ca) => ca,
-        None => {
-            let ca = tls::new_ca(ns)?;
-            let meta = kube::api::ObjectMeta {
-                name: Some(tls::CA_SECRET.into()),
-                labels: Some(std::collections::BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "cirrus-operator".to_string(),
-                )])),
-                ..Default::default()
-            };
-            // Shared by the namespace's brokers: created once, never owned.
-            match secrets
-                .create(&Default::default(), &tls::tls_secret(meta, &ca, &ca.cert))
-                .await
-            {
-                Ok(_) => {
-                    publish(
-                        ctx,
-                        b,
-                        EventType::Normal,
-                        "CAIssued",
-                        format!("created the CA Secret {}", tls::CA_SECRET),
-                    )
-                    .await;
-                    ca
-                }
-                // Another reconcile made it first: use that one.
-                Err(kube::Error::Api(e)) if e.code == 409 => secrets
-                    .get_opt(tls::CA_SECRET)
-                    .await?
-                    .as_ref()
-                    .and_then(tls::ca_from_secret)
-                    .ok_or(Error::Tls(tls::TlsError::BadCa("missing")))?,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
+    let (ca, ca_wait) = namespace_ca(ctx, b, &secrets, ns, now).await?;
     let names = tls::dns_names(&name, ns);
     let secret_name = format!("{name}-tls");
-    let current = secrets
-        .get_opt(&secret_name)
-        .await?
-        .as_ref()
-        .and_then(tls::cert_of);
-    let cert = match current {
-        Some(c) if !tls::needs_renewal(Some(&c), &names, now) => c,
+    let meta = resources::meta(b, secret_name.clone(), resources::labels(&name));
+    let current = secrets.get_opt(&secret_name).await?;
+    let current_pair = current.as_ref().and_then(tls::ca_from_secret);
+    let cert = match current_pair {
+        // Still good, and from the CA that signs now (a rotation reissues
+        // every certificate): only the trust bundle may have to follow.
+        Some(pair)
+            if !tls::needs_renewal(Some(&pair.cert), &names, now)
+                && tls::issued_by(&pair.cert, &ca.signer.cert) =>
+        {
+            if current.as_ref().and_then(tls::bundle_of).as_deref() != Some(ca.bundle.as_str()) {
+                apply(&ctx.client, ns, &tls::tls_secret(meta, &pair, &ca.bundle)).await?;
+            }
+            pair.cert
+        }
         old => {
-            let pair = tls::issue(&ca, &names)?;
-            let meta = resources::meta(b, secret_name.clone(), resources::labels(&name));
-            apply(&ctx.client, ns, &tls::tls_secret(meta, &pair, &ca.cert)).await?;
+            let pair = tls::issue(&ca.signer, &names)?;
+            apply(&ctx.client, ns, &tls::tls_secret(meta, &pair, &ca.bundle)).await?;
             let what = if old.is_some() { "renewed" } else { "issued" };
             publish(
                 ctx,
@@ -461,18 +425,110 @@ async fn ensure_tls(
         condition(
             "TLSReady",
             true,
-            "Issued",
-            format!(
-                "certificate for {} from the operator's CA",
-                names.join(", ")
-            ),
+            if ca.phase.is_some() {
+                "CARotating"
+            } else {
+                "Issued"
+            },
+            match ca.phase {
+                Some(_) => format!(
+                    "certificate for {} from the operator's CA; {}",
+                    names.join(", "),
+                    ca.describe()
+                ),
+                None => format!(
+                    "certificate for {} from the operator's CA",
+                    names.join(", ")
+                ),
+            },
             generation,
         ),
     );
     let renew_at = not_after - tls::RENEW_BEFORE_DAYS * 86_400;
-    Ok(std::time::Duration::from_secs(
-        (renew_at - now).max(60) as u64
-    ))
+    // Back for the renewal, or for the rotation's next step.
+    let wait = ca_wait.map_or(renew_at - now, |w| w.min(renew_at - now));
+    Ok(std::time::Duration::from_secs(wait.max(1) as u64))
+}
+
+/// The namespace's CA (made on first use), with a rotation asked for on
+/// its Secret taken one step further when due; and the seconds until the
+/// rotation's next step.
+async fn namespace_ca(
+    ctx: &Context,
+    b: &MqttBroker,
+    secrets: &Api<Secret>,
+    ns: &str,
+    now: i64,
+) -> Result<(tls::CaState, Option<i64>), Error> {
+    let unreadable = || Error::Tls(tls::TlsError::BadCa("unreadable"));
+    // Another reconcile (of a broker sharing the CA) may take the same step
+    // at the same time: one wins, the other reads again.
+    for _ in 0..3 {
+        let Some(secret) = secrets.get_opt(tls::CA_SECRET).await? else {
+            let ca = tls::new_ca(ns)?;
+            let meta = kube::api::ObjectMeta {
+                name: Some(tls::CA_SECRET.into()),
+                labels: Some(std::collections::BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "cirrus-operator".to_string(),
+                )])),
+                ..Default::default()
+            };
+            // Shared by the namespace's brokers: created once, never owned.
+            match secrets
+                .create(&Default::default(), &tls::tls_secret(meta, &ca, &ca.cert))
+                .await
+            {
+                Ok(s) => {
+                    publish(
+                        ctx,
+                        b,
+                        EventType::Normal,
+                        "CAIssued",
+                        format!("created the CA Secret {}", tls::CA_SECRET),
+                    )
+                    .await;
+                    return Ok((tls::CaState::from_secret(&s).ok_or_else(unreadable)?, None));
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let state = tls::CaState::from_secret(&secret).ok_or_else(unreadable)?;
+        let (next, wait) = state.step(now, || tls::new_ca(ns))?;
+        let Some(next) = next else {
+            return Ok((state, wait));
+        };
+        let patch = next
+            .patch(secret.metadata.resource_version.clone())
+            .map_err(|_| unreadable())?;
+        match secrets
+            .patch(
+                tls::CA_SECRET,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = ns, "{}", next.describe());
+                publish(
+                    ctx,
+                    b,
+                    EventType::Normal,
+                    "CARotation",
+                    format!("{} (Secret {})", next.describe(), tls::CA_SECRET),
+                )
+                .await;
+                return Ok((next, wait));
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Tls(tls::TlsError::BadCa(
+        "changed by others while read",
+    )))
 }
 
 /// The auth file for `b`: every valid user that references it, first by

@@ -812,5 +812,105 @@ async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
     .await;
 }
 
+/// PEM certificates of a bundle.
+fn certs_of(bundle: &str) -> Vec<String> {
+    bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("-----BEGIN CERTIFICATE-----"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_ca_rotates_with_an_overlap_in_which_both_cas_are_trusted() {
+    use cirrus_operator::tls::{issued_by, OVERLAP_ANNOTATION, ROTATE_ANNOTATION};
+    let c = client().await;
+    let ns = namespace(&c, "op-ca").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: secure}\nspec: {listeners: {mqtt: 1883, mqtts: 8883}, tls: {enabled: true}}\n").await;
+    eventually(WAIT, "TLS secret", || async {
+        get::<Secret>(&c, &ns, "secure-tls").await
+    })
+    .await;
+    let old_ca = secret_value(&c, &ns, "cirrus-ca", "tls.crt").await;
+    let first = secret_value(&c, &ns, "secure-tls", "tls.crt").await;
+    assert!(issued_by(&first, &old_ca));
+    let secrets = Api::<Secret>::namespaced(c.clone(), &ns);
+    let annotate = serde_json::json!({"metadata": {"annotations": {
+        OVERLAP_ANNOTATION: "4", ROTATE_ANNOTATION: "2026-12-06"
+    }}});
+    secrets
+        .patch(
+            "cirrus-ca",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
+    // Watch the broker's TLS Secret (what its pods and clients get) go
+    // through the phases, each seen in order, and at every look the
+    // certificate served is from a CA the bundle trusts.
+    let mut seen = Vec::new();
+    let t0 = std::time::Instant::now();
+    let new_ca = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "phases seen: {seen:?}"
+        );
+        let cert = secret_value(&c, &ns, "secure-tls", "tls.crt").await;
+        let bundle = certs_of(&secret_value(&c, &ns, "secure-tls", "ca.crt").await);
+        assert!(
+            bundle.iter().any(|ca| issued_by(&cert, ca)),
+            "the certificate's CA is not in the bundle (after {seen:?})"
+        );
+        let phase = match (bundle.len(), issued_by(&cert, &old_ca)) {
+            (1, true) => "old",
+            (2, true) => "both trusted, old signs",
+            (2, false) => "both trusted, new signs",
+            (1, false) => "new",
+            other => panic!("{other:?}"),
+        };
+        if seen.last() != Some(&phase) {
+            eprintln!("{:>5.1}s {phase}", t0.elapsed().as_secs_f64());
+            seen.push(phase);
+        }
+        if phase == "new" {
+            break bundle[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Each phase lasts the overlap (4 s): every one is seen.
+    assert_eq!(
+        seen,
+        [
+            "old",
+            "both trusted, old signs",
+            "both trusted, new signs",
+            "new"
+        ]
+    );
+    assert_eq!(
+        new_ca.trim(),
+        secret_value(&c, &ns, "cirrus-ca", "tls.crt").await.trim()
+    );
+    // Events tell each step.
+    let events = eventually(WAIT, "rotation events", || async {
+        let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns)
+            .list(&Default::default())
+            .await
+            .ok()?;
+        // Repeats of a reason are one event with a series count.
+        let n: i32 = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("CARotation"))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum();
+        (n >= 3).then_some(n)
+    })
+    .await;
+    eprintln!("{events} CARotation events");
+}
+
 mod chart;
 mod ha;
