@@ -205,6 +205,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%}
 maxPods: 60
+# Mounted Secrets reach the pods within seconds (the default, 1m, makes the
+# CA rotation test wait minutes per phase).
+syncFrequency: 10s
 EOF
 }
 

@@ -142,31 +142,55 @@ impl Client {
         ca_pem: &[u8],
         o: Opts,
     ) -> (Client, ConnAck) {
+        match Client::try_connect_tls(addr, server_name, ca_pem, o).await {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`Client::connect_tls`], with what failed (connect, handshake,
+    /// CONNACK) as the error.
+    pub async fn try_connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &[u8],
+        o: Opts,
+    ) -> Result<(Client, ConnAck), String> {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
-            roots.add(cert.expect("CA PEM")).expect("CA certificate");
+            let cert = cert.map_err(|e| format!("CA PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA certificate: {e}"))?;
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .expect("TLS versions")
+            .map_err(|e| format!("TLS versions: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let name =
-            rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("server name");
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("server name: {e}"))?;
         let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
             .await
-            .expect("connect timed out")
-            .expect("connect");
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
         let tls = tokio::time::timeout(
             TIMEOUT,
             tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
         )
         .await
-        .expect("TLS handshake timed out")
-        .expect("TLS handshake");
-        Client::on(Box::new(tls), o.protocol).handshake(o).await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+        let mut c = Client::on(Box::new(tls), o.protocol);
+        if !c.try_send(connect_packet(o)).await {
+            return Err("CONNECT not sent".into());
+        }
+        match c.next(TIMEOUT).await {
+            Next::Packet(Packet::ConnAck(a)) => Ok((c, a)),
+            other => Err(format!("no CONNACK: {other:?}")),
+        }
     }
 
     /// Connect and return the CONNACK, whatever its code.

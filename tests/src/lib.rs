@@ -15,6 +15,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod fleet;
 pub mod k8s;
 pub mod load;
 pub mod node;

@@ -86,11 +86,47 @@ pub async fn connect_any(addrs: &[SocketAddr], start: usize, o: &Opts) -> (Clien
     }
 }
 
-/// Publish `n` numbered messages on `topic` with a window of unacknowledged
-/// ones, at most `rate` a second; when the pod dies, go on through another.
+/// Where numbered messages go: one topic, or message `seq` to
+/// `prefix/{seq % n}` (one topic for each client of a fleet).
+#[derive(Debug, Clone)]
+pub enum Topics {
+    One(String),
+    Spread { prefix: String, n: u32 },
+}
+
+impl Topics {
+    fn of(&self, seq: u32) -> std::borrow::Cow<'_, str> {
+        match self {
+            Topics::One(t) => t.into(),
+            Topics::Spread { prefix, n } => format!("{prefix}/{}", seq % n.max(&1)).into(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Topics::One(t) | Topics::Spread { prefix: t, .. } => t,
+        }
+    }
+}
+
+impl From<&str> for Topics {
+    fn from(t: &str) -> Topics {
+        Topics::One(t.into())
+    }
+}
+
+impl From<&String> for Topics {
+    fn from(t: &String) -> Topics {
+        Topics::One(t.clone())
+    }
+}
+
+/// Publish `n` numbered messages to `topics` with a window of
+/// unacknowledged ones, at most `rate` a second; when the pod dies, go on
+/// through another.
 pub async fn publish_numbered(
     addrs: Vec<SocketAddr>,
-    topic: &str,
+    topics: impl Into<Topics>,
     qos: QoS,
     n: u32,
     rate: u32,
@@ -98,13 +134,14 @@ pub async fn publish_numbered(
     tally: Arc<Mutex<Tally>>,
 ) {
     const WINDOW: usize = 32;
-    let o = Opts::v5(&format!("pub-{topic}"));
+    let topics = topics.into();
+    let o = Opts::v5(&format!("pub-{}", topics.name()));
     let (mut c, mut at, _) = connect_any(&addrs, 0, &o).await;
     let mut inflight: HashMap<u16, u32> = HashMap::new();
     let mut next_pid: u16 = 0;
     let mut seq = 0u32;
     let t0 = Instant::now();
-    let end = t0 + Duration::from_secs(120);
+    let end = t0 + Duration::from_secs(120 + u64::from(n / rate.max(1)));
     while seq < n || !inflight.is_empty() {
         assert!(Instant::now() < end, "publisher did not finish in time");
         let due = (t0.elapsed().as_secs_f64() * f64::from(rate)) as u32 + 1;
@@ -118,7 +155,7 @@ pub async fn publish_numbered(
             }
             let mut payload = seq.to_be_bytes().to_vec();
             payload.resize(size.max(4), b'.');
-            let p = publish_packet(topic, &payload, qos, false, Some(next_pid));
+            let p = publish_packet(&topics.of(seq), &payload, qos, false, Some(next_pid));
             if !c.try_send(Packet::Publish(p)).await {
                 break;
             }

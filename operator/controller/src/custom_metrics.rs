@@ -511,11 +511,7 @@ async fn values_of(
         .await?;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let scrapes = pods.items.into_iter().filter_map(|p| {
-        let st = p.status.as_ref()?;
-        if st.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
-            return None;
-        }
-        let ip = st.pod_ip.clone()?;
+        let ip = serving_ip(&p)?;
         let name = p.metadata.name.clone()?;
         Some(async move { (name, scrape(&ip).await) })
     });
@@ -533,6 +529,16 @@ async fn values_of(
         }));
     }
     Ok(items)
+}
+
+/// The address of a pod that runs and is not being deleted (one whose
+/// count means something).
+pub(crate) fn serving_ip(p: &Pod) -> Option<String> {
+    let st = p.status.as_ref()?;
+    if st.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    st.pod_ip.clone()
 }
 
 /// `cirrus_connections` from a broker pod's `/metrics`.

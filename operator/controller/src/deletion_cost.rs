@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::custom_metrics::{scrape, BROKER_LABEL};
+use crate::custom_metrics::{scrape, serving_ip, BROKER_LABEL};
 use crate::Context;
 
 pub const ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -46,11 +46,7 @@ async fn once(ctx: &Context) -> Result<(), kube::Error> {
         .list(&ListParams::default().labels(BROKER_LABEL))
         .await?;
     let reads = pods.items.into_iter().filter_map(|p| {
-        let st = p.status.as_ref()?;
-        if st.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
-            return None;
-        }
-        let ip = st.pod_ip.clone()?;
+        let ip = serving_ip(&p)?;
         let ns = p.metadata.namespace.clone()?;
         let name = p.metadata.name.clone()?;
         let now = p

@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cirrus_codec::Packet;
 use cirrus_codec::QoS;
 use cirrus_e2e::k8s::run;
 use cirrus_e2e::load::{publish_numbered, Subscriber, Tally};
 use cirrus_e2e::node::{self, apply, kubectl, kubectl_for, wait_for, Namespace};
-use cirrus_e2e::{Client, Opts};
+use cirrus_e2e::{Client, Next, Opts};
 
 mod fleet;
 
@@ -97,7 +98,7 @@ fn connection_counts(ns: &Namespace, name: &str) -> Vec<(String, f64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_pods_with_managed_redis_and_tls_carry_traffic_between_pods_through_the_service() {
+async fn three_tls_pods_carry_traffic_between_pods_and_keep_every_client_through_a_ca_rotation() {
     let ns = tokio::task::spawn_blocking(|| Namespace::with_operator("tls"))
         .await
         .unwrap();
@@ -191,6 +192,183 @@ async fn three_pods_with_managed_redis_and_tls_carry_traffic_between_pods_throug
     let m = sub.recv_ack().await;
     assert_eq!((&m.topic[..], &m.payload[..]), ("t/x", &b"across pods"[..]));
     eprintln!("subscriber on {sub_pod}, publisher on {pub_pod} (after {tries} tries)");
+    publisher.disconnect().await;
+
+    // The CA rotates under TLS load (30 s a phase): clients that read the
+    // bundle again from the Secret each second (as one mounted from it
+    // would be) keep making new connections, each a fresh handshake; the
+    // subscriber's connection, made with the old CA alone, goes on; no pod
+    // restarts or is replaced.
+    let ns = Arc::new(ns);
+    let pods_before = pod_names(&ns);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bundle = Arc::new(Mutex::new(ca.clone()));
+    let refresher = {
+        let (ns, stop, bundle) = (ns.clone(), stop.clone(), bundle.clone());
+        tokio::task::spawn_blocking(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let b = ns.secret("b-tls", "ca.crt");
+                if b.contains("BEGIN CERTIFICATE") {
+                    *bundle.lock().unwrap() = b;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let reader = {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tokio::spawn(async move {
+            let quiet_end = || Instant::now() + Duration::from_secs(5);
+            let mut until = None;
+            loop {
+                if until.is_none() && stop.load(Ordering::SeqCst) {
+                    until = Some(quiet_end());
+                }
+                if until.is_some_and(|u| Instant::now() > u) {
+                    return true;
+                }
+                match sub.next(Duration::from_millis(200)).await {
+                    Next::Packet(Packet::Publish(m)) => {
+                        sub.ack(&m).await;
+                        if let Some(s) = cirrus_e2e::load::seq_of(&m.payload) {
+                            *tally.lock().unwrap().received.entry(s).or_insert(0) += 1;
+                        }
+                    }
+                    Next::Closed => return false,
+                    _ => {}
+                }
+            }
+        })
+    };
+    let seq = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let loaders: Vec<_> = (0..3)
+        .map(|k| {
+            let (stop, bundle, tally, seq, failures, handshakes) = (
+                stop.clone(),
+                bundle.clone(),
+                tally.clone(),
+                seq.clone(),
+                failures.clone(),
+                handshakes.clone(),
+            );
+            let (server_name, o) = (server_name.clone(), login(&format!("rot-{k}")));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let pem = bundle.lock().unwrap().clone();
+                    match Client::try_connect_tls(addr, &server_name, pem.as_bytes(), o.clone())
+                        .await
+                    {
+                        Ok((mut c, ack)) if ack.reason_code == 0 => {
+                            handshakes.fetch_add(1, Ordering::Relaxed);
+                            let n = seq.fetch_add(1, Ordering::SeqCst) as u32;
+                            let rc = c
+                                .publish("t/x", &n.to_be_bytes(), QoS::AtLeastOnce, false)
+                                .await;
+                            if rc == 0 {
+                                tally.lock().unwrap().acked.insert(n);
+                            }
+                            c.disconnect().await;
+                        }
+                        Ok((_, ack)) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("CONNACK {:#x}", ack.reason_code)),
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = Instant::now();
+    kubectl(&[
+        "annotate",
+        "secret",
+        "cirrus-ca",
+        "-n",
+        &ns.name,
+        "--overwrite",
+        "mqtt.cirrus.dev/ca-overlap-seconds=30",
+        "mqtt.cirrus.dev/rotate-ca=test",
+    ]);
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for(Duration::from_secs(180), "the CA rotation to end", || {
+            let a = get_json(&ns2, "secret", "cirrus-ca")["metadata"]["annotations"].clone();
+            (a["mqtt.cirrus.dev/rotated-ca"] == "test"
+                && a.get("mqtt.cirrus.dev/ca-rotation").is_none())
+            .then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    let took = t0.elapsed();
+    // A little longer on the new CA alone, then stop.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::SeqCst);
+    for l in loaders {
+        l.await.unwrap();
+    }
+    refresher.await.unwrap();
+    let stayed = reader.await.unwrap();
+    let new_ca = bundle.lock().unwrap().clone();
+    let failures = failures.lock().unwrap().clone();
+    eprintln!(
+        "CA rotated in {took:?}: {} TLS handshakes, {} failed {:?}",
+        handshakes.load(Ordering::Relaxed),
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(failures.is_empty(), "handshakes failed during the rotation");
+    assert!(stayed, "the subscriber's connection was closed");
+    tally
+        .lock()
+        .unwrap()
+        .check("TLS load through the CA rotation", QoS::AtLeastOnce);
+    // The pods serve certificates from the new CA (the old CA alone no
+    // longer verifies them), and none restarted.
+    assert_ne!(new_ca, ca);
+    let (c, ack) = Client::connect_tls(addr, &server_name, new_ca.as_bytes(), login("after")).await;
+    assert_eq!(ack.reason_code, 0);
+    c.disconnect().await;
+    let old_alone = Client::try_connect_tls(addr, &server_name, ca.as_bytes(), login("old")).await;
+    assert!(
+        matches!(&old_alone, Err(e) if e.contains("handshake")),
+        "the old CA still verifies a pod: {:?}",
+        old_alone.map(|(_, a)| a)
+    );
+    let ns2 = ns.clone();
+    let (after, restarts) = tokio::task::spawn_blocking(move || {
+        let restarts = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            &ns2.name,
+            "-l",
+            &broker_selector("b"),
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[0].restartCount}",
+        ]);
+        (pod_names(&ns2), restarts)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after, pods_before, "pods were replaced");
+    assert_eq!(restarts.trim(), "0 0 0", "broker restarts");
+}
+
+fn pod_names(ns: &Namespace) -> Vec<String> {
+    let mut names: Vec<String> = ns
+        .pods(&broker_selector("b"))
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    names.sort();
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,22 +676,28 @@ fn rollout_step(ns: &Namespace, name: &str) -> Option<RolloutStep> {
 
 /// The images of a broker's running pods that are not being deleted.
 fn pod_images(ns: &Namespace, name: &str) -> Vec<String> {
-    let out = kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        &ns.name,
-        "-l",
-        &broker_selector(name),
-        "--field-selector=status.phase=Running",
-        "-o",
-        "jsonpath={range .items[*]}{.spec.containers[0].image}|{.metadata.deletionTimestamp}{\"\\n\"}{end}",
-    ]);
     // Old pods still draining their clients are not counted.
-    out.lines()
-        .filter_map(|l| l.strip_suffix('|'))
-        .map(str::to_string)
-        .collect()
+    per_pod(
+        ns,
+        name,
+        true,
+        "{.spec.containers[0].image}|{.metadata.deletionTimestamp}",
+    )
+    .into_iter()
+    .filter_map(|l| l.strip_suffix('|').map(str::to_string))
+    .collect()
+}
+
+/// A line per pod of broker `name` (`running`: only pods in phase Running),
+/// as the JSONPath `each` prints it for one pod.
+fn per_pod(ns: &Namespace, name: &str, running: bool, each: &str) -> Vec<String> {
+    let selector = broker_selector(name);
+    let out = format!("jsonpath={{range .items[*]}}{each}{{\"\\n\"}}{{end}}");
+    let mut args = vec!["get", "pods", "-n", &ns.name, "-l", &selector, "-o", &out];
+    if running {
+        args.push("--field-selector=status.phase=Running");
+    }
+    kubectl(&args).lines().map(str::to_string).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,20 +956,12 @@ fn a_disruption_budget_refuses_evictions_beyond_it_and_autoscaling_keeps_the_pod
 
 /// Each running broker pod's `controller.kubernetes.io/pod-deletion-cost`.
 fn deletion_costs(ns: &Namespace, name: &str) -> Vec<String> {
-    kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        &ns.name,
-        "-l",
-        &broker_selector(name),
-        "--field-selector=status.phase=Running",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.annotations.controller\\.kubernetes\\.io/pod-deletion-cost}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
+    per_pod(
+        ns,
+        name,
+        true,
+        "{.metadata.annotations.controller\\.kubernetes\\.io/pod-deletion-cost}",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
