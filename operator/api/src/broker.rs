@@ -155,6 +155,13 @@ pub struct Rollout {
     #[serde(default = "default_max_surge")]
     #[schemars(range(min = 1, max = 100))]
     pub max_surge: i32,
+    /// Old pods taken down at once before their replacements are available
+    /// (0: never fewer pods than desired). Each drains at
+    /// `drain.connectionsPerSecond`, so the clients the others see
+    /// reconnecting per second grow with it.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_unavailable: i32,
     /// Seconds a new pod must be ready before it counts as available (and
     /// the next old pod goes).
     #[serde(default)]
@@ -172,6 +179,7 @@ impl Default for Rollout {
     fn default() -> Self {
         Rollout {
             max_surge: default_max_surge(),
+            max_unavailable: 0,
             min_ready_seconds: 0,
             progress_deadline_seconds: default_progress_deadline(),
         }

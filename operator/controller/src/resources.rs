@@ -402,7 +402,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
-                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(s.rollout.max_unavailable)),
                     max_surge: Some(IntOrString::Int(s.rollout.max_surge)),
                 }),
             }),
@@ -756,6 +756,29 @@ mod tests {
         b.metadata.namespace = Some("ns".into());
         b.metadata.uid = Some("uid-1".into());
         b
+    }
+
+    #[test]
+    fn the_rollout_spec_reaches_the_deployment_strategy() {
+        let strategy = |spec: &str| {
+            let b = broker(&format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: r}}\nspec: {spec}\n"));
+            let d = deployment(&b, "").spec;
+            let ru = d.strategy.unwrap().rolling_update.unwrap();
+            (ru.max_surge, ru.max_unavailable, d.min_ready_seconds)
+        };
+        // By default one new pod at a time, never fewer than desired.
+        assert_eq!(
+            strategy("{}"),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)), None)
+        );
+        assert_eq!(
+            strategy("{rollout: {maxSurge: 2, maxUnavailable: 1, minReadySeconds: 5}}"),
+            (
+                Some(IntOrString::Int(2)),
+                Some(IntOrString::Int(1)),
+                Some(5)
+            )
+        );
     }
 
     #[test]
