@@ -215,7 +215,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Drain {
-    /// Clients sent away per second; 0: all at once.
+    /// Clients sent away per second (on the Redis store, shared by the
+    /// pods draining at the same time); 0: all at once.
     pub connections_per_sec: u32,
     /// What MQTT 5 clients are told (3.1.1 clients: the socket closes).
     pub reason: DrainReason,

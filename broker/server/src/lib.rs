@@ -198,9 +198,17 @@ impl Bound {
         let delay = Duration::from_secs(self.broker.config.shutdown_delay_secs);
         {
             let (draining, shutdown) = (draining.clone(), shutdown.clone());
+            let broker = self.broker.clone();
             tokio::spawn(async move {
                 stop.cancelled().await;
                 draining.cancel();
+                // Pods told to stop together (a scale-down) count each
+                // other before any of them drains: they share the rate.
+                if let store::Store::Redis(r) = &broker.store {
+                    if let Err(e) = r.draining_pods().await {
+                        warn!(error = %e, "drain: could not count the draining pods");
+                    }
+                }
                 if !delay.is_zero() {
                     info!(?delay, "not ready any more; draining after the delay");
                     tokio::time::sleep(delay).await;
@@ -275,38 +283,73 @@ impl Bound {
     }
 }
 
-/// Send the attached clients away at `drain.connections_per_sec` (faster if
-/// they would not all go 2 s before `deadline`; what is left then goes at
+/// Send the attached clients away at `drain.connections_per_sec`, shared
+/// with the pods draining at the same time (on the Redis store), so that
+/// the pods that stay see at most that many reconnects a second; faster if
+/// they would not all go 2 s before `deadline` (what is left then goes at
 /// once, with the rest).
 async fn drain(broker: &Broker, deadline: Duration) {
-    let rate = broker.config.drain.connections_per_sec;
-    if rate == 0 {
+    let total = broker.config.drain.connections_per_sec;
+    let redis = match &broker.store {
+        store::Store::Redis(r) => Some(r.clone()),
+        _ => None,
+    };
+    if total == 0 {
+        if let Some(r) = &redis {
+            let _ = r.done_draining().await;
+        }
         return;
     }
     let signals = broker.attached_signals();
-    let window = deadline.saturating_sub(Duration::from_secs(2));
-    let end = Instant::now() + window;
-    // More clients than fit in the time at this rate: faster, so that all
-    // are told to go (rather than dropped at the deadline).
-    let fits = (signals.len() as f64 / window.as_secs_f64().max(1.0)).ceil() as u32;
-    if fits > rate {
-        warn!(
-            clients = signals.len(),
-            configured = rate,
-            per_sec = fits,
-            "drain: more clients than the rate sends away in time; going faster"
-        );
+    let end = Instant::now() + deadline.saturating_sub(Duration::from_secs(2));
+    info!(clients = signals.len(), per_sec = total, "draining");
+    let mut sent = 0;
+    let mut hurried = false;
+    // A second at a time: how many pods share the rate may change.
+    while sent < signals.len() && Instant::now() < end {
+        let second = Instant::now();
+        let sharing = match &redis {
+            Some(r) => r.draining_pods().await.unwrap_or(1),
+            None => 1,
+        };
+        let share = (total / u32::try_from(sharing).unwrap_or(u32::MAX)).max(1);
+        // More clients than fit in the time left at this rate: faster, so
+        // that all are told to go (rather than dropped at the deadline).
+        let left = signals.len() - sent;
+        let secs_left = end.saturating_duration_since(second).as_secs_f64().max(1.0);
+        let fits = (left as f64 / secs_left).ceil() as u32;
+        if fits > share && !hurried {
+            hurried = true;
+            warn!(
+                clients = left,
+                share,
+                per_sec = fits,
+                "drain: more clients than the rate sends away in time; going faster"
+            );
+        }
+        let rate = share.max(fits);
+        let batch = (rate as usize).min(left);
+        let n = send_away_paced(
+            &signals[sent..sent + batch],
+            rate,
+            end,
+            &CancellationToken::new(),
+            &broker.stats.drained,
+        )
+        .await;
+        sent += n;
+        if n < batch {
+            break;
+        }
+        if sent < signals.len() {
+            tokio::time::sleep_until((second + Duration::from_secs(1)).into()).await;
+        }
     }
-    let rate = rate.max(fits);
-    info!(clients = signals.len(), per_sec = rate, "draining");
-    let sent = send_away_paced(
-        &signals,
-        rate,
-        end,
-        &CancellationToken::new(),
-        &broker.stats.drained,
-    )
-    .await;
+    if let Some(r) = &redis {
+        if let Err(e) = r.done_draining().await {
+            warn!(error = %e, "drain: could not leave the draining pods");
+        }
+    }
     if sent < signals.len() {
         warn!(
             left = signals.len() - sent,

@@ -194,8 +194,11 @@ impl Default for Rollout {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DrainSpec {
-    /// Clients sent away per second. A pod with more clients than fit in
-    /// `timeoutSeconds` at this rate goes faster, so as to finish in time.
+    /// Clients sent away per second, by all the pods draining at the same
+    /// time together (they share it through Redis), so the pods that stay
+    /// see at most this many reconnects a second. A pod with more clients
+    /// than fit in `timeoutSeconds` at its share goes faster, so as to
+    /// finish in time.
     #[serde(default = "default_drain_rate")]
     #[schemars(range(min = 1, max = 100000))]
     pub connections_per_second: u32,

@@ -528,6 +528,64 @@ mod tracing;
 /// A pod that joins gets its share: the pod holding every client sends the
 /// excess over the mean away (0x9C, paced), the clients come back on the
 /// new pod, and nobody is moved twice.
+/// Two pods told to stop together (a scale-down) share the drain rate:
+/// the pod that stays sees at most `connections_per_sec` clients a second
+/// come over, not one rate per draining pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_draining_together_share_the_drain_rate() {
+    let r = RedisServer::start();
+    let url = r.url();
+    let cfg = "shutdown_timeout_secs: 30\nshutdown_delay_secs: 1\ndrain: {connections_per_sec: 20}\nrebalance: {enabled: false}\n";
+    let args = ["--redis", url.as_str(), "--node-timeout-ms", "3000"];
+    let mut a = BrokerProcess::start_with_config(cfg, &args);
+    let mut b = BrokerProcess::start_with_config(cfg, &args);
+    let _stays = BrokerProcess::start_with_config(cfg, &args);
+    const EACH: usize = 60;
+    let mut clients = Vec::new();
+    for (n, addr) in [(0, a.addr), (1, b.addr)] {
+        for i in 0..EACH {
+            let c = Client::connect_ok(addr, Opts::v5(&format!("d{n}-{i}")).persistent(600)).await;
+            clients.push(c);
+        }
+    }
+    a.signal("TERM");
+    b.signal("TERM");
+    let t0 = Instant::now();
+    let mut times: Vec<Duration> =
+        futures_util::future::join_all(clients.into_iter().map(|mut c| async move {
+            loop {
+                match c.next(Duration::from_secs(40)).await {
+                    Next::Closed | Next::Timeout => return t0.elapsed(),
+                    Next::Packet(_) => {}
+                }
+            }
+        }))
+        .await;
+    times.sort();
+    let spread = times[times.len() - 1] - times[0];
+    let peak = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t - times[i] < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "{} clients of two draining pods sent away over {spread:?}, at most {peak} in one second",
+        times.len()
+    );
+    // 120 at 20/s for the two together: about 6 s (40/s, 3 s, if each pod
+    // used the whole rate); a step of timer slack.
+    assert!(peak <= 24, "{peak} clients in one second");
+    assert!(spread >= Duration::from_secs(5), "{spread:?}");
+    for p in [&mut a, &mut b] {
+        let status = p.wait_exit(Duration::from_secs(30)).expect("exited");
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_pod_gets_its_share_of_the_clients_and_nobody_moves_twice() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -10,6 +10,8 @@ pub const EXPIRY: &str = "cirrus:{g}:expiry";
 pub const WILLS: &str = "cirrus:{g}:wills";
 /// Pod → its connection count (for rebalancing).
 pub const LOAD: &str = "cirrus:{g}:load";
+/// Pods draining now (they share the drain rate).
+pub const DRAINING: &str = "cirrus:{g}:draining";
 /// Pod → since when its heartbeats are steady (Redis time, ms).
 pub const STEADY: &str = "cirrus:{g}:steady";
 pub const GROUP: &str = "cirrus";

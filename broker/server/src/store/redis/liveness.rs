@@ -42,11 +42,34 @@ impl RedisStore {
     /// Take this pod's count out of the rebalance (it is draining): the
     /// others then compare themselves with the pods that stay.
     pub async fn leave_loads(&self) -> Result<(), StoreError> {
+        self.hash_leave(keys::LOAD).await
+    }
+
+    /// Count this pod among the draining ones; how many live pods are
+    /// draining now (this one among them).
+    pub async fn draining_pods(&self) -> Result<usize, StoreError> {
         let r = self
-            .query_cmds(vec![redis::cmd("HDEL")
-                .arg(keys::LOAD)
+            .query_cmds(vec![eval(&LUA_LOAD, &[keys::NODES, keys::DRAINING])
                 .arg(&*self.node)
+                .arg(1)
+                .arg(self.node_timeout.as_millis() as u64)
                 .clone()])
+            .await?;
+        check_all(&r)?;
+        Ok(match r.first() {
+            Some(Value::Array(v)) => v.len().max(1),
+            _ => 1,
+        })
+    }
+
+    /// This pod's drain is over.
+    pub async fn done_draining(&self) -> Result<(), StoreError> {
+        self.hash_leave(keys::DRAINING).await
+    }
+
+    async fn hash_leave(&self, key: &str) -> Result<(), StoreError> {
+        let r = self
+            .query_cmds(vec![redis::cmd("HDEL").arg(key).arg(&*self.node).clone()])
             .await?;
         check_all(&r)
     }
@@ -343,6 +366,7 @@ impl RedisStore {
             redis::cmd("ZREM").arg(keys::NODES).arg(node).clone(),
             redis::cmd("HDEL").arg(keys::STEADY).arg(node).clone(),
             redis::cmd("HDEL").arg(keys::LOAD).arg(node).clone(),
+            redis::cmd("HDEL").arg(keys::DRAINING).arg(node).clone(),
             Event::PodDead { node }.cmd(),
         ];
         for f in routes.iter().filter(|f| f.starts_with("$share/")) {
@@ -453,6 +477,10 @@ impl RedisStore {
                     .arg(&*self.node)
                     .clone(),
                 redis::cmd("HDEL").arg(keys::LOAD).arg(&*self.node).clone(),
+                redis::cmd("HDEL")
+                    .arg(keys::DRAINING)
+                    .arg(&*self.node)
+                    .clone(),
                 Event::PodDead { node: &self.node }.cmd(),
             ])
             .await;
