@@ -61,6 +61,20 @@ impl Tally {
     }
 }
 
+/// The most of `sorted` (instants as offsets) that fall within any one
+/// second.
+pub fn peak_per_second(sorted: &[Duration]) -> usize {
+    (0..sorted.len())
+        .map(|i| {
+            sorted[i..]
+                .iter()
+                .take_while(|t| **t - sorted[i] < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 pub fn seq_of(payload: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(payload.get(..4)?.try_into().ok()?))
 }

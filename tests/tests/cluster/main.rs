@@ -563,15 +563,7 @@ async fn pods_draining_together_share_the_drain_rate() {
         .await;
     times.sort();
     let spread = times[times.len() - 1] - times[0];
-    let peak = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t - times[i] < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let peak = cirrus_e2e::load::peak_per_second(&times);
     eprintln!(
         "{} clients of two draining pods sent away over {spread:?}, at most {peak} in one second",
         times.len()

@@ -123,15 +123,7 @@ async fn a_paced_drain_sends_clients_away_at_the_configured_rate() {
     times.sort();
     let spread = times[times.len() - 1] - times[0];
     // The most clients sent away within any one second.
-    let peak = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t - times[i] < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let peak = cirrus_e2e::load::peak_per_second(&times);
     eprintln!("100 clients sent away over {spread:?}, at most {peak} in one second");
     // 100 at 40/s: about 2.5 s; ten steps of 4 a second (plus one step of
     // timer slack).
