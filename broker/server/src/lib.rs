@@ -415,9 +415,15 @@ async fn run_rebalance(
             continue;
         }
         let mine = broker.stats.connections_current.load(Ordering::Relaxed);
-        let Ok(loads) = redis.pod_loads(mine).await else {
+        let Ok((loads, draining)) = redis.pod_loads(mine).await else {
             continue;
         };
+        // While a pod drains (a scale-down, a rollout) its clients are
+        // arriving at the drain's rate: moving others at the same time
+        // would add to it, and move clients that may have to move again.
+        if draining > 0 {
+            continue;
+        }
         let Some(excess) = rebalance_excess(mine as u64, &loads, cfg.threshold_percent) else {
             continue;
         };

@@ -229,7 +229,7 @@ impl Default for DrainSpec {
 /// drain does (0x9C), at most `connectionsPerSecond`,
 /// the longest-connected first and only those connected for at least
 /// `minConnectionAgeSeconds` (so a client just moved is not moved again),
-/// then waits a round for fresh counts. Counted in
+/// then waits a round for fresh counts; never while a pod drains. Counted in
 /// `cirrus_rebalanced_connections_total`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -528,6 +528,47 @@ mod tracing;
 /// A pod that joins gets its share: the pod holding every client sends the
 /// excess over the mean away (0x9C, paced), the clients come back on the
 /// new pod, and nobody is moved twice.
+/// No pod rebalances while another drains: the drained clients are
+/// arriving at the drain's rate, and moving others too would add to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_rebalance_while_a_pod_drains() {
+    let r = RedisServer::start();
+    let url = r.url();
+    let cfg = "shutdown_timeout_secs: 30\ndrain: {connections_per_sec: 4}\nrebalance: {min_connection_age_secs: 0, interval_secs: 1, connections_per_sec: 100}\n";
+    let args = ["--redis", url.as_str(), "--node-timeout-ms", "3000"];
+    let mut draining = BrokerProcess::start_with_config(cfg, &args);
+    let mut drained = Vec::new();
+    for i in 0..40 {
+        drained.push(Client::connect_ok(draining.addr, Opts::v5(&format!("g{i}"))).await);
+    }
+    // The drain takes 10 s (40 clients at 4/s).
+    draining.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile a pod with 40 clients and one with none: far out of
+    // balance, and nothing moves until the drain is over.
+    let a = BrokerProcess::start_with_config(cfg, &args);
+    let _b = BrokerProcess::start_with_config(cfg, &args);
+    let mut held = Vec::new();
+    for i in 0..40 {
+        held.push(Client::connect_ok(a.addr, Opts::v5(&format!("h{i}"))).await);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        a.metric("cirrus_rebalanced_connections_total"),
+        0.0,
+        "rebalanced during a drain"
+    );
+    let status = draining.wait_exit(Duration::from_secs(30)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    // Then the rebalance goes on.
+    let end = Instant::now() + Duration::from_secs(15);
+    while a.metric("cirrus_rebalanced_connections_total") == 0.0 {
+        assert!(Instant::now() < end, "no rebalance after the drain");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((drained, held));
+}
+
 /// Two pods told to stop together (a scale-down) share the drain rate:
 /// the pod that stays sees at most `connections_per_sec` clients a second
 /// come over, not one rate per draining pod.

@@ -19,24 +19,33 @@ impl RedisStore {
     }
 
     /// Write this pod's connection count; the counts of the live pods
-    /// (this one among them).
-    pub async fn pod_loads(&self, mine: usize) -> Result<Vec<u64>, StoreError> {
+    /// (this one among them), and how many pods are draining.
+    pub async fn pod_loads(&self, mine: usize) -> Result<(Vec<u64>, usize), StoreError> {
         let r = self
-            .query_cmds(vec![eval(&LUA_LOAD, &[keys::NODES, keys::LOAD])
-                .arg(&*self.node)
-                .arg(mine)
-                .arg(self.node_timeout.as_millis() as u64)
-                .clone()])
+            .query_cmds(vec![
+                eval(&LUA_LOAD, &[keys::NODES, keys::LOAD])
+                    .arg(&*self.node)
+                    .arg(mine)
+                    .arg(self.node_timeout.as_millis() as u64)
+                    .clone(),
+                redis::cmd("HLEN").arg(keys::DRAINING).clone(),
+            ])
             .await?;
         check_all(&r)?;
-        Ok(match r.first() {
+        let loads = match r.first() {
             Some(Value::Array(v)) => v
                 .iter()
                 .filter_map(as_int)
                 .filter_map(|n| u64::try_from(n).ok())
                 .collect(),
             _ => Vec::new(),
-        })
+        };
+        let draining = r
+            .get(1)
+            .and_then(as_int)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0);
+        Ok((loads, draining))
     }
 
     /// Take this pod's count out of the rebalance (it is draining): the
