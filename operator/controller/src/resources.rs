@@ -19,8 +19,8 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -234,6 +234,15 @@ fn restricted() -> SecurityContext {
     }
 }
 
+/// The container runtime's default seccomp filter, which the "restricted"
+/// Pod Security Standard requires.
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    }
+}
+
 fn port(name: &str, p: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.into()),
@@ -428,6 +437,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                         run_as_user: Some(65532),
                         run_as_group: Some(65532),
                         fs_group: Some(65532),
+                        seccomp_profile: Some(runtime_default_seccomp()),
                         ..Default::default()
                     }),
                     automount_service_account_token: Some(false),
@@ -544,6 +554,7 @@ pub fn managed_redis_deployment(b: &MqttBroker) -> Deployment {
                         run_as_user: Some(999),
                         run_as_group: Some(999),
                         fs_group: Some(999),
+                        seccomp_profile: Some(runtime_default_seccomp()),
                         ..Default::default()
                     }),
                     automount_service_account_token: Some(false),
@@ -756,6 +767,66 @@ mod tests {
         b.metadata.namespace = Some("ns".into());
         b.metadata.uid = Some("uid-1".into());
         b
+    }
+
+    /// What the "restricted" Pod Security Standard asks of a pod (the
+    /// test cluster's Kubernetes 1.20 has no Pod Security admission to ask).
+    fn restricted_violations(pod: &PodSpec) -> Vec<String> {
+        let mut v = Vec::new();
+        let psc = pod.security_context.clone().unwrap_or_default();
+        for c in &pod.containers {
+            let sc = c.security_context.clone().unwrap_or_default();
+            if sc.allow_privilege_escalation != Some(false) {
+                v.push(format!("{}: allowPrivilegeEscalation", c.name));
+            }
+            if sc.run_as_non_root.or(psc.run_as_non_root) != Some(true) {
+                v.push(format!("{}: runAsNonRoot", c.name));
+            }
+            let drops = sc.capabilities.as_ref().and_then(|c| c.drop.clone());
+            if !drops.unwrap_or_default().iter().any(|d| d == "ALL") {
+                v.push(format!("{}: capabilities.drop ALL", c.name));
+            }
+            let adds = sc.capabilities.as_ref().and_then(|c| c.add.clone());
+            if adds
+                .unwrap_or_default()
+                .iter()
+                .any(|a| a != "NET_BIND_SERVICE")
+            {
+                v.push(format!("{}: capabilities.add", c.name));
+            }
+            let seccomp = sc.seccomp_profile.or(psc.seccomp_profile.clone());
+            if !seccomp.is_some_and(|p| p.type_ == "RuntimeDefault" || p.type_ == "Localhost") {
+                v.push(format!("{}: seccompProfile", c.name));
+            }
+            if sc.privileged == Some(true) {
+                v.push(format!("{}: privileged", c.name));
+            }
+        }
+        for vol in pod.volumes.clone().unwrap_or_default() {
+            if vol.host_path.is_some() {
+                v.push(format!("volume {}: hostPath", vol.name));
+            }
+        }
+        if pod.host_network == Some(true)
+            || pod.host_pid == Some(true)
+            || pod.host_ipc == Some(true)
+        {
+            v.push("host namespaces".into());
+        }
+        v
+    }
+
+    #[test]
+    fn broker_and_managed_redis_pods_meet_the_restricted_pod_security_standard() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: r}\nspec: {redis: {managed: true}, listeners: {mqtt: 1883, mqtts: 8883}, tls: {enabled: true}}\n");
+        for d in [deployment(&b, ""), managed_redis_deployment(&b)] {
+            let pod = d.spec.template.spec.unwrap();
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+        }
+        // The check itself finds what is missing.
+        let mut pod = deployment(&b, "").spec.template.spec.unwrap();
+        pod.security_context = None;
+        assert!(!restricted_violations(&pod).is_empty());
     }
 
     #[test]
