@@ -9,7 +9,12 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub const DEFAULT_IMAGE: &str = "ghcr.io/cirrus-mqtt/cirrus-broker:0.1.0";
+/// The broker image of this operator's own version: what an `MqttBroker`
+/// without `image` runs, so that upgrading the operator upgrades them.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/cirrus-mqtt/cirrus-broker:",
+    env!("CARGO_PKG_VERSION")
+);
 
 /// A Cirrus MQTT broker: its pods, Service, TLS, autoscaling and the
 /// configuration and auth files the pods read.
@@ -32,8 +37,11 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/cirrus-mqtt/cirrus-broker:0.1.0";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MqttBrokerSpec {
-    /// Container image of the broker.
-    #[serde(default = "default_image")]
+    /// Container image of the broker. Empty (the default): the broker of
+    /// the operator's own version, so that upgrading the operator upgrades
+    /// the brokers that do not pin an image (the API server stores no
+    /// default here).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
     #[serde(default)]
     pub image_pull_policy: PullPolicy,
@@ -95,8 +103,15 @@ pub struct MqttBrokerSpec {
     pub affinity: Option<Affinity>,
 }
 
-fn default_image() -> String {
-    DEFAULT_IMAGE.to_string()
+impl MqttBrokerSpec {
+    /// The image the pods run: `image`, or [`DEFAULT_IMAGE`] when empty.
+    pub fn image_or_default(&self) -> &str {
+        if self.image.is_empty() {
+            DEFAULT_IMAGE
+        } else {
+            &self.image
+        }
+    }
 }
 fn default_replicas() -> i32 {
     1
@@ -343,8 +358,10 @@ pub enum RedisDurability {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Listeners {
+    /// Plain MQTT over TCP; `0` turns it off (a TLS-only broker with
+    /// `mqtts`: the Service then has no plain port).
     #[serde(default = "default_mqtt_port")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 0, max = 65535))]
     pub mqtt: i32,
     /// MQTT over TLS; needs `tls.enabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -354,6 +371,24 @@ pub struct Listeners {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub websocket: Option<i32>,
+}
+
+impl Listeners {
+    /// The listeners that are on, by name (`mqtt`, `mqtts`, `websocket`),
+    /// in that order.
+    pub fn enabled(&self) -> Vec<(&'static str, i32)> {
+        let mut on = Vec::new();
+        if self.mqtt > 0 {
+            on.push(("mqtt", self.mqtt));
+        }
+        if let Some(p) = self.mqtts {
+            on.push(("mqtts", p));
+        }
+        if let Some(p) = self.websocket {
+            on.push(("websocket", p));
+        }
+        on
+    }
 }
 
 impl Default for Listeners {

@@ -214,21 +214,21 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     status.observed_generation = generation;
     status.auth_secret = Some(resources::auth_secret_name(&b));
     let host = format!("{name}.{ns}.svc");
-    status.endpoint = Some(format!("{host}:{}", b.spec.listeners.mqtt));
     status.endpoints.clear();
-    status
-        .endpoints
-        .insert("mqtt".into(), format!("{host}:{}", b.spec.listeners.mqtt));
-    if let Some(p) = b.spec.listeners.mqtts {
-        status
-            .endpoints
-            .insert("mqtts".into(), format!("{host}:{p}"));
+    for (listener, p) in b.spec.listeners.enabled() {
+        let address = match listener {
+            "websocket" => format!("ws://{host}:{p}/mqtt"),
+            _ => format!("{host}:{p}"),
+        };
+        status.endpoints.insert(listener.into(), address);
     }
-    if let Some(p) = b.spec.listeners.websocket {
-        status
-            .endpoints
-            .insert("websocket".into(), format!("ws://{host}:{p}/mqtt"));
-    }
+    // The first listener that is on: plain MQTT, else MQTT over TLS.
+    status.endpoint = b
+        .spec
+        .listeners
+        .enabled()
+        .first()
+        .map(|(_, p)| format!("{host}:{p}"));
     status.updated_replicas = health.updated;
     let was = |t: &str| {
         status
@@ -285,6 +285,14 @@ fn invalid_spec(b: &MqttBroker) -> Option<String> {
                 a.min_replicas, a.max_replicas
             ));
         }
+    }
+    if s.listeners.mqtts.is_some() && !s.tls.enabled {
+        return Some("listeners.mqtts needs tls.enabled".into());
+    }
+    if s.listeners.enabled().is_empty() {
+        return Some(
+            "no listener is on (listeners.mqtt is 0 and neither mqtts nor websocket is set)".into(),
+        );
     }
     let r = &s.redis;
     if r.managed && (r.url.is_some() || r.url_secret_ref.is_some()) {

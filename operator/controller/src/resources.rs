@@ -97,10 +97,8 @@ pub fn meta<K: Resource<DynamicType = ()>>(
 pub fn broker_config(b: &MqttBroker) -> Config {
     let mut c = Config::default();
     let s = &b.spec;
-    c.listeners.tcp = Some(std::net::SocketAddr::from((
-        [0, 0, 0, 0],
-        s.listeners.mqtt as u16,
-    )));
+    c.listeners.tcp = (s.listeners.mqtt > 0)
+        .then(|| std::net::SocketAddr::from(([0, 0, 0, 0], s.listeners.mqtt as u16)));
     c.listeners.admin = Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)));
     if let (Some(p), true) = (s.listeners.mqtts, s.tls.enabled) {
         c.listeners.tls = Some(std::net::SocketAddr::from(([0, 0, 0, 0], p as u16)));
@@ -255,13 +253,12 @@ fn port(name: &str, p: i32) -> ContainerPort {
 pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
     let name = b.name_any();
     let s = &b.spec;
-    let mut ports = vec![port("mqtt", s.listeners.mqtt)];
-    if let Some(p) = s.listeners.mqtts {
-        ports.push(port("mqtts", p));
-    }
-    if let Some(p) = s.listeners.websocket {
-        ports.push(port("websocket", p));
-    }
+    let mut ports: Vec<ContainerPort> = s
+        .listeners
+        .enabled()
+        .into_iter()
+        .map(|(n, p)| port(n, p))
+        .collect();
     ports.push(port("admin", i32::from(ADMIN_PORT)));
     let mut env = Vec::new();
     if let Some(e) = &s.telemetry.otlp_endpoint {
@@ -374,7 +371,7 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
     }
     let container = Container {
         name: "broker".into(),
-        image: Some(s.image.clone()),
+        image: Some(s.image_or_default().to_string()),
         image_pull_policy: Some(format!("{:?}", s.image_pull_policy)),
         args: Some(vec![
             "--config".into(),
@@ -592,13 +589,12 @@ fn service_port(name: &str, p: i32) -> ServicePort {
 pub fn service(b: &MqttBroker) -> Service {
     let name = b.name_any();
     let s = &b.spec;
-    let mut ports = vec![service_port("mqtt", s.listeners.mqtt)];
-    if let Some(p) = s.listeners.mqtts {
-        ports.push(service_port("mqtts", p));
-    }
-    if let Some(p) = s.listeners.websocket {
-        ports.push(service_port("websocket", p));
-    }
+    let ports: Vec<ServicePort> = s
+        .listeners
+        .enabled()
+        .into_iter()
+        .map(|(n, p)| service_port(n, p))
+        .collect();
     let mut m = meta(b, name.clone(), labels(&name));
     if !s.service.annotations.is_empty() {
         m.annotations = Some(s.service.annotations.clone());
@@ -827,6 +823,47 @@ mod tests {
         let mut pod = deployment(&b, "").spec.template.spec.unwrap();
         pod.security_context = None;
         assert!(!restricted_violations(&pod).is_empty());
+    }
+
+    #[test]
+    fn no_image_means_the_operators_own_version() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: v}\nspec: {}\n");
+        let image = |b: &MqttBroker| {
+            deployment(b, "").spec.template.spec.unwrap().containers[0]
+                .image
+                .clone()
+        };
+        assert_eq!(
+            image(&b).as_deref(),
+            Some(concat!(
+                "ghcr.io/cirrus-mqtt/cirrus-broker:",
+                env!("CARGO_PKG_VERSION")
+            ))
+        );
+        // Nothing is written back into the spec (so nothing pins it).
+        assert!(serde_json::to_value(&b.spec)
+            .unwrap()
+            .get("image")
+            .is_none());
+        let pinned = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: v}\nspec: {image: 'example.com/b:1'}\n");
+        assert_eq!(image(&pinned).as_deref(), Some("example.com/b:1"));
+    }
+
+    #[test]
+    fn a_tls_only_broker_has_no_plain_port_anywhere() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: t}\nspec: {listeners: {mqtt: 0, mqtts: 8883}, tls: {enabled: true}, service: {type: LoadBalancer}}\n");
+        let c = broker_config(&b);
+        assert!(c.listeners.tcp.is_none());
+        assert_eq!(c.listeners.tls.unwrap().port(), 8883);
+        let svc = service(&b).spec.unwrap().ports.unwrap();
+        let names: Vec<_> = svc.iter().filter_map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["mqtts"]);
+        let d = deployment(&b, "");
+        let ports = d.spec.template.spec.unwrap().containers[0]
+            .ports
+            .clone()
+            .unwrap();
+        assert!(ports.iter().all(|p| p.container_port != 1883), "{ports:?}");
     }
 
     #[test]

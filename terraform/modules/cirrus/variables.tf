@@ -58,9 +58,9 @@ variable "broker_name" {
 }
 
 variable "broker_image" {
-  description = "Broker image (repository:tag)."
+  description = "Broker image (repository:tag); empty: the operator's own version, upgraded with the operator."
   type        = string
-  default     = "ghcr.io/cirrus-mqtt/cirrus-broker:0.1.0"
+  default     = ""
 }
 
 variable "replicas" {

@@ -177,6 +177,7 @@ metadata: {name: main}
 spec:
   autoscaling: {minReplicas: 2, maxReplicas: 6, targetCpuUtilization: 60, targetConnectionsPerPod: 5000}
   listeners: {mqtt: 1883, mqtts: 8883}
+  tls: {enabled: true}
   service: {type: LoadBalancer, annotations: {example.com/lb: internal}}
   limits: {maxPacketSize: 65536, maxInflight: 50}
   maxUnavailable: 1
@@ -523,6 +524,17 @@ async fn bad_specs_get_conditions_not_crashes() {
         get::<Deployment>(&c, &ns, "inverted").await.is_none(),
         "nothing is deployed from an invalid spec"
     );
+    // A TLS port without TLS is not advertised as if something listened;
+    // a broker with every listener off is refused too.
+    for (name, spec) in [
+        ("notls", "{listeners: {mqtt: 1883, mqtts: 8883}}"),
+        ("silent", "{listeners: {mqtt: 0}}"),
+    ] {
+        create::<MqttBroker>(&c, &ns, &format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: {name}}}\nspec: {spec}\n")).await;
+        let b = broker_ready(&c, &ns, name, ("False", "InvalidSpec")).await;
+        assert!(b.status.unwrap().endpoints.is_empty(), "{name}");
+        assert!(get::<Deployment>(&c, &ns, name).await.is_none(), "{name}");
+    }
 
     create::<MqttBroker>(
         &c,
