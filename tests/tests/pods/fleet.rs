@@ -34,11 +34,6 @@ fn balanced(ns: &Namespace, name: &str, pods: usize, percent: f64) -> Option<Vec
     .then_some(counts)
 }
 
-/// The broker's pods in any phase, those being deleted too.
-fn pods_at_all(ns: &Namespace, name: &str) -> usize {
-    per_pod(ns, name, false, "{.metadata.name}").len()
-}
-
 /// Wait (in a blocking thread) until `f` says yes.
 async fn wait_blocking<T: Send + 'static>(
     ns: &Arc<Namespace>,
@@ -116,9 +111,18 @@ async fn day2(plain: bool) {
     // left; every client is back within the drain time.
     let mark = fleet.mark();
     patch_broker(&ns, "f", r#"{"replicas": 1}"#);
-    wait_blocking(&ns, Duration::from_secs(90), "two pods gone", |ns| {
-        (pods_at_all(ns, "f") == 1).then_some(())
-    })
+    // Every client on the pod that stays (the pods that go are not counted
+    // from their deletion on; the kubelet may take a while to remove them
+    // after their containers ended).
+    wait_blocking(
+        &ns,
+        Duration::from_secs(90),
+        "every client on one pod",
+        |ns| {
+            let c = connection_counts(ns, "f");
+            (c.len() == 1 && c[0].1 >= CLIENTS as f64).then_some(())
+        },
+    )
     .await;
     fleet
         .wait_connected(
@@ -213,9 +217,15 @@ async fn day2(plain: bool) {
     let suffix = format!(":{tag}");
     let rolled = move |ns: &Namespace| {
         let images = pod_images(ns, "f");
+        // ... and every client on the new pods (the old ones are not
+        // counted from their deletion on).
         images.len() == 3
             && images.iter().all(|i| i.ends_with(&suffix))
-            && pods_at_all(ns, "f") == 3
+            && connection_counts(ns, "f")
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<f64>()
+                >= CLIENTS as f64
     };
     let counts = if plain {
         wait_blocking(&ns, Duration::from_secs(300), "the rollout", move |ns| {

@@ -680,7 +680,6 @@ fn pod_images(ns: &Namespace, name: &str) -> Vec<String> {
     per_pod(
         ns,
         name,
-        true,
         "{.spec.containers[0].image}|{.metadata.deletionTimestamp}",
     )
     .into_iter()
@@ -688,16 +687,25 @@ fn pod_images(ns: &Namespace, name: &str) -> Vec<String> {
     .collect()
 }
 
-/// A line per pod of broker `name` (`running`: only pods in phase Running),
-/// as the JSONPath `each` prints it for one pod.
-fn per_pod(ns: &Namespace, name: &str, running: bool, each: &str) -> Vec<String> {
+/// A line per running pod of broker `name`, as the JSONPath `each` prints
+/// it for one pod.
+fn per_pod(ns: &Namespace, name: &str, each: &str) -> Vec<String> {
     let selector = broker_selector(name);
     let out = format!("jsonpath={{range .items[*]}}{each}{{\"\\n\"}}{{end}}");
-    let mut args = vec!["get", "pods", "-n", &ns.name, "-l", &selector, "-o", &out];
-    if running {
-        args.push("--field-selector=status.phase=Running");
-    }
-    kubectl(&args).lines().map(str::to_string).collect()
+    kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        &selector,
+        "--field-selector=status.phase=Running",
+        "-o",
+        &out,
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -959,7 +967,6 @@ fn deletion_costs(ns: &Namespace, name: &str) -> Vec<String> {
     per_pod(
         ns,
         name,
-        true,
         "{.metadata.annotations.controller\\.kubernetes\\.io/pod-deletion-cost}",
     )
 }
