@@ -34,9 +34,17 @@ pub enum TlsError {
 }
 
 /// PEM certificate and key.
+#[derive(Clone)]
 pub struct Pair {
     pub cert: String,
     pub key: String,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Pair").field("cert", &self.cert).finish()
+    }
 }
 
 /// The names a broker's certificate covers: its Service, in every form a
@@ -199,22 +207,6 @@ pub struct CaState {
     pub requested: Option<String>,
     pub handled: Option<String>,
     pub overlap: i64,
-}
-
-impl std::fmt::Debug for Pair {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("Pair").field("cert", &self.cert).finish()
-    }
-}
-
-impl Clone for Pair {
-    fn clone(&self) -> Pair {
-        Pair {
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-        }
-    }
 }
 
 impl CaState {
