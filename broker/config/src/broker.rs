@@ -34,6 +34,13 @@ pub struct Config {
     pub tls: Tls,
     /// The Redis store; without a URL the broker keeps state in memory.
     pub redis: Redis,
+    /// The version of the pod's template (on Kubernetes its
+    /// `pod-template-hash` label, set by the operator). With the Redis
+    /// store, pods of different revisions mean a rollout: no pod rebalances
+    /// then, and a pod of the older revision that drains waits (a bounded
+    /// time) for its siblings to drain too, so that its clients go to the
+    /// new pods only and move once.
+    pub revision: Option<String>,
 }
 
 /// Where the cluster's shared state lives. The URL may carry a password:
@@ -203,6 +210,7 @@ impl Default for Config {
             auth_file: None,
             tls: Tls::default(),
             redis: Redis::default(),
+            revision: None,
         }
     }
 }

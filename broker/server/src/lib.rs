@@ -29,6 +29,7 @@ pub mod listener;
 pub mod local;
 pub mod message;
 pub mod retained;
+pub mod rollout;
 pub mod router;
 pub mod session;
 pub mod stats;
@@ -254,6 +255,13 @@ impl Bound {
         if broker.auth.enabled() {
             tracker.spawn(run_auth_reload(broker.clone(), shutdown.clone()));
         }
+        if let (Some(rev), store::Store::Redis(r)) = (&broker.config.revision, &broker.store) {
+            // Known to the others from now on (the rebalance and the drain
+            // write it again as they read).
+            if let Err(e) = r.revisions(rev).await {
+                warn!(error = %e, "could not write this pod's revision");
+            }
+        }
         if let (true, store::Store::Redis(r)) = (broker.config.rebalance.enabled, &broker.store) {
             tracker.spawn(run_rebalance(broker.clone(), r.clone(), shutdown.clone()));
         }
@@ -300,8 +308,12 @@ async fn drain(broker: &Broker, deadline: Duration) {
         }
         return;
     }
-    let signals = broker.attached_signals();
     let end = Instant::now() + deadline.saturating_sub(Duration::from_secs(2));
+    if let (Some(r), Some(rev)) = (&redis, &broker.config.revision) {
+        let settle = Duration::from_secs(broker.config.shutdown_delay_secs);
+        wait_for_old_siblings(r, rev, deadline, settle).await;
+    }
+    let signals = broker.attached_signals();
     info!(clients = signals.len(), per_sec = total, "draining");
     let mut sent = 0;
     let mut hurried = false;
@@ -351,10 +363,54 @@ async fn drain(broker: &Broker, deadline: Duration) {
         }
     }
     if sent < signals.len() {
-        warn!(
-            left = signals.len() - sent,
-            "drain: out of time, the rest go at once"
-        );
+        // Still told to use another server (not shut down on): their
+        // sessions go on elsewhere like the others'.
+        let left = &signals[sent..];
+        warn!(left = left.len(), "drain: out of time, the rest go at once");
+        for s in left {
+            s.move_away();
+        }
+        broker
+            .stats
+            .drained
+            .fetch_add(left.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// In a rollout, an old pod that drains waits for the other old pods that
+/// still serve to drain too, and to be out of the Service (draining for
+/// `shutdown_delay_secs`, as this pod waited itself), at most a quarter of
+/// the drain's time and 15 s: then the clients it sends away reach new pods
+/// only.
+async fn wait_for_old_siblings(
+    redis: &store::redis::RedisStore,
+    revision: &str,
+    deadline: Duration,
+    settle: Duration,
+) {
+    let until = Instant::now() + (deadline / 4).min(Duration::from_secs(15));
+    let settle_ms = settle.as_millis() as u64;
+    let mut logged = false;
+    loop {
+        let serving = match redis.revisions(revision).await {
+            Ok(pods) => rollout::old_siblings_serving(&pods, settle_ms),
+            Err(_) => 0,
+        };
+        if serving == 0 {
+            return;
+        }
+        if Instant::now() >= until {
+            info!(serving, "drain: old pods still serving; draining anyway");
+            return;
+        }
+        if !logged {
+            logged = true;
+            info!(
+                serving,
+                "drain: a rollout is under way; waiting for the other old pods to drain too"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -423,6 +479,14 @@ async fn run_rebalance(
         // would add to it, and move clients that may have to move again.
         if draining > 0 {
             continue;
+        }
+        // Nor during a rollout: the new pods get their share from the old
+        // ones as those drain.
+        if let Some(rev) = &broker.config.revision {
+            match redis.revisions(rev).await {
+                Ok(pods) if !rollout::in_progress(&pods) => {}
+                _ => continue,
+            }
         }
         let Some(excess) = rebalance_excess(mine as u64, &loads, cfg.threshold_percent) else {
             continue;

@@ -88,6 +88,10 @@ struct Args {
     /// answered) or `replicated` (its replicas hold it too, Redis WAIT).
     #[arg(long, env = "CIRRUS_REDIS_DURABILITY", value_parser = parse_durability)]
     redis_durability: Option<cirrus_config::broker::Durability>,
+    /// The pod template's revision (Kubernetes: the `pod-template-hash`
+    /// label): rollouts move each client once.
+    #[arg(long, env = "CIRRUS_REVISION")]
+    revision: Option<String>,
     /// Log format.
     #[arg(long, env = "CIRRUS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -242,6 +246,9 @@ impl Args {
         }
         if let Some(v) = self.redis_durability {
             c.redis.durability = v;
+        }
+        if let Some(v) = self.revision.as_ref().filter(|v| !v.is_empty()) {
+            c.revision = Some(v.clone());
         }
         if let Some(v) = self.tls_listen {
             c.listeners.tls = Some(v);

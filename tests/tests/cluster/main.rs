@@ -619,6 +619,83 @@ async fn pods_draining_together_share_the_drain_rate() {
     }
 }
 
+/// A rollout (pods of two revisions): nobody rebalances although the new
+/// pods hold nothing, and an old pod told to stop first sends no client
+/// away before its old sibling is draining too (a client it sent away could
+/// land there and have to move again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_rollout_an_old_pod_drains_with_its_old_siblings_and_nobody_rebalances() {
+    let r = RedisServer::start();
+    let url = r.url();
+    let cfg = "shutdown_timeout_secs: 40\nshutdown_delay_secs: 1\ndrain: {connections_per_sec: 50}\nrebalance: {min_connection_age_secs: 1, interval_secs: 1, connections_per_sec: 50}\n";
+    let on = |rev: &'static str| {
+        BrokerProcess::start_with_config(
+            cfg,
+            &[
+                "--redis",
+                url.as_str(),
+                "--node-timeout-ms",
+                "3000",
+                "--revision",
+                rev,
+            ],
+        )
+    };
+    let mut old1 = on("a");
+    let mut old2 = on("a");
+    const EACH: usize = 20;
+    let mut clients = Vec::new();
+    for (n, addr) in [(1, old1.addr), (2, old2.addr)] {
+        for i in 0..EACH {
+            let c = Client::connect_ok(addr, Opts::v5(&format!("r{n}-{i}")).persistent(600)).await;
+            clients.push((n, c));
+        }
+    }
+    let _new = [on("b"), on("b")];
+    let t0 = Instant::now();
+    let closes = tokio::spawn(futures_util::future::join_all(clients.into_iter().map(
+        |(n, mut c)| async move {
+            loop {
+                match c.next(Duration::from_secs(60)).await {
+                    Next::Closed | Next::Timeout => return (n, t0.elapsed()),
+                    Next::Packet(_) => {}
+                }
+            }
+        },
+    )));
+    // The new pods hold nothing, the old ones 20 each: out of any band,
+    // but a rollout is no time to rebalance.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(old1.metric("cirrus_rebalanced_connections_total"), 0.0);
+    assert_eq!(old2.metric("cirrus_rebalanced_connections_total"), 0.0);
+    old1.signal("TERM");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = t0.elapsed();
+    old2.signal("TERM");
+    let closes = closes.await.unwrap();
+    let first_of = |pod| {
+        closes
+            .iter()
+            .filter(|(n, _)| *n == pod)
+            .map(|(_, t)| *t)
+            .min()
+            .unwrap()
+    };
+    let (first1, first2) = (first_of(1), first_of(2));
+    eprintln!(
+        "old pods told to stop at 5 s and {second:?}; their first clients sent away at {first1:?} and {first2:?}"
+    );
+    // ... and was out of the Service (draining for the delay, 1 s here).
+    assert!(
+        first1 >= second + Duration::from_secs(1),
+        "the first old pod drained at {first1:?}, before its sibling stopped serving at {second:?}"
+    );
+    for p in [&mut old1, &mut old2] {
+        let status = p.wait_exit(Duration::from_secs(45)).expect("exited");
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_pod_gets_its_share_of_the_clients_and_nobody_moves_twice() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

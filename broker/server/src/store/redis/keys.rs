@@ -12,6 +12,9 @@ pub const WILLS: &str = "cirrus:{g}:wills";
 pub const LOAD: &str = "cirrus:{g}:load";
 /// Pods draining now (they share the drain rate).
 pub const DRAINING: &str = "cirrus:{g}:draining";
+/// Pod → `"<since ms> <revision>"`: which template revision each pod runs
+/// (a rollout shows as two), since when by Redis time.
+pub const REVISIONS: &str = "cirrus:{g}:revisions";
 /// Pod → since when its heartbeats are steady (Redis time, ms).
 pub const STEADY: &str = "cirrus:{g}:steady";
 pub const GROUP: &str = "cirrus";

@@ -2,6 +2,18 @@
 
 use super::*;
 
+/// A live pod's template revision, from [`RedisStore::revisions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRevision {
+    /// This pod.
+    pub mine: bool,
+    pub revision: String,
+    /// When the pod first wrote this revision (Redis time, ms).
+    pub since_ms: u64,
+    /// For how long the pod has been draining (ms), if it is.
+    pub draining_for_ms: Option<u64>,
+}
+
 impl RedisStore {
     /// One heartbeat, by Redis's clock. `Ok(None)`: this pod was not
     /// registered (Redis lost it, or the others declared it dead);
@@ -60,7 +72,7 @@ impl RedisStore {
         let r = self
             .query_cmds(vec![eval(&LUA_LOAD, &[keys::NODES, keys::DRAINING])
                 .arg(&*self.node)
-                .arg(1)
+                .arg("since")
                 .arg(self.node_timeout.as_millis() as u64)
                 .clone()])
             .await?;
@@ -69,6 +81,46 @@ impl RedisStore {
             Some(Value::Array(v)) => v.len().max(1),
             _ => 1,
         })
+    }
+
+    /// Write this pod's template revision; the live pods' revisions (this
+    /// one's among them).
+    pub async fn revisions(&self, revision: &str) -> Result<Vec<PodRevision>, StoreError> {
+        let r = self
+            .query_cmds(vec![eval(
+                &LUA_REVISIONS,
+                &[keys::NODES, keys::REVISIONS, keys::DRAINING],
+            )
+            .arg(&*self.node)
+            .arg(revision)
+            .arg(self.node_timeout.as_millis() as u64)
+            .clone()])
+            .await?;
+        check_all(&r)?;
+        let Some(Value::Array(v)) = r.first() else {
+            return Err(StoreError::Reply("revisions: not an array"));
+        };
+        let Some(now) = v
+            .first()
+            .and_then(as_str)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return Err(StoreError::Reply("revisions: no time"));
+        };
+        Ok(v[1..]
+            .chunks_exact(3)
+            .filter_map(|e| {
+                let (since, revision) = as_str(&e[1])?.split_once(' ')?;
+                Some(PodRevision {
+                    mine: as_str(&e[0])? == &*self.node,
+                    revision: revision.to_string(),
+                    since_ms: since.parse().ok()?,
+                    draining_for_ms: as_str(&e[2])
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .map(|d| now.saturating_sub(d)),
+                })
+            })
+            .collect())
     }
 
     /// This pod's drain is over.
@@ -486,6 +538,10 @@ impl RedisStore {
                     .arg(&*self.node)
                     .clone(),
                 redis::cmd("HDEL").arg(keys::LOAD).arg(&*self.node).clone(),
+                redis::cmd("HDEL")
+                    .arg(keys::REVISIONS)
+                    .arg(&*self.node)
+                    .clone(),
                 redis::cmd("HDEL")
                     .arg(keys::DRAINING)
                     .arg(&*self.node)

@@ -71,6 +71,7 @@ mod writer;
 use client::*;
 use commands::*;
 use events::Event;
+pub use liveness::PodRevision;
 use replies::*;
 use scripts::*;
 pub use writer::{Op, Pending};

@@ -188,17 +188,50 @@ return gap"
 
 /// This pod's connection count in, the counts of the live pods out (pods
 /// whose heartbeat is older than the node timeout are dropped from the
-/// hash). KEYS: nodes, load; ARGV: node, count, node timeout (ms).
+/// hash). KEYS: nodes, load; ARGV: node, count (or `since`: the Redis time
+/// of the first call, kept), node timeout (ms).
 pub(super) static LUA_LOAD: Lua = Lua::new(lua_timed!(
     r"
 local now = now_ms()
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[2] == 'since' then
+  redis.call('HSETNX', KEYS[2], ARGV[1], string.format('%d', now))
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
 local all = redis.call('HGETALL', KEYS[2])
 local out = {}
 for i = 1, #all, 2 do
   local beat = redis.call('ZSCORE', KEYS[1], all[i])
   if beat and now - tonumber(beat) <= tonumber(ARGV[3]) then
     out[#out + 1] = tonumber(all[i + 1])
+  else
+    redis.call('HDEL', KEYS[2], all[i])
+  end
+end
+return out"
+));
+
+/// This pod's template revision in (kept with the Redis time it was first
+/// written), the live pods' out after the time now:
+/// `[now, node, "<since> <revision>", draining since (or "")]` each
+/// (entries of pods whose heartbeat is older than the node timeout are
+/// dropped). KEYS: nodes, revisions, draining; ARGV: node, revision, node
+/// timeout (ms).
+pub(super) static LUA_REVISIONS: Lua = Lua::new(lua_timed!(
+    r"
+local now = now_ms()
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if not cur or string.sub(cur, string.find(cur, ' ') + 1) ~= ARGV[2] then
+  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d', now) .. ' ' .. ARGV[2])
+end
+local all = redis.call('HGETALL', KEYS[2])
+local out = {string.format('%d', now)}
+for i = 1, #all, 2 do
+  local beat = redis.call('ZSCORE', KEYS[1], all[i])
+  if all[i] == ARGV[1] or (beat and now - tonumber(beat) <= tonumber(ARGV[3])) then
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+    out[#out + 1] = redis.call('HGET', KEYS[3], all[i]) or ''
   else
     redis.call('HDEL', KEYS[2], all[i])
   end
@@ -284,7 +317,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])",
 );
 
 /// Every script, for [`script_of`].
-static ALL: [&Lua; 15] = [
+static ALL: [&Lua; 16] = [
     &LUA_ENQUEUE,
     &LUA_CLAIM,
     &LUA_RELEASE,
@@ -294,6 +327,7 @@ static ALL: [&Lua; 15] = [
     &LUA_EXPIRE,
     &LUA_HEARTBEAT,
     &LUA_LOAD,
+    &LUA_REVISIONS,
     &LUA_DEAD,
     &LUA_DUE,
     &LUA_GROUP_CREATE,
