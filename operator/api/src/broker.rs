@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -101,6 +104,47 @@ pub struct MqttBrokerSpec {
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// More for the broker pods: labels, annotations, topology spread,
+    /// image pull secrets, priority class, service account, env, volumes.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub pod_template: PodTemplate,
+}
+
+/// Additions to the broker pods. The operator's own settings win where
+/// they meet: its labels (the Deployment selects by them) and its volume
+/// names (`config`, `auth`, `tls`, `client-ca`; another volume of such a
+/// name is `InvalidSpec`). `env` comes after the operator's own variables,
+/// so the same name overrides one of them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplate {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The pods' service account (its token is still not mounted: the
+    /// broker never calls the Kubernetes API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Mounts of `volumes` in the broker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+impl PodTemplate {
+    pub fn is_empty(&self) -> bool {
+        *self == PodTemplate::default()
+    }
 }
 
 impl MqttBrokerSpec {
@@ -161,15 +205,19 @@ pub struct Autoscaling {
 /// CPU target when none is given and connections are not the target.
 pub const DEFAULT_CPU_UTILIZATION: i32 = 70;
 
-/// The rolling update of the broker's Deployment: one new pod at a time by
-/// default, and no old pod goes before its replacement is available.
+/// The rolling update of the broker's Deployment: by default every new pod
+/// at once (a blue-green change), and no old pod goes before its
+/// replacement is available.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Rollout {
-    /// New pods started at once above the desired count.
-    #[serde(default = "default_max_surge")]
+    /// New pods started at once above the desired count. Default: all of
+    /// them (100 %). The old pods then drain together, into new pods only,
+    /// and each client moves once; with fewer, clients that an old pod
+    /// sends away may land on another old pod and move again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
-    pub max_surge: i32,
+    pub max_surge: Option<i32>,
     /// Old pods taken down at once before their replacements are available
     /// (0: never fewer pods than desired). Each drains at
     /// `drain.connectionsPerSecond`, so the clients the others see
@@ -193,7 +241,7 @@ pub struct Rollout {
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
-            max_surge: default_max_surge(),
+            max_surge: None,
             max_unavailable: 0,
             min_ready_seconds: 0,
             progress_deadline_seconds: default_progress_deadline(),
@@ -293,9 +341,6 @@ fn default_drain_timeout() -> u32 {
     30
 }
 
-fn default_max_surge() -> i32 {
-    1
-}
 fn default_progress_deadline() -> i32 {
     600
 }
@@ -371,11 +416,16 @@ pub struct Listeners {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub websocket: Option<i32>,
+    /// MQTT over secure WebSocket (path /mqtt, the same certificate as
+    /// `mqtts`); needs `tls.enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub wss: Option<i32>,
 }
 
 impl Listeners {
-    /// The listeners that are on, by name (`mqtt`, `mqtts`, `websocket`),
-    /// in that order.
+    /// The listeners that are on, by name (`mqtt`, `mqtts`, `websocket`,
+    /// `wss`), in that order.
     pub fn enabled(&self) -> Vec<(&'static str, i32)> {
         let mut on = Vec::new();
         if self.mqtt > 0 {
@@ -387,6 +437,9 @@ impl Listeners {
         if let Some(p) = self.websocket {
             on.push(("websocket", p));
         }
+        if let Some(p) = self.wss {
+            on.push(("wss", p));
+        }
         on
     }
 }
@@ -397,6 +450,7 @@ impl Default for Listeners {
             mqtt: default_mqtt_port(),
             mqtts: None,
             websocket: None,
+            wss: None,
         }
     }
 }
@@ -433,6 +487,23 @@ pub struct TlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: Option<String>,
+    /// More names the operator's certificate covers besides the Service's
+    /// own (DNS names or IP addresses), e.g. the public name of a
+    /// LoadBalancer. The addresses a LoadBalancer Service gets are added by
+    /// themselves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub extra_sans: Vec<String>,
+    /// Mutual TLS: a Secret key holding the CA bundle (PEM) that client
+    /// certificates must chain to; clients without one are refused in the
+    /// handshake (on `mqtts` and `wss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_secret_ref: Option<SecretKeyRef>,
+    /// With `clientCaSecretRef`: the client certificate's Common Name is
+    /// the MQTT user name (the certificate stands for the password; the
+    /// user's ACL applies).
+    #[serde(default)]
+    pub cert_as_username: bool,
 }
 
 /// Broker limits; unset fields keep the broker's defaults.
@@ -486,7 +557,8 @@ pub struct MqttBrokerStatus {
     /// `host:port` of the MQTT listener inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Every listener's endpoint, by name (mqtt, mqtts, websocket).
+    /// Every listener's endpoint, by name (mqtt, mqtts, websocket, wss),
+    /// and `<name>-external` at a LoadBalancer's address once it has one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoints: BTreeMap<String, String>,
     /// When the server certificate expires (RFC 3339).

@@ -9,9 +9,11 @@
 //! CEL rules, so the CRDs install on every supported API server.
 
 pub mod broker;
+pub mod reference;
 pub mod user;
 
 pub use broker::*;
+pub use reference::field_reference;
 pub use user::*;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

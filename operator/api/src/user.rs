@@ -36,7 +36,9 @@ pub struct MqttUserSpec {
     /// Use this Secret key as the password instead of a generated one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
-    /// Rules in order; the first whose topic filter matches decides.
+    /// Rules in order; the first whose topic filter matches decides, and
+    /// what no rule allows is refused. Empty: the user can connect and do
+    /// nothing else (every publish and subscription refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acl: Vec<AclRule>,
 }

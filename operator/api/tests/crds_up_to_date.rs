@@ -29,6 +29,28 @@ fn broker_chart_values_schema_is_generated() {
     );
 }
 
+#[test]
+fn the_field_reference_is_generated() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("docs/crd-reference.md");
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == cirrus_operator_api::field_reference(),
+        "{} is out of date: run `cargo run -p cirrus-operator-api --bin crdgen` and commit",
+        path.display()
+    );
+    // Every field of ours is in it, Kubernetes types named once.
+    for field in [
+        "`spec.tls.extraSans`",
+        "`spec.rollout.maxSurge`",
+        "`spec.acl[].topic`",
+        "`status.endpoints`",
+    ] {
+        assert!(have.contains(field), "{field} missing");
+    }
+    assert!(!have.contains("spec.affinity.nodeAffinity"));
+}
+
 fn check(dir: &std::path::Path) {
     let mut names = Vec::new();
     for crd in cirrus_operator_api::crds() {

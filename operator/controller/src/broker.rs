@@ -9,13 +9,14 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -29,11 +30,35 @@ use crate::{auth, health, Context, Error, FIELD_MANAGER};
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
-    Controller::new(ctx.scoped::<MqttBroker>(), cfg.clone())
-        .owns(ctx.scoped::<Deployment>(), cfg.clone())
-        .owns(ctx.scoped::<ConfigMap>(), cfg.clone())
-        .owns(ctx.scoped::<Service>(), cfg.clone())
-        .owns(ctx.scoped::<Secret>(), cfg.clone())
+    // The children carry the operator's label: only they are watched.
+    let owned = watcher::Config::default().labels(resources::OWNED_SELECTOR);
+    // The users, for the password Secrets they name.
+    let (users, writer) = reflector::store::<MqttUser>();
+    let users_watch = reflector(writer, watcher(ctx.scoped::<MqttUser>(), cfg.clone()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| futures_util::future::ready(()));
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = users_watch => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    let controller = Controller::new(ctx.scoped::<MqttBroker>(), cfg.clone());
+    let brokers = controller.store();
+    controller
+        .owns(ctx.scoped::<Deployment>(), owned.clone())
+        .owns(ctx.scoped::<ConfigMap>(), owned.clone())
+        .owns(ctx.scoped::<Service>(), owned.clone())
+        .owns(ctx.scoped::<HorizontalPodAutoscaler>(), owned.clone())
+        .owns(ctx.scoped::<PodDisruptionBudget>(), owned)
+        // Secrets: the broker's own (auth, TLS) and those its spec or its
+        // users name (Redis URL, client CA, passwords), so that a change
+        // there is seen at once, not at the next resync.
+        .watches(ctx.scoped::<Secret>(), cfg.clone(), move |s| {
+            secret_readers(&s, &brokers.state(), &users.state())
+        })
         .watches(ctx.scoped::<MqttUser>(), cfg, |u| {
             u.namespace()
                 .map(|ns| ObjectRef::<MqttBroker>::new(&u.spec.broker_ref).within(&ns))
@@ -50,6 +75,55 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             }
         })
         .await;
+}
+
+/// The brokers a Secret matters to: its owner, brokers whose spec names it,
+/// and the brokers of users whose password it holds.
+fn secret_readers(
+    s: &Secret,
+    brokers: &[Arc<MqttBroker>],
+    users: &[Arc<MqttUser>],
+) -> Vec<ObjectRef<MqttBroker>> {
+    let Some(ns) = s.namespace() else {
+        return Vec::new();
+    };
+    let name = s.name_any();
+    let mut out: Vec<ObjectRef<MqttBroker>> = s
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "MqttBroker")
+        .map(|o| ObjectRef::new(&o.name).within(&ns))
+        .collect();
+    let named = |b: &MqttBroker| {
+        let t = &b.spec.tls;
+        [
+            b.spec.redis.url_secret_ref.as_ref().map(|r| &r.name),
+            t.client_ca_secret_ref.as_ref().map(|r| &r.name),
+            t.secret_name.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|n| *n == name)
+    };
+    out.extend(
+        brokers
+            .iter()
+            .filter(|b| b.namespace().as_deref() == Some(&ns) && named(b))
+            .map(|b| ObjectRef::from_obj(&**b)),
+    );
+    out.extend(
+        users
+            .iter()
+            .filter(|u| {
+                u.namespace().as_deref() == Some(&ns)
+                    && u.spec
+                        .password_secret_ref
+                        .as_ref()
+                        .is_some_and(|r| r.name == name)
+            })
+            .map(|u| ObjectRef::new(&u.spec.broker_ref).within(&ns)),
+    );
+    out
 }
 
 fn error_policy(b: Arc<MqttBroker>, e: &Error, ctx: Arc<Context>) -> Action {
@@ -180,8 +254,23 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     if let Some(a) = &b.spec.autoscaling {
         hand_replicas_over(client, &ns, &name, a).await?;
     }
-    let deployment = apply(client, &ns, &resources::deployment(&b, &config_yaml)).await?;
-    apply(client, &ns, &resources::service(&b)).await?;
+    let mut wanted = resources::deployment(&b, &config_yaml);
+    if let Some(r) = &b.spec.redis.url_secret_ref {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let version = secrets
+            .get_opt(&r.name)
+            .await?
+            .map_or_else(String::new, |s| {
+                format!(
+                    "{}/{}",
+                    s.metadata.uid.unwrap_or_default(),
+                    s.metadata.resource_version.unwrap_or_default()
+                )
+            });
+        resources::set_redis_secret_version(&mut wanted, &version);
+    }
+    let deployment = apply(client, &ns, &wanted).await?;
+    let service = apply(client, &ns, &resources::service(&b)).await?;
     apply(client, &ns, &resources::pdb(&b)).await?;
     match resources::hpa(&b) {
         Some(h) => {
@@ -216,11 +305,20 @@ pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, 
     let host = format!("{name}.{ns}.svc");
     status.endpoints.clear();
     for (listener, p) in b.spec.listeners.enabled() {
-        let address = match listener {
-            "websocket" => format!("ws://{host}:{p}/mqtt"),
-            _ => format!("{host}:{p}"),
+        let url = |h: &str| match listener {
+            "websocket" => format!("ws://{h}:{p}/mqtt"),
+            "wss" => format!("wss://{h}:{p}/mqtt"),
+            _ => format!("{h}:{p}"),
         };
+        let address = url(&host);
         status.endpoints.insert(listener.into(), address);
+        // What clients outside the cluster dial: the LoadBalancer's
+        // address, once it has one.
+        if let Some(a) = lb_addresses(&service).first() {
+            status
+                .endpoints
+                .insert(format!("{listener}-external"), url(a));
+        }
     }
     // The first listener that is on: plain MQTT, else MQTT over TLS.
     status.endpoint = b
@@ -289,10 +387,35 @@ fn invalid_spec(b: &MqttBroker) -> Option<String> {
     if s.listeners.mqtts.is_some() && !s.tls.enabled {
         return Some("listeners.mqtts needs tls.enabled".into());
     }
+    if s.listeners.wss.is_some() && !s.tls.enabled {
+        return Some("listeners.wss needs tls.enabled".into());
+    }
+    if s.tls.client_ca_secret_ref.is_some() && !s.tls.enabled {
+        return Some("tls.clientCaSecretRef needs tls.enabled".into());
+    }
+    if s.tls.cert_as_username && s.tls.client_ca_secret_ref.is_none() {
+        return Some("tls.certAsUsername needs tls.clientCaSecretRef".into());
+    }
     if s.listeners.enabled().is_empty() {
         return Some(
             "no listener is on (listeners.mqtt is 0 and neither mqtts nor websocket is set)".into(),
         );
+    }
+    if let Some(n) = s.tls.extra_sans.iter().find(|n| !tls::valid_san(n)) {
+        return Some(format!(
+            "tls.extraSans: {n:?} is neither a DNS name nor an IP address"
+        ));
+    }
+    if let Some(v) = s
+        .pod_template
+        .volumes
+        .iter()
+        .find(|v| resources::OWN_VOLUMES.contains(&v.name.as_str()))
+    {
+        return Some(format!(
+            "podTemplate.volumes: {:?} is a volume of the operator's own",
+            v.name
+        ));
     }
     let r = &s.redis;
     if r.managed && (r.url.is_some() || r.url_secret_ref.is_some()) {
@@ -305,6 +428,34 @@ fn invalid_spec(b: &MqttBroker) -> Option<String> {
         return Some("give redis.url or redis.urlSecretRef, not both".into());
     }
     None
+}
+
+/// The addresses (host names and IPs) a LoadBalancer Service was given.
+fn lb_addresses(svc: &Service) -> Vec<String> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    ingress
+        .into_iter()
+        .flatten()
+        .flat_map(|i| [i.hostname.clone(), i.ip.clone()])
+        .flatten()
+        .collect()
+}
+
+async fn load_balancer_addresses(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<String>, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api
+        .get_opt(name)
+        .await?
+        .map(|s| lb_addresses(&s))
+        .unwrap_or_default())
 }
 
 /// Delete a child that a changed spec no longer wants: only if it is there
@@ -394,7 +545,12 @@ async fn ensure_tls(
         return Ok(ctx.resync);
     }
     let (ca, ca_wait) = namespace_ca(ctx, b, &secrets, ns, now).await?;
-    let names = tls::dns_names(&name, ns);
+    // The Service's own names, the spec's extra ones, and the addresses a
+    // LoadBalancer got (so that a client verifies the name it dials).
+    let mut names = tls::dns_names(&name, ns);
+    names.extend(b.spec.tls.extra_sans.iter().cloned());
+    names.extend(load_balancer_addresses(ctx, ns, &name).await?);
+    names.dedup();
     let secret_name = format!("{name}-tls");
     let meta = resources::meta(b, secret_name.clone(), resources::labels(&name));
     let current = secrets.get_opt(&secret_name).await?;

@@ -18,9 +18,9 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -38,6 +38,14 @@ pub const CONFIG_KEY: &str = "config.yaml";
 pub const AUTH_KEY: &str = "auth.yaml";
 pub const PASSWORD_KEY: &str = "password";
 pub const CONFIG_HASH_ANNOTATION: &str = "mqtt.cirrus.dev/config-hash";
+/// The version of the Redis URL Secret (`redis.urlSecretRef`) the pods
+/// were started with: a new URL or password there rolls the pods (they read
+/// it at start). Its `uid/resourceVersion`, not a hash of its content:
+/// nothing derived from the password is in the pod template.
+pub const REDIS_SECRET_ANNOTATION: &str = "mqtt.cirrus.dev/redis-secret-version";
+/// Every child the operator writes carries this label; its watches select
+/// by it.
+pub const OWNED_SELECTOR: &str = "app.kubernetes.io/managed-by=cirrus-operator";
 
 pub fn labels(broker: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -94,6 +102,12 @@ pub fn meta<K: Resource<DynamicType = ()>>(
 
 /// The broker configuration the pods read: the one format shared with the
 /// broker (`cirrus_config::Config`).
+/// The broker pods' volumes of the operator's own.
+pub const OWN_VOLUMES: [&str; 4] = ["config", "auth", "tls", "client-ca"];
+
+/// Where the client CA Secret (`tls.clientCaSecretRef`) is mounted.
+const CLIENT_CA_DIR: &str = "/etc/cirrus/client-ca";
+
 pub fn broker_config(b: &MqttBroker) -> Config {
     let mut c = Config::default();
     let s = &b.spec;
@@ -106,10 +120,17 @@ pub fn broker_config(b: &MqttBroker) -> Config {
     if let Some(p) = s.listeners.websocket {
         c.listeners.ws = Some(std::net::SocketAddr::from(([0, 0, 0, 0], p as u16)));
     }
+    if let (Some(p), true) = (s.listeners.wss, s.tls.enabled) {
+        c.listeners.wss = Some(std::net::SocketAddr::from(([0, 0, 0, 0], p as u16)));
+    }
     if s.tls.enabled {
         // The TLS Secret's mount (see `deployment`); kubernetes.io/tls keys.
         c.tls.cert_file = Some("/etc/cirrus/tls/tls.crt".into());
         c.tls.key_file = Some("/etc/cirrus/tls/tls.key".into());
+        if let Some(r) = &s.tls.client_ca_secret_ref {
+            c.tls.client_ca_file = Some(format!("{CLIENT_CA_DIR}/{}", r.key).into());
+            c.tls.cert_as_username = s.tls.cert_as_username;
+        }
     }
     // The URL itself comes from CIRRUS_REDIS_URL (it may hold a password).
     c.redis.cluster = s.redis.cluster;
@@ -211,6 +232,18 @@ pub fn user_secret(u: &MqttUser, username: &str, password: &str) -> Secret {
 /// A stable hash of the configuration: in the pod template, so a config
 /// change rolls the pods while an auth or certificate change (reloaded by
 /// the broker) does not.
+/// Record the Redis URL Secret's version in the pod template.
+pub fn set_redis_secret_version(d: &mut Deployment, version: &str) {
+    let meta = d
+        .spec
+        .template
+        .metadata
+        .get_or_insert_with(Default::default);
+    meta.annotations
+        .get_or_insert_with(Default::default)
+        .insert(REDIS_SECRET_ANNOTATION.into(), version.into());
+}
+
 pub fn config_hash(config_yaml: &str) -> String {
     let mut h = DefaultHasher::new();
     config_yaml.hash(&mut h);
@@ -260,7 +293,20 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
         .map(|(n, p)| port(n, p))
         .collect();
     ports.push(port("admin", i32::from(ADMIN_PORT)));
-    let mut env = Vec::new();
+    // The ReplicaSet's template hash: pods of two revisions in Redis mean
+    // a rollout (no rebalance; old pods drain together, so that each client
+    // moves once, to a new pod).
+    let mut env = vec![EnvVar {
+        name: "CIRRUS_REVISION".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.labels['pod-template-hash']".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
     if let Some(e) = &s.telemetry.otlp_endpoint {
         env.push(EnvVar {
             name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
@@ -369,6 +415,26 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             ..Default::default()
         });
     }
+    if let (true, Some(r)) = (s.tls.enabled, &s.tls.client_ca_secret_ref) {
+        mounts.push(VolumeMount {
+            name: "client-ca".into(),
+            mount_path: CLIENT_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "client-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(r.name.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let extra = &s.pod_template;
+    env.extend(extra.env.iter().cloned());
+    mounts.extend(extra.volume_mounts.iter().cloned());
+    volumes.extend(extra.volumes.iter().cloned());
     let container = Container {
         name: "broker".into(),
         image: Some(s.image_or_default().to_string()),
@@ -409,7 +475,10 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
                     max_unavailable: Some(IntOrString::Int(s.rollout.max_unavailable)),
-                    max_surge: Some(IntOrString::Int(s.rollout.max_surge)),
+                    max_surge: Some(match s.rollout.max_surge {
+                        Some(n) => IntOrString::Int(n),
+                        None => IntOrString::String("100%".into()),
+                    }),
                 }),
             }),
             // 0 is left out: the API server does not store it (omitempty),
@@ -419,8 +488,16 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             progress_deadline_seconds: Some(s.rollout.progress_deadline_seconds),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
-                    annotations: Some(annotations),
+                    labels: Some({
+                        let mut l = extra.labels.clone();
+                        l.extend(labels(&name));
+                        l
+                    }),
+                    annotations: Some({
+                        let mut a = extra.annotations.clone();
+                        a.extend(annotations);
+                        a
+                    }),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -441,6 +518,12 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
                     node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
                     tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
                     affinity: s.affinity.clone(),
+                    topology_spread_constraints: (!extra.topology_spread_constraints.is_empty())
+                        .then(|| extra.topology_spread_constraints.clone()),
+                    image_pull_secrets: (!extra.image_pull_secrets.is_empty())
+                        .then(|| extra.image_pull_secrets.clone()),
+                    priority_class_name: extra.priority_class_name.clone(),
+                    service_account_name: extra.service_account_name.clone(),
                     ..Default::default()
                 }),
             },
@@ -867,6 +950,115 @@ mod tests {
     }
 
     #[test]
+    fn wss_a_client_ca_and_the_revision_reach_the_config_the_pods_and_the_service() {
+        let b = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: w}\nspec: {listeners: {mqtts: 8883, wss: 8884}, tls: {enabled: true, clientCaSecretRef: {name: cas, key: bundle.pem}, certAsUsername: true}}\n");
+        let c = broker_config(&b);
+        assert_eq!(c.listeners.wss.unwrap().port(), 8884);
+        assert_eq!(
+            c.tls.client_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/cirrus/client-ca/bundle.pem"))
+        );
+        assert!(c.tls.cert_as_username);
+        let svc = service(&b).spec.unwrap().ports.unwrap();
+        let names: Vec<_> = svc.iter().filter_map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["mqtt", "mqtts", "wss"]);
+        let pod = deployment(&b, "").spec.template.spec.unwrap();
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "client-ca")
+            .unwrap();
+        assert_eq!(vol.secret.unwrap().secret_name.as_deref(), Some("cas"));
+        let container = &pod.containers[0];
+        let mount = container
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "client-ca")
+            .unwrap();
+        assert_eq!(mount.mount_path, "/etc/cirrus/client-ca");
+        // The pod's revision, for rollouts that move each client once.
+        let rev = container
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CIRRUS_REVISION")
+            .unwrap();
+        assert_eq!(
+            rev.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.labels['pod-template-hash']"
+        );
+        // Without TLS there is no wss and no client CA.
+        let plain = broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: p}\nspec: {listeners: {wss: 8884}}\n");
+        let c = broker_config(&plain);
+        assert!(c.listeners.wss.is_none() && c.tls.client_ca_file.is_none());
+    }
+
+    #[test]
+    fn the_pod_template_additions_reach_the_pods_and_the_operators_own_win() {
+        let b = broker(
+            r#"
+apiVersion: mqtt.cirrus.dev/v1alpha1
+kind: MqttBroker
+metadata: {name: t}
+spec:
+  podTemplate:
+    labels: {team: iot, app.kubernetes.io/instance: hijack}
+    annotations: {example.com/scrape: "yes"}
+    topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway,
+         labelSelector: {matchLabels: {app.kubernetes.io/instance: t}}}
+    imagePullSecrets: [{name: registry}]
+    priorityClassName: mqtt-critical
+    serviceAccountName: broker-sa
+    env: [{name: TZ, value: UTC}]
+    volumes: [{name: extra-ca, configMap: {name: cas}}]
+    volumeMounts: [{name: extra-ca, mountPath: /etc/extra-ca, readOnly: true}]
+"#,
+        );
+        let t = deployment(&b, "").spec.template;
+        let meta = t.metadata.unwrap();
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "iot");
+        // The selector's labels stay the operator's.
+        assert_eq!(labels["app.kubernetes.io/instance"], "t");
+        let annotations = meta.annotations.unwrap();
+        assert_eq!(annotations["example.com/scrape"], "yes");
+        assert!(annotations.contains_key(CONFIG_HASH_ANNOTATION));
+        let pod = t.spec.unwrap();
+        assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("mqtt-critical"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("broker-sa"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert!(pod.volumes.unwrap().iter().any(|v| v.name == "extra-ca"));
+        let c = &pod.containers[0];
+        assert!(c.env.as_ref().unwrap().iter().any(|e| e.name == "TZ"));
+        assert!(c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_path == "/etc/extra-ca"));
+        // Without additions, nothing of them appears.
+        let plain = deployment(&broker("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: p}\nspec: {}\n"), "")
+            .spec
+            .template
+            .spec
+            .unwrap();
+        assert!(plain.topology_spread_constraints.is_none() && plain.priority_class_name.is_none());
+    }
+
+    #[test]
     fn the_rollout_spec_reaches_the_deployment_strategy() {
         let strategy = |spec: &str| {
             let b = broker(&format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: r}}\nspec: {spec}\n"));
@@ -874,10 +1066,14 @@ mod tests {
             let ru = d.strategy.unwrap().rolling_update.unwrap();
             (ru.max_surge, ru.max_unavailable, d.min_ready_seconds)
         };
-        // By default one new pod at a time, never fewer than desired.
+        // By default every new pod at once, never fewer than desired.
         assert_eq!(
             strategy("{}"),
-            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)), None)
+            (
+                Some(IntOrString::String("100%".into())),
+                Some(IntOrString::Int(0)),
+                None
+            )
         );
         assert_eq!(
             strategy("{rollout: {maxSurge: 2, maxUnavailable: 1, minReadySeconds: 5}}"),

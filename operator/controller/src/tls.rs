@@ -58,6 +58,24 @@ pub fn dns_names(service: &str, ns: &str) -> Vec<String> {
     ]
 }
 
+/// A name a certificate can carry: an IP address, or a DNS name of ASCII
+/// labels (letters, digits, `-`; a leading `*.` wildcard allowed).
+pub fn valid_san(n: &str) -> bool {
+    if n.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = n.strip_prefix("*.").unwrap_or(n);
+    !host.is_empty()
+        && n.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
 fn validity(p: &mut CertificateParams, days: i64) {
     let now = time::OffsetDateTime::now_utc();
     // A little slack for clocks that are behind.
@@ -111,7 +129,7 @@ pub fn issue(ca: &Pair, names: &[String]) -> Result<Pair, TlsError> {
 }
 
 /// What an existing certificate says: when it expires (unix seconds) and
-/// its DNS names. `None` when it does not parse.
+/// its DNS names and IP addresses. `None` when it does not parse.
 pub fn inspect(cert_pem: &str) -> Option<(i64, Vec<String>)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     let cert = pem.parse_x509().ok()?;
@@ -119,8 +137,17 @@ pub fn inspect(cert_pem: &str) -> Option<(i64, Vec<String>)> {
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                names.push(d.to_string());
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
             }
         }
     }
@@ -151,10 +178,17 @@ pub fn needs_renewal(cert_pem: Option<&str>, names: &[String], now_unix: i64) ->
     let Some((not_after, have)) = cert_pem.and_then(inspect) else {
         return true;
     };
-    let mut want = names.to_vec();
+    // IP addresses compared in their canonical form.
+    let canonical = |n: &String| {
+        n.parse::<std::net::IpAddr>()
+            .map_or_else(|_| n.clone(), |ip| ip.to_string())
+    };
+    let mut want: Vec<String> = names.iter().map(canonical).collect();
     let mut have = have;
     want.sort();
+    want.dedup();
     have.sort();
+    have.dedup();
     not_after - now_unix < RENEW_BEFORE_DAYS * 86_400 || want != have
 }
 
@@ -482,5 +516,51 @@ mod tests {
         ));
         assert!(needs_renewal(Some("garbage"), &names, now));
         assert!(needs_renewal(None, &names, now));
+    }
+
+    #[test]
+    fn extra_names_and_addresses_are_covered_and_checked() {
+        let ca = new_ca("ns").unwrap();
+        let mut names = dns_names("main", "ns");
+        names.extend([
+            "mqtt.example.com".into(),
+            "2001:db8::1".into(),
+            "203.0.113.7".into(),
+        ]);
+        let server = issue(&ca, &names).unwrap();
+        let (_, have) = inspect(&server.cert).unwrap();
+        for n in ["mqtt.example.com", "2001:db8::1", "203.0.113.7"] {
+            assert!(have.contains(&n.to_string()), "{n} in {have:?}");
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // The same names (an address in another spelling) keep it; one
+        // more name reissues it.
+        let mut again = names.clone();
+        again[5] = "2001:0db8:0:0::1".into();
+        assert!(!needs_renewal(Some(&server.cert), &again, now));
+        again.push("lb.example.com".into());
+        assert!(needs_renewal(Some(&server.cert), &again, now));
+
+        for ok in [
+            "mqtt.example.com",
+            "*.example.com",
+            "10.0.0.1",
+            "::1",
+            "a-b.c",
+        ] {
+            assert!(valid_san(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "-a.b",
+            "a_b.c",
+            "exämple.com",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(!valid_san(bad), "{bad}");
+        }
     }
 }

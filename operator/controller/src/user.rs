@@ -22,8 +22,11 @@ use crate::{auth, Context, Error};
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
-    Controller::new(ctx.scoped::<MqttUser>(), cfg.clone())
-        .owns(ctx.scoped::<Secret>(), cfg)
+    Controller::new(ctx.scoped::<MqttUser>(), cfg)
+        .owns(
+            ctx.scoped::<Secret>(),
+            watcher::Config::default().labels(resources::OWNED_SELECTOR),
+        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
             |u, ctx| async move { crate::timed(&ctx.clone(), Kind::User, reconcile(u, ctx)).await },

@@ -27,10 +27,14 @@ struct Operator(CancellationToken, Option<tokio::task::JoinHandle<()>>);
 
 impl Operator {
     fn start(client: &Client, ns: &str) -> Operator {
+        Operator::start_with_resync(client, ns, RESYNC)
+    }
+
+    fn start_with_resync(client: &Client, ns: &str, resync: Duration) -> Operator {
         let token = CancellationToken::new();
         let ctx = cirrus_operator::Context::new(
             client.clone(),
-            RESYNC,
+            resync,
             Some(ns.to_string()),
             Default::default(),
         );
@@ -528,6 +532,16 @@ async fn bad_specs_get_conditions_not_crashes() {
     // a broker with every listener off is refused too.
     for (name, spec) in [
         ("notls", "{listeners: {mqtt: 1883, mqtts: 8883}}"),
+        ("nowss", "{listeners: {wss: 8884}}"),
+        ("noca", "{tls: {enabled: true, certAsUsername: true}}"),
+        (
+            "badsan",
+            "{tls: {enabled: true, extraSans: ['not a name']}}",
+        ),
+        (
+            "ownvolume",
+            "{podTemplate: {volumes: [{name: auth, emptyDir: {}}]}}",
+        ),
         ("silent", "{listeners: {mqtt: 0}}"),
     ] {
         create::<MqttBroker>(&c, &ns, &format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: {name}}}\nspec: {spec}\n")).await;
@@ -820,6 +834,273 @@ async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
         let cert = secret_value(&c, &ns, "secure-tls", "tls.crt").await;
         let (na, _) = cirrus_operator::tls::inspect(&cert)?;
         (na - now > 80 * 86_400).then_some(())
+    })
+    .await;
+}
+
+/// A LoadBalancer broker with TLS only (mqtts and wss), extra names and
+/// mutual TLS: the certificate covers the extra names and, once the
+/// LoadBalancer has them, its addresses, which `status.endpoints` shows;
+/// the client CA Secret is mounted, and a real broker run with the
+/// operator's config refuses a client without a certificate from that CA.
+#[tokio::test]
+async fn a_load_balancer_broker_covers_its_addresses_and_extra_names_with_mutual_tls() {
+    let c = client().await;
+    let ns = namespace(&c, "op-lb").await;
+    let _op = Operator::start(&c, &ns);
+    let client_ca = cirrus_e2e::certs::ca("clients");
+    let mut ca_secret: Secret = serde_yaml::from_str("metadata: {name: client-ca}\n").unwrap();
+    ca_secret.data = Some(BTreeMap::from([(
+        "ca.crt".to_string(),
+        ByteString(client_ca.cert.pem().into_bytes()),
+    )]));
+    Api::<Secret>::namespaced(c.clone(), &ns)
+        .create(&PostParams::default(), &ca_secret)
+        .await
+        .unwrap();
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: edge}\nspec:\n  service: {type: LoadBalancer}\n  listeners: {mqtt: 0, mqtts: 8883, wss: 8884}\n  tls: {enabled: true, extraSans: [mqtt.example.com, 192.0.2.10], clientCaSecretRef: {name: client-ca, key: ca.crt}, certAsUsername: true}\n").await;
+    let names = eventually(WAIT, "TLS secret", || async {
+        let s = get::<Secret>(&c, &ns, "edge-tls").await?;
+        let cert = String::from_utf8(s.data?.get("tls.crt")?.0.clone()).ok()?;
+        Some(cirrus_operator::tls::inspect(&cert)?.1)
+    })
+    .await;
+    for n in ["mqtt.example.com", "192.0.2.10", &format!("edge.{ns}.svc")] {
+        assert!(names.iter().any(|have| have == n), "{n} not in {names:?}");
+    }
+    let svc: Service = eventually(WAIT, "the Service", || async {
+        get::<Service>(&c, &ns, "edge").await
+    })
+    .await;
+    let ports: Vec<i32> = svc
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [8883, 8884], "TLS only, wss beside mqtts");
+
+    // The cloud's load balancer answers (here: written by hand, as its
+    // controller would).
+    Api::<Service>::namespaced(c.clone(), &ns)
+        .patch_status(
+            "edge",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"loadBalancer": {"ingress": [
+                {"hostname": "edge-1234.lb.example.net"},
+                {"ip": "198.51.100.7"}
+            ]}}})),
+        )
+        .await
+        .unwrap();
+    let endpoints = eventually(WAIT, "external endpoints in status", || async {
+        let b: MqttBroker = get(&c, &ns, "edge").await?;
+        let e = b.status?.endpoints;
+        e.contains_key("wss-external").then_some(e)
+    })
+    .await;
+    assert_eq!(endpoints["mqtts-external"], "edge-1234.lb.example.net:8883");
+    assert_eq!(
+        endpoints["wss-external"],
+        "wss://edge-1234.lb.example.net:8884/mqtt"
+    );
+    assert_eq!(endpoints["wss"], format!("wss://edge.{ns}.svc:8884/mqtt"));
+    assert!(!endpoints.contains_key("mqtt"), "{endpoints:?}");
+    let cert = eventually(
+        WAIT,
+        "the certificate reissued for the LoadBalancer",
+        || async {
+            let cert = secret_value(&c, &ns, "edge-tls", "tls.crt").await;
+            let (_, names) = cirrus_operator::tls::inspect(&cert)?;
+            (names.iter().any(|n| n == "edge-1234.lb.example.net")
+                && names.iter().any(|n| n == "198.51.100.7")
+                && names.iter().any(|n| n == "mqtt.example.com"))
+            .then_some(cert)
+        },
+    )
+    .await;
+
+    // The pods mount the client CA; the config names it.
+    let d: Deployment = get(&c, &ns, "edge").await.unwrap();
+    let pod = d.spec.template.spec.unwrap();
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "client-ca")
+        .expect("client CA volume");
+    assert_eq!(
+        vol.secret.unwrap().secret_name.as_deref(),
+        Some("client-ca")
+    );
+    let cm: ConfigMap = get(&c, &ns, "edge-config").await.unwrap();
+    let yaml = cm.data.unwrap()["config.yaml"].clone();
+    let cfg: cirrus_config::Config = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        cfg.tls.client_ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/cirrus/client-ca/ca.crt"))
+    );
+    assert!(cfg.tls.cert_as_username);
+    assert_eq!(cfg.listeners.wss.map(|a| a.port()), Some(8884));
+    assert_eq!(cfg.listeners.tcp, None);
+
+    // A real broker with that config (its addresses and files moved to
+    // this machine): a client with a certificate from the client CA gets
+    // in, one without is refused in the handshake.
+    let dir = cirrus_e2e::certs::Dir::new();
+    let cert_f = dir.write("tls.crt", &cert);
+    let key_f = dir.write(
+        "tls.key",
+        &secret_value(&c, &ns, "edge-tls", "tls.key").await,
+    );
+    let ca_f = dir.write("ca.crt", &secret_value(&c, &ns, "edge-tls", "ca.crt").await);
+    let client_ca_f = dir.write("client-ca.crt", &client_ca.cert.pem());
+    let (ccert, ckey) = cirrus_e2e::certs::leaf(&client_ca, "device-7", &[], true, false);
+    let (ccert_f, ckey_f) = (dir.write("c.crt", &ccert), dir.write("c.key", &ckey));
+    let auth_f = dir.write("auth.yaml", "version: 1\nallow_anonymous: true\n");
+    let broker = cirrus_e2e::BrokerProcess::start_with_config(
+        &yaml,
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--wss-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert_f,
+            "--tls-key",
+            &key_f,
+            "--tls-client-ca",
+            &client_ca_f,
+            "--auth-file",
+            &auth_f,
+        ],
+    );
+    let port = broker.addrs["mqtts"].port().to_string();
+    let publish = |with_cert: bool| {
+        let mut cmd = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &ca_f,
+            "--insecure",
+        ]);
+        if with_cert {
+            cmd.args(["--cert", &ccert_f, "--key", &ckey_f]);
+        }
+        cmd.args(["-t", "mtls/check", "-m", "x", "-q", "1"])
+            .output()
+            .unwrap()
+    };
+    let ok = publish(true);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        !publish(false).status.success(),
+        "no client certificate, yet in"
+    );
+}
+
+/// With a resync of 10 minutes, only the watches bring changes in: a new
+/// value in the Redis URL Secret rolls the pods (the pod template records
+/// the Secret's version, not its content), a changed password Secret
+/// reaches the auth file, and a deleted PodDisruptionBudget or HPA comes
+/// back, each within seconds.
+#[tokio::test]
+async fn referenced_secrets_and_every_child_are_watched_and_a_redis_secret_change_rolls_the_pods() {
+    let c = client().await;
+    let ns = namespace(&c, "op-watch").await;
+    let _op = Operator::start_with_resync(&c, &ns, Duration::from_secs(600));
+    let secrets = Api::<Secret>::namespaced(c.clone(), &ns);
+    let put = |name: &'static str, key: &'static str, value: &'static str| {
+        let secrets = secrets.clone();
+        async move {
+            let s = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name}, "stringData": {key: value}});
+            secrets
+                .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(s))
+                .await
+                .unwrap()
+        }
+    };
+    put("redis-url", "url", "redis://first.example:6379").await;
+    put("pw", "password", "first-password").await;
+    create::<MqttBroker>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: w}\nspec: {redis: {urlSecretRef: {name: redis-url, key: url}}, autoscaling: {minReplicas: 2, maxReplicas: 4}}\n").await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: dev}\nspec: {brokerRef: w, passwordSecretRef: {name: pw, key: password}}\n").await;
+    let version = || async {
+        let d: Deployment = get(&c, &ns, "w").await?;
+        let a = d.spec.template.metadata?.annotations?;
+        let v = a.get("mqtt.cirrus.dev/redis-secret-version")?.clone();
+        Some(v)
+    };
+    let first = eventually(
+        WAIT,
+        "the Redis Secret's version in the pod template",
+        version,
+    )
+    .await;
+    let s: Secret = get(&c, &ns, "redis-url").await.unwrap();
+    assert!(
+        first.ends_with(s.metadata.resource_version.as_deref().unwrap()),
+        "{first}"
+    );
+    assert!(!first.contains("first.example"), "{first}");
+    let entry = eventually(WAIT, "the user in the auth file", || async {
+        auth_file(&c, &ns, "w").await.users.into_iter().next()
+    })
+    .await;
+    assert!(verifies(&entry.password_hash, "first-password"));
+
+    let quick = Duration::from_secs(15);
+    put(
+        "redis-url",
+        "url",
+        "redis://:new-password@first.example:6379",
+    )
+    .await;
+    let second = eventually(quick, "a new version after the Secret changed", || async {
+        version().await.filter(|v| *v != first)
+    })
+    .await;
+    assert!(!second.contains("new-password"), "{second}");
+    put("pw", "password", "second-password").await;
+    eventually(quick, "the new password in the auth file", || async {
+        let e = auth_file(&c, &ns, "w").await.users.into_iter().next()?;
+        verifies(&e.password_hash, "second-password").then_some(())
+    })
+    .await;
+    // Children deleted by hand come back without waiting for a resync.
+    let uids = (
+        get::<PodDisruptionBudget>(&c, &ns, "w")
+            .await
+            .unwrap()
+            .metadata
+            .uid,
+        get::<HorizontalPodAutoscaler>(&c, &ns, "w")
+            .await
+            .unwrap()
+            .metadata
+            .uid,
+    );
+    Api::<PodDisruptionBudget>::namespaced(c.clone(), &ns)
+        .delete("w", &DeleteParams::default())
+        .await
+        .unwrap();
+    Api::<HorizontalPodAutoscaler>::namespaced(c.clone(), &ns)
+        .delete("w", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(quick, "the PDB and the HPA back", || async {
+        let pdb = get::<PodDisruptionBudget>(&c, &ns, "w").await?;
+        let hpa = get::<HorizontalPodAutoscaler>(&c, &ns, "w").await?;
+        (pdb.metadata.uid != uids.0 && hpa.metadata.uid != uids.1).then_some(())
     })
     .await;
 }

@@ -715,7 +715,7 @@ async fn a_changed_image_rolls_the_pods_one_by_one_under_qos1_load_and_a_bad_tag
         &[],
         "r",
         3,
-        "  rollout: {progressDeadlineSeconds: 20}\n",
+        "  rollout: {maxSurge: 1, progressDeadlineSeconds: 20}\n",
     )
     .await;
     // The same image under a second tag, as a new release would be.

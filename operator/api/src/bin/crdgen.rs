@@ -1,6 +1,7 @@
 //! Writes `crds/<plural>.mqtt.cirrus.dev.yaml` for every CRD, and the same
 //! files into the Helm chart (`charts/cirrus-operator/crds/`), and the
-//! `cirrus-broker` chart's `values.schema.json` from the same types. Never edit
+//! `cirrus-broker` chart's `values.schema.json` and `docs/crd-reference.md`
+//! from the same types. Never edit
 //! those files by hand: run `cargo run -p cirrus-operator-api --bin crdgen`.
 //!
 //! `--stdout` prints them instead; `--json DIR` writes them as JSON files
@@ -40,6 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 std::fs::write(dir.join(format!("{name}.yaml")), &yaml)?;
             }
         }
+    }
+    if !stdout && json_dir.is_none() {
+        std::fs::write(
+            root.join("docs/crd-reference.md"),
+            cirrus_operator_api::field_reference(),
+        )?;
     }
     // The broker chart's values are checked by the same schema.
     let schema = serde_json::to_string_pretty(&cirrus_operator_api::broker_chart_values_schema())?;
