@@ -215,7 +215,7 @@ cmd_start() {
   fi
   if [ -x "$bin/kube-controller-manager" ]; then
     "$bin/kube-controller-manager" --kubeconfig="$run/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
-      --controllers=garbagecollector,namespace --leader-elect=false < /dev/null > "$run/logs/kcm.log" 2>&1 &
+      --controllers=garbagecollector,namespace,resourcequota --leader-elect=false < /dev/null > "$run/logs/kcm.log" 2>&1 &
     echo $! > "$run/kcm.pid"
     wait_until "$run" kcm 60 grep -q 'all resource monitors have synced' "$run/logs/kcm.log"
   fi

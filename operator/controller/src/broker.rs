@@ -126,9 +126,13 @@ fn secret_readers(
     out
 }
 
+/// Retry a failed reconcile after a backoff that doubles with each failure
+/// in a row, from a start and up to a ceiling by the error's class.
 fn error_policy(b: Arc<MqttBroker>, e: &Error, ctx: Arc<Context>) -> Action {
-    warn!(broker = %b.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
-    Action::requeue(ctx.retry_delay())
+    let n = ctx.failed(&backoff_key(&b));
+    let delay = e.class().backoff(n, ctx.retry_delay());
+    warn!(broker = %b.name_any(), error = %e, label = e.metric_label(), failures = n, retry_in = ?delay, "reconcile error; retrying");
+    Action::requeue(delay)
 }
 
 pub(crate) async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
@@ -214,8 +218,46 @@ pub(crate) fn condition(
     }
 }
 
+fn backoff_key(b: &MqttBroker) -> String {
+    format!(
+        "MqttBroker/{}/{}",
+        b.namespace().unwrap_or_default(),
+        b.name_any()
+    )
+}
+
+/// One reconcile; a failure only the user can fix (a quota, an object the
+/// API server refuses, missing permissions) becomes `Ready=False` with the
+/// API server's message and a Warning event, and is retried with a backoff
+/// by its class (`error_policy`).
 #[instrument(skip_all, fields(broker = %b.name_any(), namespace = b.namespace().unwrap_or_default()))]
 pub async fn reconcile(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = reconcile_children(b.clone(), ctx.clone()).await;
+    match &result {
+        Ok(_) => ctx.succeeded(&backoff_key(&b)),
+        Err(e) => {
+            if let Some(reason) = e.class().reason() {
+                let msg = e.user_message();
+                let api: Api<MqttBroker> =
+                    Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
+                let mut status = b.status.clone().unwrap_or_default();
+                let generation = b.metadata.generation;
+                if set_condition(
+                    &mut status.conditions,
+                    condition("Ready", false, reason, msg.clone(), generation),
+                ) {
+                    publish(&ctx, &*b, EventType::Warning, reason, msg).await;
+                }
+                if let Err(w) = crate::write_status(&api, &*b, b.status.as_ref(), status).await {
+                    warn!(error = %w, "could not write the failure into the status");
+                }
+            }
+        }
+    }
+    result
+}
+
+async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Action, Error> {
     let client = &ctx.client;
     let ns = b.namespace().unwrap_or_default();
     let name = b.name_any();

@@ -55,13 +55,80 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
 }
 
+/// What kind of failure a reconcile met: how soon it is tried again, and
+/// whether the user is told (a condition and a Warning event) because only
+/// they can fix it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A ResourceQuota refused an object.
+    Quota,
+    /// The API server refused an object as invalid (a name, a value).
+    Invalid,
+    /// The operator may not do it (its RBAC).
+    Forbidden,
+    /// Anything else: a conflict, a timeout, the API server away.
+    Transient,
+}
+
+impl ErrorClass {
+    /// The condition reason the user sees, for the classes they can fix.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            ErrorClass::Quota => Some("QuotaExceeded"),
+            ErrorClass::Invalid => Some("Rejected"),
+            ErrorClass::Forbidden => Some("Forbidden"),
+            ErrorClass::Transient => None,
+        }
+    }
+
+    /// The wait before try `n` (1 for the first retry): doubling from a
+    /// start by class, up to a ceiling (`transient_max` for transient
+    /// errors, 5 minutes for the rest, which only a change fixes).
+    pub fn backoff(self, n: u32, transient_max: Duration) -> Duration {
+        let (start, max) = match self {
+            ErrorClass::Transient => (Duration::from_millis(500), transient_max),
+            ErrorClass::Quota | ErrorClass::Forbidden => {
+                (Duration::from_secs(5), Duration::from_secs(300))
+            }
+            ErrorClass::Invalid => (Duration::from_secs(10), Duration::from_secs(300)),
+        };
+        start
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(max.max(start))
+    }
+}
+
 impl Error {
     pub fn metric_label(&self) -> &'static str {
+        match (self, self.class()) {
+            (Error::Kube(_), ErrorClass::Quota) => "quota",
+            (Error::Kube(_), ErrorClass::Invalid) => "invalid",
+            (Error::Kube(_), ErrorClass::Forbidden) => "forbidden",
+            (Error::Kube(_), _) => "kube",
+            (Error::Serialize(_), _) => "serialize",
+            (Error::Hash, _) => "hash",
+            (Error::Tls(_), _) => "tls",
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Kube(_) => "kube",
-            Error::Serialize(_) => "serialize",
-            Error::Hash => "hash",
-            Error::Tls(_) => "tls",
+            Error::Kube(kube::Error::Api(s)) => match s.code {
+                403 if s.message.contains("exceeded quota") => ErrorClass::Quota,
+                403 => ErrorClass::Forbidden,
+                400 | 422 => ErrorClass::Invalid,
+                _ => ErrorClass::Transient,
+            },
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    /// The API server's own words, for a condition or an event (never a
+    /// secret: it names objects and fields, not their data).
+    pub fn user_message(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.message.clone(),
+            e => e.to_string(),
         }
     }
 }
@@ -76,9 +143,30 @@ pub struct Context {
     /// Watch only this namespace (`None`: the whole cluster).
     pub namespace: Option<String>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Failed reconciles in a row, by object (for the backoff).
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Context {
+    /// One more failure of `key` in a row: how many now.
+    pub fn failed(&self, key: &str) -> u32 {
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = f.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// `key` reconciled: its backoff starts over.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
     /// An `Api` over the watched scope.
     pub fn scoped<K>(&self) -> kube::Api<K>
     where
@@ -109,6 +197,7 @@ impl Context {
             resync,
             namespace,
             metrics,
+            failures: Default::default(),
         })
     }
 }
@@ -232,5 +321,49 @@ pub async fn watch_api(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    fn api(code: u16, message: &str) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: message.into(),
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn errors_are_classed_and_back_off_by_class() {
+        let quota = api(403, "configmaps \"x\" is forbidden: exceeded quota: q");
+        assert_eq!(quota.class(), ErrorClass::Quota);
+        assert_eq!(quota.metric_label(), "quota");
+        assert_eq!(api(403, "cannot patch").class(), ErrorClass::Forbidden);
+        assert_eq!(
+            api(422, "metadata.labels: Invalid value").class(),
+            ErrorClass::Invalid
+        );
+        assert_eq!(api(409, "conflict").class(), ErrorClass::Transient);
+        assert_eq!(api(500, "etcd").class(), ErrorClass::Transient);
+        assert_eq!(api(500, "etcd").class().reason(), None);
+        assert_eq!(quota.class().reason(), Some("QuotaExceeded"));
+
+        let max = Duration::from_secs(30);
+        let t: Vec<u64> = (1..=8)
+            .map(|n| ErrorClass::Transient.backoff(n, max).as_millis() as u64)
+            .collect();
+        assert_eq!(t, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        let q: Vec<u64> = (1..=8)
+            .map(|n| ErrorClass::Quota.backoff(n, max).as_secs())
+            .collect();
+        assert_eq!(q, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(ErrorClass::Invalid.backoff(1, max), Duration::from_secs(10));
+        assert_eq!(
+            ErrorClass::Quota.backoff(1000, max),
+            Duration::from_secs(300)
+        );
     }
 }

@@ -29,7 +29,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            |u, ctx| async move { crate::timed(&ctx.clone(), Kind::User, reconcile(u, ctx)).await },
+            |u, ctx| async move {
+                let key = format!(
+                    "MqttUser/{}/{}",
+                    u.namespace().unwrap_or_default(),
+                    u.name_any()
+                );
+                let r = crate::timed(&ctx.clone(), Kind::User, reconcile(u, ctx.clone())).await;
+                if r.is_ok() {
+                    ctx.succeeded(&key);
+                }
+                r
+            },
             error_policy,
             ctx,
         )
@@ -41,9 +52,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .await;
 }
 
+/// The backoff of the broker controller, by error class.
 fn error_policy(u: Arc<MqttUser>, e: &Error, ctx: Arc<Context>) -> Action {
-    warn!(user = %u.name_any(), error = %e, label = e.metric_label(), "reconcile error; retrying");
-    Action::requeue(ctx.retry_delay())
+    let key = format!(
+        "MqttUser/{}/{}",
+        u.namespace().unwrap_or_default(),
+        u.name_any()
+    );
+    let n = ctx.failed(&key);
+    let delay = e.class().backoff(n, ctx.retry_delay());
+    warn!(user = %u.name_any(), error = %e, label = e.metric_label(), failures = n, retry_in = ?delay, "reconcile error; retrying");
+    Action::requeue(delay)
 }
 
 /// The user's current password: from the referenced Secret, or the one the

@@ -1105,6 +1105,85 @@ async fn referenced_secrets_and_every_child_are_watched_and_a_redis_secret_chang
     .await;
 }
 
+/// A ResourceQuota that refuses the broker's ConfigMap: the broker says so
+/// (`Ready=False`, reason `QuotaExceeded`, the API server's message) and a
+/// Warning event tells it once, not at every retry; once the quota is gone
+/// the broker is reconciled without any change to it.
+#[tokio::test]
+async fn a_quota_that_refuses_a_child_is_a_condition_and_an_event() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let c = client().await;
+    let ns = namespace(&c, "op-quota").await;
+    let quotas = Api::<ResourceQuota>::namespaced(c.clone(), &ns);
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_yaml::from_str(
+                "metadata: {name: no-configmaps}\nspec: {hard: {count/configmaps: '0'}}\n",
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The quota controller fills in what is used before admission enforces it.
+    eventually(WAIT, "the quota counted", || async {
+        let q = quotas.get("no-configmaps").await.ok()?;
+        q.status?
+            .used
+            .filter(|u| u.contains_key("count/configmaps"))
+    })
+    .await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: q}\nspec: {}\n",
+    )
+    .await;
+    let b = broker_ready(&c, &ns, "q", ("False", "QuotaExceeded")).await;
+    let ready = b
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        ready.message.contains("exceeded quota"),
+        "{}",
+        ready.message
+    );
+    let warnings = || async {
+        let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns)
+            .list(&Default::default())
+            .await
+            .ok()?;
+        let n: i32 = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("QuotaExceeded"))
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum();
+        (n > 0).then_some(n)
+    };
+    eventually(WAIT, "a QuotaExceeded event", warnings).await;
+    // Retries back off (5 s, then 10 s, ...) and say it once.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(warnings().await, Some(1), "one event for one failure");
+
+    quotas
+        .delete("no-configmaps", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the ConfigMap once the quota is gone",
+        || async { get::<ConfigMap>(&c, &ns, "q-config").await },
+    )
+    .await;
+}
+
 /// PEM certificates of a bundle.
 fn certs_of(bundle: &str) -> Vec<String> {
     bundle
