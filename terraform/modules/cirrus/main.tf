@@ -14,6 +14,7 @@ locals {
     { mqtt = var.listeners.mqtt },
     var.listeners.mqtts != null && var.tls.enabled ? { mqtts = var.listeners.mqtts } : {},
     var.listeners.websocket != null ? { websocket = var.listeners.websocket } : {},
+    var.listeners.wss != null && var.tls.enabled ? { wss = var.listeners.wss } : {},
   )
 
   autoscaling = var.autoscaling == null ? {} : {
@@ -32,18 +33,36 @@ locals {
   }
 
   host = "${var.broker_name}.${var.namespace}.svc"
+
+  # Scheduling, resources and the rest: given only when set, so that the
+  # CRD's defaults apply otherwise.
+  pods = merge(
+    var.resources != null ? { resources = var.resources } : {},
+    length(var.node_selector) > 0 ? { nodeSelector = var.node_selector } : {},
+    length(var.tolerations) > 0 ? { tolerations = var.tolerations } : {},
+    var.affinity != null ? { affinity = var.affinity } : {},
+    var.pod_template != null ? { podTemplate = var.pod_template } : {},
+    var.drain != null ? { drain = var.drain } : {},
+    var.rebalance != null ? { rebalance = var.rebalance } : {},
+    var.rollout != null ? { rollout = var.rollout } : {},
+    var.telemetry != null ? { telemetry = var.telemetry } : {},
+  )
 }
 
 resource "kubernetes_namespace_v1" "operator" {
-  count = var.create_operator_namespace ? 1 : 0
+  count = var.install_operator && var.create_operator_namespace ? 1 : 0
 
   metadata {
     name = var.operator_namespace
   }
 }
 
+# One operator serves every broker of the cluster: a second instance of
+# this module (another broker) sets install_operator = false.
 resource "helm_release" "operator" {
-  name      = "cirrus"
+  count = var.install_operator ? 1 : 0
+
+  name      = var.operator_release_name
   chart     = local.chart
   namespace = var.operator_namespace
 
@@ -93,6 +112,7 @@ resource "kubernetes_manifest" "broker" {
         }]
       },
       local.autoscaling,
+      local.pods,
     )
   }
 

@@ -1,9 +1,10 @@
 output "endpoints" {
   description = "In-cluster endpoints of the broker's listeners."
   value = merge(
-    { mqtt = "${local.host}:${var.listeners.mqtt}" },
+    var.listeners.mqtt > 0 ? { mqtt = "${local.host}:${var.listeners.mqtt}" } : {},
     contains(keys(local.listeners), "mqtts") ? { mqtts = "${local.host}:${var.listeners.mqtts}" } : {},
     contains(keys(local.listeners), "websocket") ? { websocket = "ws://${local.host}:${var.listeners.websocket}/mqtt" } : {},
+    contains(keys(local.listeners), "wss") ? { wss = "wss://${local.host}:${var.listeners.wss}/mqtt" } : {},
   )
 }
 

@@ -1,3 +1,15 @@
+variable "install_operator" {
+  description = "Install the operator chart. One operator serves every broker of a cluster: set false for each broker after the first."
+  type        = bool
+  default     = true
+}
+
+variable "operator_release_name" {
+  description = "Helm release name of the operator (its cluster-wide objects are named after it)."
+  type        = string
+  default     = "cirrus"
+}
+
 variable "operator_namespace" {
   description = "Namespace of the operator (created when create_operator_namespace is true)."
   type        = string
@@ -103,11 +115,12 @@ variable "redis" {
 }
 
 variable "listeners" {
-  description = "Ports of the MQTT, MQTT over TLS (null: off) and WebSocket (null: off) listeners."
+  description = "Ports of the MQTT (0: off, for a TLS-only broker), MQTT over TLS (null: off), WebSocket and secure WebSocket (null: off) listeners."
   type = object({
     mqtt      = optional(number, 1883)
     mqtts     = optional(number, 8883)
     websocket = optional(number)
+    wss       = optional(number)
   })
   default = {}
 }
@@ -162,4 +175,58 @@ variable "users" {
     })), [])
   }))
   default = {}
+}
+
+variable "resources" {
+  description = "The broker container's requests and limits ({requests = {cpu, memory}, limits = {...}}); unset: cpu 100m, memory 128Mi requested."
+  type        = any
+  default     = null
+}
+
+variable "node_selector" {
+  description = "Node selector of the broker pods."
+  type        = map(string)
+  default     = {}
+}
+
+variable "tolerations" {
+  description = "Tolerations of the broker pods (Kubernetes Toleration objects)."
+  type        = any
+  default     = []
+}
+
+variable "affinity" {
+  description = "Affinity of the broker pods (a Kubernetes Affinity object)."
+  type        = any
+  default     = null
+}
+
+variable "pod_template" {
+  description = "The MqttBroker's podTemplate: labels, annotations, topologySpreadConstraints, imagePullSecrets, priorityClassName, serviceAccountName, env, volumes, volumeMounts."
+  type        = any
+  default     = null
+}
+
+variable "drain" {
+  description = "The MqttBroker's drain ({connectionsPerSecond, timeoutSeconds, serverReference})."
+  type        = any
+  default     = null
+}
+
+variable "rebalance" {
+  description = "The MqttBroker's rebalance ({enabled, thresholdPercent, connectionsPerSecond, minConnectionAgeSeconds})."
+  type        = any
+  default     = null
+}
+
+variable "rollout" {
+  description = "The MqttBroker's rollout ({maxSurge, maxUnavailable, minReadySeconds, progressDeadlineSeconds})."
+  type        = any
+  default     = null
+}
+
+variable "telemetry" {
+  description = "The MqttBroker's telemetry ({otlpEndpoint, samplingRatio})."
+  type        = any
+  default     = null
 }

@@ -548,6 +548,28 @@ async fn the_broker_chart_declares_resources_the_operator_reconciles() {
     let (ok, out, err) = kubectl(&["apply", "--dry-run=server", "-f", f.to_str().unwrap()]);
     assert!(ok, "the API server refused the rendered chart: {out}{err}");
 
+    // A Redis of one's own given on the command line replaces the default
+    // managed one (the two would be InvalidSpec together).
+    for set in [
+        &["--set", "broker.redis.url=redis://redis.example:6379"][..],
+        &[
+            "--set",
+            "broker.redis.urlSecretRef.name=redis",
+            "--set",
+            "broker.redis.urlSecretRef.key=url",
+        ][..],
+    ] {
+        let own = docs(&render(set));
+        let b: MqttBroker = serde_yaml::from_value(of_kind(&own, "MqttBroker")[0].clone()).unwrap();
+        assert!(!b.spec.redis.managed, "{set:?}: still managed");
+    }
+    let b: MqttBroker =
+        serde_yaml::from_value(of_kind(&docs(&render(&[])), "MqttBroker")[0].clone()).unwrap();
+    assert!(
+        b.spec.redis.managed,
+        "the chart's default is the managed Redis"
+    );
+
     // Defaults plus a user, applied for real and reconciled.
     let f = dir.join("default.yaml");
     std::fs::write(
