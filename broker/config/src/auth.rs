@@ -9,6 +9,10 @@
 //! users:
 //!   - username: alice
 //!     password_hash: "$argon2id$v=19$m=19456,t=2,p=1$...$..."   # PHC string; never plaintext
+//!     # during a password rotation, the hash before and until when (unix
+//!     # seconds) it also logs in:
+//!     # previous_password_hash: "$argon2id$..."
+//!     # previous_valid_until: 1796000000
 //!     acl:
 //!       - { topic: "sensors/%u/#", access: publish, permission: allow }
 //!       - { topic: "#", access: subscribe, permission: allow }
@@ -54,6 +58,13 @@ pub struct User {
     pub username: String,
     /// A PHC string (argon2id recommended). Plaintext is never accepted.
     pub password_hash: String,
+    /// During a password rotation: the hash of the password before, which
+    /// also logs in until `previous_valid_until` (unix seconds), so that
+    /// clients can move to the new password without being cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_password_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<u64>,
     #[serde(default)]
     pub acl: Vec<AclRule>,
 }
@@ -118,7 +129,10 @@ impl AuthFile {
             if !seen.insert(u.username.as_str()) {
                 return Err(AuthFileError::DuplicateUser(u.username.clone()));
             }
-            if !u.password_hash.starts_with('$') || u.password_hash.split('$').count() < 4 {
+            let not_a_hash = |h: &str| !h.starts_with('$') || h.split('$').count() < 4;
+            if not_a_hash(&u.password_hash)
+                || u.previous_password_hash.as_deref().is_some_and(not_a_hash)
+            {
                 return Err(AuthFileError::NotAHash {
                     user: u.username.clone(),
                 });
@@ -220,6 +234,8 @@ pub fn set_password(
         None => want.users.push(User {
             username: username.to_string(),
             password_hash: password_hash.to_string(),
+            previous_password_hash: None,
+            previous_valid_until: None,
             acl: Vec::new(),
         }),
     }
@@ -361,6 +377,8 @@ mod tests {
             users: vec![User {
                 username: "alice".into(),
                 password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+                previous_password_hash: None,
+                previous_valid_until: None,
                 acl: vec![AclRule {
                     topic: "sensors/%u/#".into(),
                     access: Access::Publish,

@@ -47,10 +47,35 @@ pub enum LoginError {
 #[derive(Debug)]
 pub struct Policy {
     pub generation: u64,
-    users: HashMap<String, (String, Arc<[AclRule]>)>,
+    users: HashMap<String, Entry>,
     allow_anonymous: bool,
     anonymous: Arc<[AclRule]>,
     default: Permission,
+}
+
+/// A user of the auth file: its hash, during a rotation the previous one
+/// with the unix time it stops logging in, and its rules.
+#[derive(Debug)]
+struct Entry {
+    hash: String,
+    previous: Option<(String, u64)>,
+    rules: Arc<[AclRule]>,
+}
+
+impl Entry {
+    /// The hashes that log in now: the current one, and the previous one
+    /// while its overlap lasts.
+    fn valid_hashes(&self) -> impl Iterator<Item = &String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        std::iter::once(&self.hash).chain(
+            self.previous
+                .as_ref()
+                .filter(|(_, until)| now < *until)
+                .map(|(h, _)| h),
+        )
+    }
 }
 
 /// The argon2id PHC string of `password` (default parameters, a random
@@ -83,7 +108,15 @@ impl Policy {
             users: f
                 .users
                 .into_iter()
-                .map(|u| (u.username, (u.password_hash, u.acl.into())))
+                .map(|u| {
+                    let previous = u.previous_password_hash.zip(u.previous_valid_until);
+                    let entry = Entry {
+                        hash: u.password_hash,
+                        previous,
+                        rules: u.acl.into(),
+                    };
+                    (u.username, entry)
+                })
                 .collect(),
             allow_anonymous: f.allow_anonymous,
             anonymous: f.anonymous_acl.into(),
@@ -97,7 +130,10 @@ impl Policy {
             return true;
         }
         match (&id.username, &id.hash) {
-            (Some(u), Some(h)) => self.users.get(u).is_some_and(|(hash, _)| hash == h),
+            (Some(u), Some(h)) => self
+                .users
+                .get(u)
+                .is_some_and(|e| e.valid_hashes().any(|v| v == h)),
             (None, _) => self.allow_anonymous,
             _ => false,
         }
@@ -109,7 +145,7 @@ impl Policy {
             Some(u) => self
                 .users
                 .get(u)
-                .map(|(_, r)| r.clone())
+                .map(|e| e.rules.clone())
                 .unwrap_or_else(|| Arc::from(Vec::new())),
             None => self.anonymous.clone(),
         };
@@ -275,7 +311,7 @@ impl Auth {
         let (hash, rules, default) = match guard.as_ref() {
             None => (None, Arc::from(Vec::new()), Permission::Allow),
             Some(p) => match p.users.get(user) {
-                Some((h, r)) => (Some(h.clone()), r.clone(), p.default),
+                Some(e) => (Some(e.hash.clone()), e.rules.clone(), p.default),
                 None => (None, Arc::from(Vec::new()), p.default),
             },
         };
@@ -318,24 +354,31 @@ impl Auth {
             self.record_failure(addr);
             return Err(LoginError::AnonymousNotAllowed);
         };
-        let entry = policy.users.get(username).cloned();
-        let hash = entry
-            .as_ref()
-            .map_or_else(|| self.dummy.clone(), |(h, _)| h.clone());
+        let entry = policy.users.get(username);
+        // An unknown user costs the same hashing as a known one.
+        let hashes: Vec<String> = match entry {
+            Some(e) => e.valid_hashes().cloned().collect(),
+            None => vec![self.dummy.clone()],
+        };
         let password = password.unwrap_or_default().to_vec();
-        let ok = tokio::task::spawn_blocking(move || match PasswordHash::new(&hash) {
-            Ok(parsed) => Argon2::default()
-                .verify_password(&password, &parsed)
-                .is_ok(),
-            Err(_) => false,
+        let matched = tokio::task::spawn_blocking(move || {
+            hashes
+                .into_iter()
+                .find(|hash| match PasswordHash::new(hash) {
+                    Ok(parsed) => Argon2::default()
+                        .verify_password(&password, &parsed)
+                        .is_ok(),
+                    Err(_) => false,
+                })
         })
         .await
-        .unwrap_or(false);
-        match entry {
-            Some((hash, rules)) if ok => Ok(Identity {
+        .ok()
+        .flatten();
+        match (entry, matched) {
+            (Some(e), Some(hash)) => Ok(Identity {
                 username: Some(username.to_owned()),
                 hash: Some(hash),
-                rules,
+                rules: e.rules.clone(),
                 default: policy.default,
                 certified: false,
             }),
@@ -411,6 +454,59 @@ mod tests {
             default: Permission::Deny,
             certified: false,
         }
+    }
+
+    /// An auth file with alice's new password and, during an overlap
+    /// ending at `until`, the one before.
+    fn rotating(until: u64) -> (Auth, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "cirrus-auth-rotation-{}-{until}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("auth.yaml");
+        let f = AuthFile {
+            users: vec![cirrus_config::auth::User {
+                username: "alice".into(),
+                password_hash: hash_password("new").unwrap(),
+                previous_password_hash: Some(hash_password("old").unwrap()),
+                previous_valid_until: Some(until),
+                acl: Vec::new(),
+            }],
+            ..AuthFile::default()
+        };
+        std::fs::write(&path, f.to_yaml().unwrap()).unwrap();
+        (Auth::new(Some(path.clone()), 0).unwrap(), path)
+    }
+
+    #[tokio::test]
+    async fn during_an_overlap_both_passwords_log_in_and_after_it_the_old_one_does_not() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let later = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let (auth, _) = rotating(later);
+        let new = auth.login(ip, Some("alice"), Some(b"new")).await.unwrap();
+        let old = auth.login(ip, Some("alice"), Some(b"old")).await.unwrap();
+        assert!(auth.login(ip, Some("alice"), Some(b"other")).await.is_err());
+        let guard = auth.policy();
+        let policy = guard.as_ref().as_ref().unwrap();
+        assert!(policy.still_valid(&new) && policy.still_valid(&old));
+
+        // The overlap is over: the old password is refused, and a client
+        // that logged in with it is let go at the next reload.
+        let (ended, _) = rotating(1);
+        assert!(ended.login(ip, Some("alice"), Some(b"old")).await.is_err());
+        assert!(ended.login(ip, Some("alice"), Some(b"new")).await.is_ok());
+        let guard = ended.policy();
+        let policy = guard.as_ref().as_ref().unwrap();
+        assert!(!policy.still_valid(&old));
+        assert!(
+            !policy.still_valid(&new),
+            "new was another hash of the same password"
+        );
     }
 
     #[test]

@@ -36,6 +36,15 @@ pub struct MqttUserSpec {
     /// Use this Secret key as the password instead of a generated one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// When the password changes (a new value in `passwordSecretRef`, or a
+    /// generated one renewed by the annotation
+    /// `mqtt.cirrus.dev/rotate-password`), the previous password also logs
+    /// in for this many seconds, and clients logged in with it stay
+    /// connected until then. 0 (the default): the old password stops at
+    /// once, as for a leaked one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 604800))]
+    pub password_overlap_seconds: u32,
     /// Rules in order; the first whose topic filter matches decides, and
     /// what no rule allows is refused. Empty: the user can connect and do
     /// nothing else (every publish and subscription refused).
@@ -79,4 +88,8 @@ pub struct MqttUserStatus {
     pub secret_name: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -78,7 +78,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// The brokers a Secret matters to: its owner, brokers whose spec names it,
-/// and the brokers of users whose password it holds.
+/// and the brokers of users whose password it holds (named by the user, or
+/// generated for it).
 fn secret_readers(
     s: &Secret,
     brokers: &[Arc<MqttBroker>],
@@ -111,15 +112,25 @@ fn secret_readers(
             .filter(|b| b.namespace().as_deref() == Some(&ns) && named(b))
             .map(|b| ObjectRef::from_obj(&**b)),
     );
+    // Users whose password it holds: named by them, or generated for them
+    // (owned by the user).
+    let owner_users: Vec<&str> = s
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "MqttUser")
+        .map(|o| o.name.as_str())
+        .collect();
     out.extend(
         users
             .iter()
             .filter(|u| {
                 u.namespace().as_deref() == Some(&ns)
-                    && u.spec
+                    && (u
+                        .spec
                         .password_secret_ref
                         .as_ref()
                         .is_some_and(|r| r.name == name)
+                        || owner_users.contains(&u.name_any().as_str()))
             })
             .map(|u| ObjectRef::new(&u.spec.broker_ref).within(&ns)),
     );
@@ -290,7 +301,7 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         ctx.resync
     };
 
-    let auth_yaml = build_auth(&ctx, &b, &ns).await?;
+    let (auth_yaml, overlap_end) = build_auth(&ctx, &b, &ns).await?;
     apply(client, &ns, &resources::auth_secret(&b, &auth_yaml)).await?;
 
     if let Some(a) = &b.spec.autoscaling {
@@ -409,7 +420,14 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
     }
     crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
     info!("reconciled");
-    Ok(Action::requeue(ctx.resync.min(tls_wait)))
+    // A password overlap that ends: the old hash leaves the auth file then.
+    let overlap_wait = overlap_end.map_or(ctx.resync, |end| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        std::time::Duration::from_secs(end.saturating_sub(now) + 1)
+    });
+    Ok(Action::requeue(ctx.resync.min(tls_wait).min(overlap_wait)))
 }
 
 /// Why a spec cannot be reconciled, when the schema could not say it.
@@ -739,11 +757,21 @@ async fn namespace_ca(
 
 /// The auth file for `b`: every valid user that references it, first by
 /// creation time when two claim one user name. Hashes already in the
-/// current Secret are kept while the password still verifies.
-async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, Error> {
+/// current Secret are kept while the password still verifies; a user whose
+/// password changed keeps the hash before for its
+/// `passwordOverlapSeconds`. Also the unix time the next such overlap ends
+/// (the auth file must be written again then).
+async fn build_auth(
+    ctx: &Context,
+    b: &MqttBroker,
+    ns: &str,
+) -> Result<(String, Option<u64>), Error> {
     let client = &ctx.client;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let previous: HashMap<String, String> = secrets
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let previous: HashMap<String, User> = secrets
         .get_opt(&resources::auth_secret_name(b))
         .await?
         .and_then(|s| s.data)
@@ -753,7 +781,7 @@ async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, E
         .map(|f| {
             f.users
                 .into_iter()
-                .map(|u| (u.username, u.password_hash))
+                .map(|u| (u.username.clone(), u))
                 .collect()
         })
         .unwrap_or_default();
@@ -777,17 +805,37 @@ async fn build_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<String, E
         let Some(password) = crate::user::password(&secrets, u).await? else {
             continue;
         };
-        let hash = auth::hash_password(&password, previous.get(&username).map(String::as_str))
+        let before = previous.get(&username);
+        let hash = auth::hash_password(&password, before.map(|p| p.password_hash.as_str()))
             .map_err(|_| Error::Hash)?;
+        let overlap = u64::from(u.spec.password_overlap_seconds);
+        let (previous_password_hash, previous_valid_until) = match before {
+            // Just changed: the hash before logs in for the overlap.
+            Some(p) if p.password_hash != hash && overlap > 0 => {
+                (Some(p.password_hash.clone()), Some(now + overlap))
+            }
+            // An overlap under way goes on until it ends.
+            Some(p) if p.password_hash == hash => {
+                match (&p.previous_password_hash, p.previous_valid_until) {
+                    (Some(h), Some(until)) if until > now => (Some(h.clone()), Some(until)),
+                    _ => (None, None),
+                }
+            }
+            _ => (None, None),
+        };
         entries.push(User {
             username,
             password_hash: hash,
+            previous_password_hash,
+            previous_valid_until,
             acl: auth::acl(&u.spec.acl),
         });
     }
-    auth::auth_file(b.spec.allow_anonymous, &b.spec.anonymous_acl, entries)
+    let next_end = entries.iter().filter_map(|u| u.previous_valid_until).min();
+    let yaml = auth::auth_file(b.spec.allow_anonymous, &b.spec.anonymous_acl, entries)
         .to_yaml()
-        .map_err(|_| Error::Serialize("auth file".into()))
+        .map_err(|_| Error::Serialize("auth file".into()))?;
+    Ok((yaml, next_end))
 }
 
 pub(crate) async fn publish<K: Resource<DynamicType = ()>>(

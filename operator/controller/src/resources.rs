@@ -100,14 +100,14 @@ pub fn meta<K: Resource<DynamicType = ()>>(
     }
 }
 
-/// The broker configuration the pods read: the one format shared with the
-/// broker (`cirrus_config::Config`).
 /// The broker pods' volumes of the operator's own.
 pub const OWN_VOLUMES: [&str; 4] = ["config", "auth", "tls", "client-ca"];
 
 /// Where the client CA Secret (`tls.clientCaSecretRef`) is mounted.
 const CLIENT_CA_DIR: &str = "/etc/cirrus/client-ca";
 
+/// The broker configuration the pods read: the one format shared with the
+/// broker (`cirrus_config::Config`).
 pub fn broker_config(b: &MqttBroker) -> Config {
     let mut c = Config::default();
     let s = &b.spec;

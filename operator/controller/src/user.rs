@@ -20,6 +20,11 @@ use crate::metrics::Kind;
 use crate::resources::{self, PASSWORD_KEY};
 use crate::{auth, Context, Error};
 
+/// Set (to any new value) on an `MqttUser` with a generated password: the
+/// operator writes a new password into its Secret, and records the value
+/// handled on the Secret.
+pub const ROTATE_ANNOTATION: &str = "mqtt.cirrus.dev/rotate-password";
+
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
     Controller::new(ctx.scoped::<MqttUser>(), cfg)
@@ -147,11 +152,51 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
             }
             None => {
                 let name = resources::user_secret_name(&u);
-                if secrets.get_opt(&name).await?.is_none() {
-                    // Generated once; never replaced while it exists, so the
-                    // password is stable across operator restarts.
-                    let s =
+                let existing = secrets.get_opt(&name).await?;
+                let asked = u.annotations().get(ROTATE_ANNOTATION);
+                let done = existing
+                    .as_ref()
+                    .and_then(|s| s.annotations().get(ROTATE_ANNOTATION));
+                if let (Some(_), Some(want)) = (&existing, asked.filter(|a| Some(*a) != done)) {
+                    // Asked for a new password (a value not handled yet):
+                    // the Secret gets it, the broker's auth file follows.
+                    let mut s =
                         resources::user_secret(&u, &auth::username(&u), &auth::generate_password());
+                    s.metadata
+                        .annotations
+                        .get_or_insert_with(Default::default)
+                        .insert(ROTATE_ANNOTATION.into(), want.clone());
+                    secrets
+                        .patch(
+                            &name,
+                            &kube::api::PatchParams::apply(crate::FIELD_MANAGER).force(),
+                            &kube::api::Patch::Apply(&s),
+                        )
+                        .await?;
+                    publish(
+                        &ctx,
+                        &*u,
+                        EventType::Normal,
+                        "PasswordRotated",
+                        format!(
+                            "new password in Secret {name}; the old one works for {} s more",
+                            u.spec.password_overlap_seconds
+                        ),
+                    )
+                    .await;
+                } else if existing.is_none() {
+                    // Generated once; replaced only when the annotation
+                    // asks, so the password is stable across operator
+                    // restarts. A request already on the user counts as
+                    // handled by this first password.
+                    let mut s =
+                        resources::user_secret(&u, &auth::username(&u), &auth::generate_password());
+                    if let Some(a) = asked {
+                        s.metadata
+                            .annotations
+                            .get_or_insert_with(Default::default)
+                            .insert(ROTATE_ANNOTATION.into(), a.clone());
+                    }
                     match secrets.create(&PostParams::default(), &s).await {
                         Ok(_) => {
                             publish(

@@ -1184,6 +1184,86 @@ async fn a_quota_that_refuses_a_child_is_a_condition_and_an_event() {
     .await;
 }
 
+/// Rotating a generated password with an overlap: the annotation puts a
+/// new password into the user's Secret, the auth file carries the old hash
+/// beside the new one until `passwordOverlapSeconds` ends, a real broker
+/// fed that file lets both passwords in, and afterwards the old hash is
+/// gone from the file without any change to the user.
+#[tokio::test]
+async fn a_rotated_password_works_beside_the_old_one_until_the_overlap_ends() {
+    use cirrus_e2e::{BrokerProcess, Client as Mqtt, Opts};
+    let c = client().await;
+    let ns = namespace(&c, "op-rotate").await;
+    let _op = Operator::start(&c, &ns);
+    create::<MqttBroker>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: r}\nspec: {}\n",
+    )
+    .await;
+    create::<MqttUser>(&c, &ns, "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: dev}\nspec: {brokerRef: r, passwordOverlapSeconds: 8}\n").await;
+    user_ready(&c, &ns, "dev", ("True", "Configured")).await;
+    let old = secret_value(&c, &ns, "dev-mqtt-credentials", "password").await;
+    eventually(WAIT, "the first password in the auth file", || async {
+        let e = auth_file(&c, &ns, "r").await.users.into_iter().next()?;
+        verifies(&e.password_hash, &old).then_some(())
+    })
+    .await;
+
+    Api::<MqttUser>::namespaced(c.clone(), &ns)
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"mqtt.cirrus.dev/rotate-password": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let new = eventually(WAIT, "a new password in the Secret", || async {
+        let p = secret_value(&c, &ns, "dev-mqtt-credentials", "password").await;
+        (p != old).then_some(p)
+    })
+    .await;
+    let entry = eventually(WAIT, "both hashes in the auth file", || async {
+        let e = auth_file(&c, &ns, "r").await.users.into_iter().next()?;
+        (verifies(&e.password_hash, &new)
+            && e.previous_password_hash
+                .as_deref()
+                .is_some_and(|h| verifies(h, &old)))
+        .then_some(e)
+    })
+    .await;
+    let now = k8s_openapi::jiff::Timestamp::now().as_second() as u64;
+    let until = entry.previous_valid_until.unwrap();
+    assert!(until > now && until <= now + 8, "{until} vs {now}");
+    // The same annotation value again is not a new request.
+    tokio::time::sleep(RESYNC * 2).await;
+    assert_eq!(
+        secret_value(&c, &ns, "dev-mqtt-credentials", "password").await,
+        new
+    );
+
+    // A real broker with this auth file: both passwords log in.
+    let auth: Secret = get(&c, &ns, "r-auth").await.unwrap();
+    let auth_path =
+        std::env::temp_dir().join(format!("cirrus-rotation-{}.yaml", std::process::id()));
+    std::fs::write(&auth_path, &auth.data.unwrap()["auth.yaml"].0).unwrap();
+    let b = BrokerProcess::start(&["--auth-file", auth_path.to_str().unwrap()]);
+    for (id, pw) in [("with-old", &old), ("with-new", &new)] {
+        let mut o = Opts::v5(id);
+        o.username = Some("dev".into());
+        o.password = Some(pw.as_bytes().to_vec());
+        let (_m, ack) = Mqtt::connect(b.addr, o).await;
+        assert_eq!(ack.reason_code, 0, "{id}");
+    }
+
+    // The overlap ends: the old hash leaves the file by itself.
+    eventually(Duration::from_secs(30), "the old hash gone", || async {
+        let e = auth_file(&c, &ns, "r").await.users.into_iter().next()?;
+        (e.previous_password_hash.is_none() && verifies(&e.password_hash, &new)).then_some(())
+    })
+    .await;
+}
+
 /// PEM certificates of a bundle.
 fn certs_of(bundle: &str) -> Vec<String> {
     bundle
