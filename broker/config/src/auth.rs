@@ -20,6 +20,11 @@
 //!
 //! Rules are checked in order; the first whose topic filter matches decides.
 //! `%u` and `%c` in a filter stand for the user name and the client id.
+//!
+//! Many users need not fit one file (a Kubernetes Secret holds 1 MiB):
+//! `user_files` names more files beside this one, each `users: [...]`
+//! ([`UsersFile`]); the broker reads them all as one list, a user name
+//! once in all of them.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +43,10 @@ pub struct AuthFile {
     pub default: Permission,
     #[serde(default)]
     pub users: Vec<User>,
+    /// More users: files in this file's directory (plain names), each a
+    /// [`UsersFile`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_files: Vec<String>,
 }
 
 impl Default for AuthFile {
@@ -48,7 +57,26 @@ impl Default for AuthFile {
             anonymous_acl: Vec::new(),
             default: Permission::Deny,
             users: Vec::new(),
+            user_files: Vec::new(),
         }
+    }
+}
+
+/// A file of more users, named in an auth file's `user_files`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+impl UsersFile {
+    pub fn from_yaml(text: &str) -> Result<UsersFile, AuthFileError> {
+        Ok(serde_yaml::from_str(text)?)
+    }
+
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
     }
 }
 
@@ -65,6 +93,12 @@ pub struct User {
     pub previous_password_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_valid_until: Option<u64>,
+    /// Where the password came from, for the writer's bookkeeping (the
+    /// operator: the password Secret's uid and resourceVersion, so that an
+    /// unchanged Secret keeps its hash without hashing again). Nothing
+    /// derived from the password; the broker does not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_source: Option<String>,
     #[serde(default)]
     pub acl: Vec<AclRule>,
 }
@@ -106,6 +140,8 @@ pub enum AuthFileError {
     DuplicateUser(String),
     #[error("user {user:?}: the password hash is not a PHC string")]
     NotAHash { user: String },
+    #[error("user file {0:?} is not a plain file name beside the auth file")]
+    BadUserFile(String),
 }
 
 impl AuthFile {
@@ -123,6 +159,13 @@ impl AuthFile {
     pub fn validate(&self) -> Result<(), AuthFileError> {
         if self.version != AUTH_FILE_VERSION {
             return Err(AuthFileError::Version(self.version));
+        }
+        if let Some(f) = self
+            .user_files
+            .iter()
+            .find(|f| f.is_empty() || f.contains('/') || f.starts_with('.'))
+        {
+            return Err(AuthFileError::BadUserFile(f.clone()));
         }
         let mut seen = std::collections::HashSet::new();
         for u in &self.users {
@@ -236,6 +279,7 @@ pub fn set_password(
             password_hash: password_hash.to_string(),
             previous_password_hash: None,
             previous_valid_until: None,
+            password_source: None,
             acl: Vec::new(),
         }),
     }
@@ -379,6 +423,7 @@ mod tests {
                 password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
                 previous_password_hash: None,
                 previous_valid_until: None,
+                password_source: None,
                 acl: vec![AclRule {
                     topic: "sensors/%u/#".into(),
                     access: Access::Publish,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use cirrus_config::auth::{Access, AclRule, AuthFile, Permission};
+use cirrus_config::auth::{Access, AclRule, AuthFile, Permission, UsersFile};
 use parking_lot::Mutex;
 use tracing::{error, info};
 
@@ -167,7 +167,7 @@ pub struct Auth {
     pub login_failures: AtomicU64,
     failed: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     max_failed_per_minute: u32,
-    last_seen: Mutex<Option<Vec<u8>>>,
+    last_seen: Mutex<Option<Seen>>,
     dummy: String,
 }
 
@@ -185,17 +185,57 @@ pub enum AuthLoadError {
     },
 }
 
-fn load(path: &Path) -> Result<(AuthFile, Vec<u8>), AuthLoadError> {
-    let bytes = std::fs::read(path).map_err(|source| AuthLoadError::Read {
+/// What a load read: the auth file's bytes, and the user files it names
+/// with their length and modification time (a mounted Secret's update
+/// replaces the files, so both move).
+#[derive(Debug, PartialEq)]
+struct Seen {
+    main: Vec<u8>,
+    files: Vec<(PathBuf, FileStamp)>,
+}
+
+type FileStamp = Option<(u64, std::time::SystemTime)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.len(), m.modified().ok()?)))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AuthLoadError> {
+    std::fs::read(path).map_err(|source| AuthLoadError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    })
+}
+
+/// The auth file with the users of its user files joined in.
+fn load(path: &Path) -> Result<(AuthFile, Seen), AuthLoadError> {
+    let bytes = read(path)?;
+    load_bytes(path, bytes)
+}
+
+fn load_bytes(path: &Path, bytes: Vec<u8>) -> Result<(AuthFile, Seen), AuthLoadError> {
+    let invalid = |p: &Path, source| AuthLoadError::Invalid {
+        path: p.to_owned(),
+        source,
+    };
     let text = String::from_utf8_lossy(&bytes);
-    let f = AuthFile::from_yaml(&text).map_err(|source| AuthLoadError::Invalid {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok((f, bytes))
+    let mut f = AuthFile::from_yaml(&text).map_err(|e| invalid(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files = Vec::with_capacity(f.user_files.len());
+    for name in &f.user_files {
+        let p = dir.join(name);
+        let before = stamp(&p);
+        let more = read(&p)?;
+        let more =
+            UsersFile::from_yaml(&String::from_utf8_lossy(&more)).map_err(|e| invalid(&p, e))?;
+        f.users.extend(more.users);
+        files.push((p, before));
+    }
+    // A user name once in all the files, every hash a PHC string.
+    f.validate().map_err(|e| invalid(path, e))?;
+    Ok((f, Seen { main: bytes, files }))
 }
 
 impl Auth {
@@ -218,14 +258,14 @@ impl Auth {
             },
         };
         if let Some(p) = &path {
-            let (f, bytes) = load(p)?;
-            info!(path = %p.display(), users = f.users.len(), "auth file loaded");
-            auth.install(f, bytes);
+            let (f, seen) = load(p)?;
+            info!(path = %p.display(), users = f.users.len(), files = seen.files.len() + 1, "auth file loaded");
+            auth.install(f, seen);
         }
         Ok(auth)
     }
 
-    fn install(&self, f: AuthFile, bytes: Vec<u8>) {
+    fn install(&self, f: AuthFile, seen: Seen) {
         // Installs come one at a time (start-up, then the reload task).
         // The generation moves after the policy: a connection that read it
         // before logging in knows whether its login may predate the policy.
@@ -233,7 +273,7 @@ impl Auth {
         self.policy
             .store(Arc::new(Some(Policy::compile(f, generation))));
         self.generation.store(generation, Ordering::Release);
-        *self.last_seen.lock() = Some(bytes);
+        *self.last_seen.lock() = Some(seen);
     }
 
     pub fn enabled(&self) -> bool {
@@ -256,19 +296,33 @@ impl Auth {
             // Mid-swap of a mounted Secret, or gone: keep the last good one.
             return false;
         };
-        if self.last_seen.lock().as_deref() == Some(&bytes[..]) {
+        let unchanged = self.last_seen.lock().as_ref().is_some_and(|seen| {
+            seen.main == bytes && seen.files.iter().all(|(p, st)| stamp(p) == *st)
+        });
+        if unchanged {
             return false;
         }
-        match load(path) {
-            Ok((f, bytes)) => {
+        match load_bytes(path, bytes.clone()) {
+            Ok((f, seen)) => {
                 let users = f.users.len();
-                self.install(f, bytes);
+                self.install(f, seen);
                 info!(path = %path.display(), users, generation = self.generation(), "auth file reloaded");
                 true
             }
             Err(e) => {
-                // Remember the bad content so it is reported once, not every poll.
-                *self.last_seen.lock() = Some(bytes);
+                // Remember the bad content so it is reported once, not
+                // every poll (a user file that comes later is looked for
+                // again: its stamp is "missing" until then).
+                let files = AuthFile::from_yaml(&String::from_utf8_lossy(&bytes))
+                    .map(|f| {
+                        let dir = path.parent().unwrap_or(Path::new("."));
+                        f.user_files
+                            .iter()
+                            .map(|n| (dir.join(n), stamp(&dir.join(n))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                *self.last_seen.lock() = Some(Seen { main: bytes, files });
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "auth file reload failed; keeping the last good one");
                 false
@@ -471,6 +525,7 @@ mod tests {
                 password_hash: hash_password("new").unwrap(),
                 previous_password_hash: Some(hash_password("old").unwrap()),
                 previous_valid_until: Some(until),
+                password_source: None,
                 acl: Vec::new(),
             }],
             ..AuthFile::default()
@@ -507,6 +562,63 @@ mod tests {
             !policy.still_valid(&new),
             "new was another hash of the same password"
         );
+    }
+
+    #[tokio::test]
+    async fn users_from_the_user_files_log_in_and_a_changed_file_is_reloaded() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let dir = std::env::temp_dir().join(format!("cirrus-auth-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let user = |name: &str, pw: &str| cirrus_config::auth::User {
+            username: name.into(),
+            password_hash: hash_password(pw).unwrap(),
+            previous_password_hash: None,
+            previous_valid_until: None,
+            password_source: Some("uid/1".into()),
+            acl: Vec::new(),
+        };
+        let shard = |users| UsersFile { users }.to_yaml().unwrap();
+        std::fs::write(dir.join("users-1.yaml"), shard(vec![user("bob", "b")])).unwrap();
+        std::fs::write(dir.join("users-2.yaml"), shard(vec![user("carol", "c")])).unwrap();
+        let main = AuthFile {
+            users: vec![user("alice", "a")],
+            user_files: vec!["users-1.yaml".into(), "users-2.yaml".into()],
+            ..AuthFile::default()
+        };
+        let path = dir.join("auth.yaml");
+        std::fs::write(&path, main.to_yaml().unwrap()).unwrap();
+        let auth = Auth::new(Some(path.clone()), 0).unwrap();
+        for (u, p) in [("alice", "a"), ("bob", "b"), ("carol", "c")] {
+            assert!(
+                auth.login(ip, Some(u), Some(p.as_bytes())).await.is_ok(),
+                "{u}"
+            );
+        }
+        assert!(!auth.reload_if_changed(), "nothing changed");
+
+        // A user file alone changes: dave is in, bob is out.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.join("users-1.yaml"), shard(vec![user("dave", "d")])).unwrap();
+        assert!(auth.reload_if_changed());
+        assert!(auth.login(ip, Some("dave"), Some(b"d")).await.is_ok());
+        assert!(auth.login(ip, Some("bob"), Some(b"b")).await.is_err());
+
+        // A user name twice across the files, or a file that is missing,
+        // is refused; the last good policy stays.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.join("users-2.yaml"), shard(vec![user("alice", "x")])).unwrap();
+        assert!(!auth.reload_if_changed());
+        std::fs::remove_file(dir.join("users-2.yaml")).unwrap();
+        assert!(!auth.reload_if_changed());
+        assert!(auth.login(ip, Some("carol"), Some(b"c")).await.is_ok());
+        assert!(Auth::new(Some(path.clone()), 0).is_err());
+        // Named outside the directory: refused.
+        let escape = AuthFile {
+            user_files: vec!["../users-1.yaml".into()],
+            ..AuthFile::default()
+        };
+        assert!(AuthFile::from_yaml(&escape.to_yaml().unwrap()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
