@@ -47,6 +47,9 @@ pub enum LoginError {
 #[derive(Debug)]
 pub struct Policy {
     pub generation: u64,
+    /// What an unknown user name is verified against, when not the
+    /// start-up dummy (see `dummy_like`).
+    dummy: Option<String>,
     users: HashMap<String, Entry>,
     allow_anonymous: bool,
     anonymous: Arc<[AclRule]>,
@@ -101,10 +104,40 @@ fn dummy_hash() -> String {
         .unwrap_or_default()
 }
 
+/// A dummy hash with the parameters most users' hashes have, when those are
+/// not argon2's defaults (the operator hashes its generated passwords
+/// lighter): an unknown user name then costs what most known ones do.
+fn dummy_like(users: &[cirrus_config::auth::User]) -> Option<String> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for u in users {
+        if let Some(params) = u.password_hash.split('$').nth(3) {
+            *count.entry(params).or_default() += 1;
+        }
+    }
+    let (params, _) = count.into_iter().max_by_key(|(p, n)| (*n, *p))?;
+    let sample = users
+        .iter()
+        .find(|u| u.password_hash.split('$').nth(3) == Some(params))?;
+    let parsed = PasswordHash::new(&sample.password_hash).ok()?;
+    let params = argon2::Params::try_from(&parsed).ok()?;
+    if params == argon2::Params::default() {
+        return None;
+    }
+    let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut secret = [0u8; 32];
+    argon2::password_hash::rand_core::RngCore::fill_bytes(&mut OsRng, &mut secret);
+    argon
+        .hash_password(&secret, &SaltString::generate(&mut OsRng))
+        .map(|h| h.to_string())
+        .ok()
+}
+
 impl Policy {
     fn compile(f: AuthFile, generation: u64) -> Policy {
         Policy {
             generation,
+            dummy: dummy_like(&f.users),
             users: f
                 .users
                 .into_iter()
@@ -412,7 +445,7 @@ impl Auth {
         // An unknown user costs the same hashing as a known one.
         let hashes: Vec<String> = match entry {
             Some(e) => e.valid_hashes().cloned().collect(),
-            None => vec![self.dummy.clone()],
+            None => vec![policy.dummy.clone().unwrap_or_else(|| self.dummy.clone())],
         };
         let password = password.unwrap_or_default().to_vec();
         let matched = tokio::task::spawn_blocking(move || {

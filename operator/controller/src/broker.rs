@@ -12,11 +12,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, reflector, ObjectRef};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,26 +28,11 @@ use crate::resources::{self, AUTH_KEY};
 use crate::tls;
 use crate::{auth, health, Context, Error, FIELD_MANAGER};
 
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, wake: Arc<crate::caches::Wake>) {
     let cfg = watcher::Config::default();
     // The children carry the operator's label: only they are watched.
     let owned = watcher::Config::default().labels(resources::OWNED_SELECTOR);
-    // The users, for the password Secrets they name.
-    let (users, writer) = reflector::store::<MqttUser>();
-    let users_watch = reflector(writer, watcher(ctx.scoped::<MqttUser>(), cfg.clone()))
-        .default_backoff()
-        .touched_objects()
-        .for_each(|_| futures_util::future::ready(()));
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = users_watch => {}
-            _ = stop.cancelled() => {}
-        }
-    });
-    let controller = Controller::new(ctx.scoped::<MqttBroker>(), cfg.clone());
-    let brokers = controller.store();
-    controller
+    Controller::new(ctx.scoped::<MqttBroker>(), cfg)
         .owns(ctx.scoped::<Deployment>(), owned.clone())
         .owns(ctx.scoped::<ConfigMap>(), owned.clone())
         .owns(ctx.scoped::<Service>(), owned.clone())
@@ -56,13 +41,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         // Secrets: the broker's own (auth, TLS) and those its spec or its
         // users name (Redis URL, client CA, passwords), so that a change
         // there is seen at once, not at the next resync.
-        .watches(ctx.scoped::<Secret>(), cfg.clone(), move |s| {
-            secret_readers(&s, &brokers.state(), &users.state())
-        })
-        .watches(ctx.scoped::<MqttUser>(), cfg, |u| {
-            u.namespace()
-                .map(|ns| ObjectRef::<MqttBroker>::new(&u.spec.broker_ref).within(&ns))
-        })
+        // Users and Secrets: the brokers their watches (the caches') say
+        // they matter to.
+        .reconcile_on(wake.stream(shutdown.clone()))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
             |b, ctx| async move { crate::timed(&ctx.clone(), Kind::Broker, reconcile(b, ctx)).await },
@@ -77,13 +58,44 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .await;
 }
 
+/// Whether `s` is one of a broker's auth files as this process last wrote
+/// it: the watch bringing back its own write wakes nobody.
+pub(crate) fn own_auth_write(ctx: &Context, s: &Secret) -> bool {
+    let (Some(ns), Some(rv)) = (s.namespace(), s.metadata.resource_version.as_deref()) else {
+        return false;
+    };
+    let name = s.name_any();
+    let Some(owner) = s
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "MqttBroker")
+        .map(|o| o.name.as_str())
+    else {
+        return false;
+    };
+    let n = if name == format!("{owner}-auth") {
+        Some(0)
+    } else {
+        name.strip_prefix(&format!("{owner}-auth-"))
+            .and_then(|x| x.parse::<usize>().ok())
+    };
+    let Some(n) = n else { return false };
+    ctx.auth_written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&format!("{ns}/{owner}"))
+        .and_then(|w| w.files.get(&n))
+        .is_some_and(|(v, _)| v == rv)
+}
+
 /// The brokers a Secret matters to: its owner, brokers whose spec names it,
-/// and the brokers of users whose password it holds (named by the user, or
-/// generated for it).
-fn secret_readers(
+/// and the brokers of users whose password it holds (generated for the
+/// user that owns it, looked up by name; or named by users, looked for
+/// only when no user owns the Secret).
+pub(crate) fn secret_readers(
     s: &Secret,
-    brokers: &[Arc<MqttBroker>],
-    users: &[Arc<MqttUser>],
+    brokers: &reflector::Store<MqttBroker>,
+    users: &reflector::Store<MqttUser>,
 ) -> Vec<ObjectRef<MqttBroker>> {
     let Some(ns) = s.namespace() else {
         return Vec::new();
@@ -108,32 +120,36 @@ fn secret_readers(
     };
     out.extend(
         brokers
+            .state_filter(|b| b.namespace().as_deref() == Some(&ns) && named(b))
             .iter()
-            .filter(|b| b.namespace().as_deref() == Some(&ns) && named(b))
             .map(|b| ObjectRef::from_obj(&**b)),
     );
-    // Users whose password it holds: named by them, or generated for them
-    // (owned by the user).
     let owner_users: Vec<&str> = s
         .owner_references()
         .iter()
         .filter(|o| o.kind == "MqttUser")
         .map(|o| o.name.as_str())
         .collect();
-    out.extend(
-        users
-            .iter()
-            .filter(|u| {
-                u.namespace().as_deref() == Some(&ns)
-                    && (u
-                        .spec
-                        .password_secret_ref
-                        .as_ref()
-                        .is_some_and(|r| r.name == name)
-                        || owner_users.contains(&u.name_any().as_str()))
-            })
-            .map(|u| ObjectRef::new(&u.spec.broker_ref).within(&ns)),
-    );
+    if owner_users.is_empty() {
+        out.extend(
+            users
+                .state_filter(|u| {
+                    u.namespace().as_deref() == Some(&ns)
+                        && u.spec
+                            .password_secret_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == name)
+                })
+                .iter()
+                .map(|u| ObjectRef::new(&u.spec.broker_ref).within(&ns)),
+        );
+    } else {
+        out.extend(owner_users.iter().filter_map(|n| {
+            users
+                .get(&ObjectRef::new(n).within(&ns))
+                .map(|u| ObjectRef::new(&u.spec.broker_ref).within(&ns))
+        }));
+    }
     out
 }
 
@@ -301,8 +317,42 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         ctx.resync
     };
 
-    let (auth_yaml, overlap_end) = build_auth(&ctx, &b, &ns).await?;
-    apply(client, &ns, &resources::auth_secret(&b, &auth_yaml)).await?;
+    let plan = plan_auth(&ctx, &b, &ns).await?;
+    let auth_wait = write_auth(&ctx, &b, &ns, &plan).await?;
+    let overlap_end = plan.next_end;
+    let auth_ok = plan.left_out.is_empty();
+    let auth_msg = if auth_ok {
+        format!("{} users in {} files", plan.users, plan.user_files + 1)
+    } else {
+        format!(
+            "{} users do not fit in the {} auth files (the first: {:?}); {} users are in",
+            plan.left_out.len(),
+            auth::MAX_USER_FILES + 1,
+            plan.left_out[0],
+            plan.users
+        )
+    };
+    let was_auth_ok = !status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "AuthReady" && c.status == "False");
+    set_condition(
+        &mut status.conditions,
+        condition(
+            "AuthReady",
+            auth_ok,
+            if auth_ok {
+                "Configured"
+            } else {
+                "TooManyUsers"
+            },
+            auth_msg.clone(),
+            generation,
+        ),
+    );
+    if !auth_ok && was_auth_ok {
+        publish(&ctx, &*b, EventType::Warning, "TooManyUsers", auth_msg).await;
+    }
 
     if let Some(a) = &b.spec.autoscaling {
         hand_replicas_over(client, &ns, &name, a).await?;
@@ -427,7 +477,10 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
             .map_or(0, |d| d.as_secs());
         std::time::Duration::from_secs(end.saturating_sub(now) + 1)
     });
-    Ok(Action::requeue(ctx.resync.min(tls_wait).min(overlap_wait)))
+    let auth_wait = auth_wait.unwrap_or(ctx.resync);
+    Ok(Action::requeue(
+        ctx.resync.min(tls_wait).min(overlap_wait).min(auth_wait),
+    ))
 }
 
 /// Why a spec cannot be reconciled, when the schema could not say it.
@@ -755,67 +808,218 @@ async fn namespace_ca(
     )))
 }
 
-/// The auth file for `b`: every valid user that references it, first by
-/// creation time when two claim one user name. Hashes already in the
-/// current Secret are kept while the password still verifies; a user whose
-/// password changed keeps the hash before for its
-/// `passwordOverlapSeconds`. Also the unix time the next such overlap ends
-/// (the auth file must be written again then).
-async fn build_auth(
+/// The least time between two writes of a broker's auth files: a burst
+/// of user changes becomes one write a second, not one per user (each
+/// write is up to 900 KiB into etcd and a reload in every pod).
+const AUTH_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A broker's auth files as they should be.
+struct AuthPlan {
+    /// By file number (0 the auth file): the text and the users in it, for
+    /// every file whose users changed (or that is not there yet).
+    files: Vec<(usize, String, Arc<Vec<User>>)>,
+    /// User files in use (1 to this).
+    user_files: usize,
+    /// The unix time the next password overlap ends.
+    next_end: Option<u64>,
+    /// Users that fit in no file.
+    left_out: Vec<String>,
+    /// Users in the files.
+    users: usize,
+    /// What the auth file holds besides its users (anonymous access, the
+    /// user files it names).
+    header: String,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn written_key(b: &MqttBroker) -> String {
+    format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any())
+}
+
+/// The users in a broker's auth files now, by file number: what this
+/// process wrote, while the Secret still has the resourceVersion it got
+/// (the cache, or the API server when the cache says otherwise); else
+/// what the Secret holds.
+async fn current_auth_files(
     ctx: &Context,
     b: &MqttBroker,
     ns: &str,
-) -> Result<(String, Option<u64>), Error> {
-    let client = &ctx.client;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let previous: HashMap<String, User> = secrets
-        .get_opt(&resources::auth_secret_name(b))
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|d| d.get(AUTH_KEY).cloned())
-        .and_then(|v| String::from_utf8(v.0).ok())
-        .and_then(|t| AuthFile::from_yaml(&t).ok())
-        .map(|f| {
-            f.users
-                .into_iter()
-                .map(|u| (u.username.clone(), u))
-                .collect()
-        })
+) -> Result<(HashMap<usize, Arc<Vec<User>>>, Option<String>), Error> {
+    let caches = ctx.caches();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let written = ctx
+        .auth_written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&written_key(b))
+        .cloned()
         .unwrap_or_default();
-    let mut users: Vec<MqttUser> = Api::<MqttUser>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|u| u.spec.broker_ref == b.name_any() && u.metadata.deletion_timestamp.is_none())
-        .collect();
+    let parse = |n: usize, s: &Secret| -> Arc<Vec<User>> {
+        let key = if n == 0 {
+            AUTH_KEY
+        } else {
+            resources::USERS_KEY
+        };
+        let text = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .unwrap_or_default();
+        let users = if n == 0 {
+            AuthFile::from_yaml(&text).map(|f| f.users)
+        } else {
+            cirrus_config::auth::UsersFile::from_yaml(&text).map(|f| f.users)
+        };
+        // Unreadable: written anew from the users.
+        Arc::new(users.unwrap_or_default())
+    };
+    let rv = |s: &Secret| s.metadata.resource_version.clone().unwrap_or_default();
+    let mut out = HashMap::new();
+    let mut header = None;
+    for n in 0..=auth::MAX_USER_FILES {
+        let name = if n == 0 {
+            resources::auth_secret_name(b)
+        } else {
+            resources::user_file_secret_name(b, n)
+        };
+        let cached = caches.secret(ns, &name);
+        let ours = |users: &Arc<Vec<User>>, header: &mut Option<String>| {
+            if n == 0 {
+                header.clone_from(&written.main_header);
+            }
+            Some(users.clone())
+        };
+        let users = match (written.files.get(&n), cached) {
+            (Some((v, users)), Some(s)) if rv(&s) == *v => ours(users, &mut header),
+            // Ours, but the cache says otherwise (behind, or changed by
+            // someone else): the API server decides.
+            (Some((v, users)), _) => match secrets.get_opt(&name).await? {
+                Some(s) if rv(&s) == *v => ours(users, &mut header),
+                Some(s) => Some(parse(n, &s)),
+                None => None,
+            },
+            (None, Some(s)) => Some(parse(n, &s)),
+            (None, None) => None,
+        };
+        if let Some(u) = users {
+            out.insert(n, u);
+        }
+    }
+    Ok((out, header))
+}
+
+/// The auth files for `b`: every valid user that references it, first by
+/// creation time when two claim one user name, spread over the files with
+/// each user staying in its file. A hash is kept while its password Secret
+/// is the version it was made from (or, from another writer, while the
+/// password still verifies); new ones are made on the blocking pool. A
+/// user whose password changed keeps the hash before for its
+/// `passwordOverlapSeconds`.
+async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, Error> {
+    let caches = ctx.caches();
+    let now = unix_now();
+    let (current, main_header) = current_auth_files(ctx, b, ns).await?;
+    let mut was_in: HashMap<String, usize> = HashMap::new();
+    let mut previous: HashMap<String, &User> = HashMap::new();
+    for (n, users) in &current {
+        for u in users.iter() {
+            was_in.insert(u.username.clone(), *n);
+            previous.insert(u.username.clone(), u);
+        }
+    }
+    let broker = b.name_any();
+    let mut users = caches.users.state_filter(|u| {
+        u.spec.broker_ref == broker
+            && u.metadata.deletion_timestamp.is_none()
+            && u.namespace().as_deref() == Some(ns)
+    });
     users.sort_by(|a, b| {
         (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
     });
-    let mut entries = Vec::new();
+    // Each user's password source and, when it has no hash for it yet,
+    // the job that makes one.
+    let mut entries: Vec<(User, Option<usize>, u64)> = Vec::new();
+    let mut jobs = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for u in &users {
         let username = auth::username(u);
         if auth::invalid_acl_filter(&u.spec.acl).is_some() || !seen.insert(username.clone()) {
             continue;
         }
-        let Some(password) = crate::user::password(&secrets, u).await? else {
+        let (secret_name, key, strength) = match &u.spec.password_secret_ref {
+            Some(r) => (r.name.clone(), r.key.clone(), auth::Strength::Chosen),
+            None => (
+                resources::user_secret_name(u),
+                resources::PASSWORD_KEY.to_string(),
+                auth::Strength::Generated,
+            ),
+        };
+        let Some(secret) = caches.secret(ns, &secret_name) else {
             continue;
         };
+        let Some(password) = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|p| !p.is_empty())
+        else {
+            continue;
+        };
+        let source = format!(
+            "{}/{}/{key}",
+            secret.metadata.uid.as_deref().unwrap_or_default(),
+            secret
+                .metadata
+                .resource_version
+                .as_deref()
+                .unwrap_or_default()
+        );
         let before = previous.get(&username);
-        let hash = auth::hash_password(&password, before.map(|p| p.password_hash.as_str()))
-            .map_err(|_| Error::Hash)?;
-        let overlap = u64::from(u.spec.password_overlap_seconds);
-        let (previous_password_hash, previous_valid_until) = match before {
+        let job = match before {
+            Some(p) if p.password_source.as_deref() == Some(source.as_str()) => None,
+            _ => {
+                jobs.push(auth::HashJob {
+                    password,
+                    previous: before.map(|p| p.password_hash.clone()),
+                    strength,
+                });
+                Some(jobs.len() - 1)
+            }
+        };
+        entries.push((
+            User {
+                username,
+                password_hash: before.map(|p| p.password_hash.clone()).unwrap_or_default(),
+                previous_password_hash: None,
+                previous_valid_until: None,
+                password_source: Some(source),
+                acl: auth::acl(&u.spec.acl),
+            },
+            job,
+            u64::from(u.spec.password_overlap_seconds),
+        ));
+    }
+    let hashes = auth::hash_all(jobs).await.map_err(|_| Error::Hash)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (mut e, job, overlap) in entries {
+        if let Some(h) = job.and_then(|j| hashes.get(j)) {
+            e.password_hash = h.clone();
+        }
+        let before = previous.get(&e.username);
+        (e.previous_password_hash, e.previous_valid_until) = match before {
             // Just changed: the hash before logs in for the overlap.
-            Some(p) if p.password_hash != hash && overlap > 0 => {
+            Some(p) if p.password_hash != e.password_hash && overlap > 0 => {
                 (Some(p.password_hash.clone()), Some(now + overlap))
             }
             // An overlap under way goes on until it ends.
-            Some(p) if p.password_hash == hash => {
+            Some(p) if p.password_hash == e.password_hash => {
                 match (&p.previous_password_hash, p.previous_valid_until) {
                     (Some(h), Some(until)) if until > now => (Some(h.clone()), Some(until)),
                     _ => (None, None),
@@ -823,19 +1027,135 @@ async fn build_auth(
             }
             _ => (None, None),
         };
-        entries.push(User {
-            username,
-            password_hash: hash,
-            previous_password_hash,
-            previous_valid_until,
-            acl: auth::acl(&u.spec.acl),
-        });
+        out.push(e);
     }
-    let next_end = entries.iter().filter_map(|u| u.previous_valid_until).min();
-    let yaml = auth::auth_file(b.spec.allow_anonymous, &b.spec.anonymous_acl, entries)
-        .to_yaml()
+    let next_end = out.iter().filter_map(|u| u.previous_valid_until).min();
+    let count = out.len();
+    let budget = ctx
+        .user_file_budget
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (spread, left_out) = auth::spread(out, &was_in, budget);
+    let user_files = spread.len() - 1;
+    let mut files = Vec::new();
+    let header = format!(
+        "{:?}/{:?}/{user_files}",
+        b.spec.allow_anonymous, b.spec.anonymous_acl
+    );
+    for (n, users) in spread.into_iter().enumerate() {
+        let same_users = current.get(&n).is_some_and(|c| **c == users);
+        // The auth file also holds the header: written again when that
+        // changed (or is not known: written by another process).
+        if same_users && (n > 0 || main_header.as_deref() == Some(header.as_str())) {
+            continue;
+        }
+        let text = if n == 0 {
+            auth::auth_file(
+                b.spec.allow_anonymous,
+                &b.spec.anonymous_acl,
+                users.clone(),
+                user_files,
+            )
+            .to_yaml()
+        } else {
+            cirrus_config::auth::UsersFile {
+                users: users.clone(),
+            }
+            .to_yaml()
+        }
         .map_err(|_| Error::Serialize("auth file".into()))?;
-    Ok((yaml, next_end))
+        files.push((n, text, Arc::new(users)));
+    }
+    // User files no longer named are emptied, not deleted (the operator
+    // may not delete Secrets); the broker's deletion collects them.
+    for (n, users) in &current {
+        if *n > user_files && !users.is_empty() {
+            let text = cirrus_config::auth::UsersFile::default()
+                .to_yaml()
+                .map_err(|_| Error::Serialize("auth file".into()))?;
+            files.push((*n, text, Arc::new(Vec::new())));
+        }
+    }
+    Ok(AuthPlan {
+        header,
+        files,
+        user_files,
+        next_end,
+        users: count - left_out.len(),
+        left_out,
+    })
+}
+
+/// Write what changed in the broker's auth files (user files first, the
+/// auth file that names them last),
+/// at most once per [`AUTH_WRITE_INTERVAL`]: the time to wait when it was
+/// too soon.
+async fn write_auth(
+    ctx: &Context,
+    b: &MqttBroker,
+    ns: &str,
+    plan: &AuthPlan,
+) -> Result<Option<std::time::Duration>, Error> {
+    let caches = ctx.caches();
+    let key = written_key(b);
+    let mut written = ctx
+        .auth_written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+        .cloned()
+        .unwrap_or_default();
+    let rv = |s: &Secret| s.metadata.resource_version.clone().unwrap_or_default();
+    // The auth file is applied every time (its text says what must be
+    // there; an unchanged apply changes nothing): skip it when its text is
+    // what the Secret holds.
+    let main_text = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(AUTH_KEY))
+            .map(|v| v.0.clone())
+    };
+    let changed: Vec<&(usize, String, Arc<Vec<User>>)> = plan
+        .files
+        .iter()
+        .filter(|(n, text, _)| {
+            *n != 0
+                || caches
+                    .secret(ns, &resources::auth_secret_name(b))
+                    .and_then(|s| main_text(&s))
+                    .as_deref()
+                    != Some(text.as_bytes())
+        })
+        .collect();
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    if let Some(last) = written.last_write {
+        let since = last.elapsed();
+        if since < AUTH_WRITE_INTERVAL {
+            return Ok(Some(AUTH_WRITE_INTERVAL - since));
+        }
+    }
+    let mut order = changed;
+    order.sort_by_key(|(n, _, _)| if *n == 0 { usize::MAX } else { *n });
+    for (n, text, users) in order {
+        let s = if *n == 0 {
+            resources::auth_secret(b, text)
+        } else {
+            resources::user_file_secret(b, *n, text)
+        };
+        let put = apply(&ctx.client, ns, &s).await?;
+        written.files.insert(*n, (rv(&put), users.clone()));
+        if *n == 0 {
+            written.main_header = Some(plan.header.clone());
+        }
+        written.last_write = Some(std::time::Instant::now());
+        // At once, so that the watch event of this write is known as ours.
+        ctx.auth_written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), written.clone());
+    }
+    Ok(None)
 }
 
 pub(crate) async fn publish<K: Resource<DynamicType = ()>>(

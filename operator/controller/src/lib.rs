@@ -24,6 +24,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod caches;
 pub mod custom_metrics;
 pub mod deletion_cost;
 pub mod health;
@@ -145,6 +146,13 @@ pub struct Context {
     pub metrics: Arc<metrics::Metrics>,
     /// Failed reconciles in a row, by object (for the backoff).
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Users and Secrets in memory (filled while the controllers run).
+    caches: parking_lot::RwLock<Arc<caches::Caches>>,
+    /// What this process last wrote into each broker's auth files.
+    pub(crate) auth_written: std::sync::Mutex<std::collections::HashMap<String, auth::Written>>,
+    /// Estimated bytes of users per auth file before the next file is used
+    /// (a Secret holds at most 1 MiB).
+    pub user_file_budget: std::sync::atomic::AtomicUsize,
 }
 
 impl Context {
@@ -191,6 +199,7 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let client = counting(client, metrics.clone());
         Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -198,11 +207,30 @@ impl Context {
             namespace,
             metrics,
             failures: Default::default(),
+            caches: parking_lot::RwLock::new(Arc::new(caches::Caches::empty())),
+            auth_written: Default::default(),
+            user_file_budget: std::sync::atomic::AtomicUsize::new(auth::FILE_BUDGET),
         })
     }
 }
 
+/// `client`, with each request counted in `metrics` by verb and resource.
+fn counting(client: Client, metrics: Arc<metrics::Metrics>) -> Client {
+    let ns = client.default_namespace().to_string();
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        metrics.api_request(req.method(), req.uri());
+        let inner = client.clone();
+        async move { inner.send(req).await }
+    });
+    Client::new(svc, ns)
+}
+
 impl Context {
+    /// The user and Secret caches of the running controllers.
+    pub fn caches(&self) -> Arc<caches::Caches> {
+        self.caches.read().clone()
+    }
+
     /// How soon a failed reconcile is tried again.
     pub fn retry_delay(&self) -> Duration {
         self.resync.min(Duration::from_secs(30))
@@ -257,7 +285,24 @@ where
 /// Run both controllers, and keep the broker pods' deletion cost, until
 /// `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let b = broker::run(ctx.clone(), shutdown.clone());
+    // Fresh caches, and nothing assumed about what is written: another
+    // replica may have led in between.
+    let (caches, wake) = caches::Caches::start(&ctx, &shutdown);
+    *ctx.caches.write() = caches.clone();
+    ctx.auth_written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    tracing::info!("filling the user and Secret caches");
+    if !caches.ready(&shutdown).await {
+        return;
+    }
+    tracing::info!(
+        users = caches.users.len(),
+        secrets = caches.secrets.len(),
+        "caches filled; starting the controllers"
+    );
+    let b = broker::run(ctx.clone(), shutdown.clone(), wake);
     let u = user::run(ctx.clone(), shutdown.clone());
     let d = deletion_cost::run(ctx, shutdown);
     tokio::join!(b, u, d);

@@ -55,6 +55,11 @@ struct Args {
     /// Seconds a leader may go without renewing before another takes over.
     #[arg(long, env = "CIRRUS_OPERATOR_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
+    /// Bytes of users in one auth Secret before the next one is used (a
+    /// broker has at most 32). Lower it where the API server takes smaller
+    /// objects than the usual 1.5 MiB.
+    #[arg(long, env = "CIRRUS_OPERATOR_USER_FILE_BUDGET", default_value_t = cirrus_operator::auth::FILE_BUDGET)]
+    user_file_budget: usize,
 }
 
 #[tokio::main]
@@ -127,6 +132,11 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.resync_secs),
         args.namespace.clone(),
         metrics.clone(),
+    );
+    ctx.user_file_budget.store(
+        args.user_file_budget
+            .clamp(4096, cirrus_operator::auth::FILE_BUDGET),
+        std::sync::atomic::Ordering::Relaxed,
     );
     if args.leader_elect {
         let namespace = args.lease_namespace.or(args.namespace).ok_or_else(|| {

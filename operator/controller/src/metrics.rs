@@ -24,6 +24,40 @@ impl Kind {
     }
 }
 
+/// The verb and resource of a request to the API server, from its method
+/// and path (`/api/v1/namespaces/ns/secrets/name`,
+/// `/apis/group/version/mqttusers?watch=true`, ...).
+pub fn classify(method: &http::Method, uri: &http::Uri) -> (&'static str, String) {
+    let path = uri.path();
+    let rest = if let Some(r) = path.strip_prefix("/api/") {
+        r.split_once('/').map_or("", |x| x.1)
+    } else if let Some(r) = path.strip_prefix("/apis/") {
+        r.splitn(3, '/').nth(2).unwrap_or("")
+    } else {
+        return ("other", "none".into());
+    };
+    let mut parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.len() >= 3 && parts[0] == "namespaces" {
+        parts.drain(..2);
+    }
+    let resource = parts.first().copied().unwrap_or("none").to_string();
+    let named = parts.len() >= 2;
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let verb = match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PATCH => "patch",
+        http::Method::PUT => "update",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    };
+    (verb, resource)
+}
+
 /// Error classes, as [`crate::Error::metric_label`] names them.
 const ERROR_LABELS: [&str; 4] = ["kube", "serialize", "hash", "tls"];
 
@@ -37,6 +71,8 @@ pub struct Metrics {
     /// Last time the API server answered this process (lease or startup).
     api_ok: Mutex<Option<Instant>>,
     lease_transitions: AtomicU64,
+    /// Requests this process made of the API server, by verb and resource.
+    api_requests: Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
 }
 
 impl Metrics {
@@ -57,6 +93,27 @@ impl Metrics {
 
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::Relaxed)
+    }
+
+    /// A request to the API server: counted by its verb (`get`, `list`,
+    /// `watch`, `create`, `patch`, `update`, `delete`) and resource.
+    pub fn api_request(&self, method: &http::Method, uri: &http::Uri) {
+        let (verb, resource) = classify(method, uri);
+        let mut m = self.api_requests.lock();
+        // Bounded: resources are the few kinds the operator touches.
+        if m.len() < 256 || m.contains_key(&(verb, resource.clone())) {
+            *m.entry((verb, resource)).or_insert(0) += 1;
+        }
+    }
+
+    /// Requests made so far with `verb` (on `resource`, or any).
+    pub fn api_requests(&self, verb: &str, resource: Option<&str>) -> u64 {
+        self.api_requests
+            .lock()
+            .iter()
+            .filter(|((v, r), _)| *v == verb && resource.is_none_or(|x| x == r))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// The API server answered.
@@ -112,6 +169,18 @@ impl Metrics {
             "Duration of one MqttUser reconcile.",
             &self.duration[Kind::User as usize],
         );
+        o.head(
+            "cirrus_operator_api_requests_total",
+            "counter",
+            "Requests made of the Kubernetes API server, by verb and resource.",
+        );
+        for ((verb, resource), n) in self.api_requests.lock().iter() {
+            o.sample(
+                "cirrus_operator_api_requests_total",
+                &[("verb", verb), ("resource", resource)],
+                *n,
+            );
+        }
         o.one(
             "cirrus_operator_leader",
             "gauge",
@@ -145,6 +214,40 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_classed_by_verb_and_resource() {
+        let c = |m: &str, u: &str| {
+            let (v, r) = classify(&m.parse().unwrap(), &u.parse().unwrap());
+            format!("{v} {r}")
+        };
+        assert_eq!(c("GET", "/api/v1/namespaces/a/secrets/x"), "get secrets");
+        assert_eq!(
+            c("GET", "/api/v1/namespaces/a/secrets?labelSelector=x"),
+            "list secrets"
+        );
+        assert_eq!(
+            c("GET", "/api/v1/secrets?watch=true&resourceVersion=1"),
+            "watch secrets"
+        );
+        assert_eq!(
+            c(
+                "GET",
+                "/apis/mqtt.cirrus.dev/v1alpha1/namespaces/a/mqttusers"
+            ),
+            "list mqttusers"
+        );
+        assert_eq!(
+            c(
+                "PATCH",
+                "/apis/mqtt.cirrus.dev/v1alpha1/namespaces/a/mqttusers/u/status"
+            ),
+            "patch mqttusers"
+        );
+        assert_eq!(c("GET", "/api/v1/namespaces/a"), "get namespaces");
+        assert_eq!(c("POST", "/api/v1/namespaces/a/events"), "create events");
+        assert_eq!(c("GET", "/version"), "other none");
+    }
 
     #[test]
     fn counts_reconciles_and_errors() {

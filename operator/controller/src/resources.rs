@@ -18,9 +18,10 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
+    SecretProjection, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -77,6 +78,13 @@ pub fn config_map_name(b: &MqttBroker) -> String {
 pub fn auth_secret_name(b: &MqttBroker) -> String {
     format!("{}-auth", b.name_any())
 }
+/// The Secret of the broker's user file `n` (1 and up).
+pub fn user_file_secret_name(b: &MqttBroker, n: usize) -> String {
+    format!("{}-auth-{n}", b.name_any())
+}
+
+/// The key of a user file Secret.
+pub const USERS_KEY: &str = "users.yaml";
 pub fn user_secret_name(u: &MqttUser) -> String {
     format!("{}-mqtt-credentials", u.name_any())
 }
@@ -201,6 +209,19 @@ pub fn auth_secret(b: &MqttBroker, auth_yaml: &str) -> Secret {
         data: Some(BTreeMap::from([(
             AUTH_KEY.to_string(),
             ByteString(auth_yaml.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The Secret of user file `n` (1 and up), a `cirrus_config::auth::UsersFile`.
+pub fn user_file_secret(b: &MqttBroker, n: usize, users_yaml: &str) -> Secret {
+    Secret {
+        metadata: meta(b, user_file_secret_name(b, n), labels(&b.name_any())),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            USERS_KEY.to_string(),
+            ByteString(users_yaml.as_bytes().to_vec()),
         )])),
         ..Default::default()
     }
@@ -385,10 +406,34 @@ pub fn deployment(b: &MqttBroker, config_yaml: &str) -> Deployment {
             }),
             ..Default::default()
         },
+        // The auth file and its user files, in one directory that the
+        // kubelet updates at once. User files that do not exist (yet) are
+        // left out: the auth file names those in use.
         Volume {
             name: "auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(auth_secret_name(b)),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(
+                    std::iter::once(VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: auth_secret_name(b),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .chain((1..=crate::auth::MAX_USER_FILES).map(|n| VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: user_file_secret_name(b, n),
+                            items: Some(vec![KeyToPath {
+                                key: USERS_KEY.into(),
+                                path: crate::auth::user_file_name(n),
+                                ..Default::default()
+                            }]),
+                            optional: Some(true),
+                        }),
+                        ..Default::default()
+                    }))
+                    .collect(),
+                ),
                 ..Default::default()
             }),
             ..Default::default()

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use cirrus_operator_api::{set_condition, MqttBroker, MqttUser};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
@@ -25,9 +26,15 @@ use crate::{auth, Context, Error};
 /// handled on the Secret.
 pub const ROTATE_ANNOTATION: &str = "mqtt.cirrus.dev/rotate-password";
 
+/// User reconciles run at once, at most.
+const USER_CONCURRENCY: u16 = 16;
+
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let cfg = watcher::Config::default();
     Controller::new(ctx.scoped::<MqttUser>(), cfg)
+        // Bounded: thousands of new users are worked through 16 at a time,
+        // not all at once (each holds requests and buffers while it runs).
+        .with_config(kube::runtime::controller::Config::default().concurrency(USER_CONCURRENCY))
         .owns(
             ctx.scoped::<Secret>(),
             watcher::Config::default().labels(resources::OWNED_SELECTOR),
@@ -70,20 +77,32 @@ fn error_policy(u: Arc<MqttUser>, e: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(delay)
 }
 
-/// The user's current password: from the referenced Secret, or the one the
-/// operator generated. `None` while it does not exist.
-pub async fn password(secrets: &Api<Secret>, u: &MqttUser) -> Result<Option<String>, Error> {
-    let (name, key) = match &u.spec.password_secret_ref {
+/// The Secret and key that hold the user's password: the one it names,
+/// or the one the operator generated.
+fn password_ref(u: &MqttUser) -> (String, String) {
+    match &u.spec.password_secret_ref {
         Some(r) => (r.name.clone(), r.key.clone()),
         None => (resources::user_secret_name(u), PASSWORD_KEY.to_string()),
-    };
+    }
+}
+
+fn password_in(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|p| !p.is_empty())
+}
+
+/// The user's current password (from the Secret it names, or the one the
+/// operator generated) as the API server has it. `None` while it does not
+/// exist.
+pub async fn password(secrets: &Api<Secret>, u: &MqttUser) -> Result<Option<String>, Error> {
+    let (name, key) = password_ref(u);
     Ok(secrets
         .get_opt(&name)
         .await?
-        .and_then(|s| s.data)
-        .and_then(|d| d.get(&key).cloned())
-        .and_then(|v| String::from_utf8(v.0).ok())
-        .filter(|p| !p.is_empty()))
+        .and_then(|s| password_in(&s, &key)))
 }
 
 #[instrument(skip_all, fields(user = %u.name_any(), namespace = u.namespace().unwrap_or_default()))]
@@ -97,37 +116,42 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
     status.observed_generation = generation;
 
     // Problems a person must fix: a condition and an event, no hot loop.
+    // Read from the caches; the API server is asked only before telling
+    // the user something is missing (the cache may be behind).
+    let caches = ctx.caches();
     let problem = |reason: &'static str, msg: String| (reason, msg);
     let mut issue = None;
+    let broker_known = caches
+        .brokers
+        .get(&ObjectRef::new(&u.spec.broker_ref).within(&ns))
+        .is_some()
+        || Api::<MqttBroker>::namespaced(client.clone(), &ns)
+            .get_opt(&u.spec.broker_ref)
+            .await?
+            .is_some();
     if let Some(f) = auth::invalid_acl_filter(&u.spec.acl) {
         issue = Some(problem(
             "InvalidAcl",
             format!("ACL topic {f:?} is not a valid MQTT topic filter"),
         ));
-    } else if Api::<MqttBroker>::namespaced(client.clone(), &ns)
-        .get_opt(&u.spec.broker_ref)
-        .await?
-        .is_none()
-    {
+    } else if !broker_known {
         issue = Some(problem(
             "BrokerNotFound",
             format!("MqttBroker {:?} does not exist in {ns}", u.spec.broker_ref),
         ));
     } else {
-        let username = auth::username(&u);
-        let older = Api::<MqttUser>::namespaced(client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter(|o| {
+        let username = auth::username_ref(&u);
+        let me = (u.creation_timestamp(), u.name_any());
+        let older = caches
+            .users
+            .find(|o| {
                 o.spec.broker_ref == u.spec.broker_ref
-                    && auth::username(o) == username
+                    && auth::username_ref(o) == username
+                    && o.metadata.namespace.as_deref() == Some(ns.as_str())
                     && o.uid() != u.uid()
+                    && (o.creation_timestamp(), o.name_any()) < me
             })
-            .any(|o| {
-                (o.creation_timestamp(), o.name_any()) < (u.creation_timestamp(), u.name_any())
-            });
+            .is_some();
         if older {
             issue = Some(problem(
                 "DuplicateUsername",
@@ -139,25 +163,39 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
         }
     }
     if issue.is_none() {
+        let (name, key) = password_ref(&u);
+        let cached = caches.secret(&ns, &name);
         match &u.spec.password_secret_ref {
             Some(r) => {
-                if password(&secrets, &u).await?.is_none() {
+                let present = cached
+                    .as_deref()
+                    .and_then(|s| password_in(s, &key))
+                    .is_some()
+                    || password(&secrets, &u).await?.is_some();
+                if present {
+                    status.secret_name = Some(r.name.clone());
+                } else {
                     issue = Some(problem(
                         "SecretNotFound",
                         format!("Secret {:?} with key {:?} not found", r.name, r.key),
                     ));
-                } else {
-                    status.secret_name = Some(r.name.clone());
                 }
             }
             None => {
-                let name = resources::user_secret_name(&u);
-                let existing = secrets.get_opt(&name).await?;
                 let asked = u.annotations().get(ROTATE_ANNOTATION);
-                let done = existing
-                    .as_ref()
-                    .and_then(|s| s.annotations().get(ROTATE_ANNOTATION));
-                if let (Some(_), Some(want)) = (&existing, asked.filter(|a| Some(*a) != done)) {
+                let handled = |s: &Secret| s.annotations().get(ROTATE_ANNOTATION).cloned();
+                // A rotation the cache says is not handled yet: asked of
+                // the API server before a new password is made.
+                let existing = match (&cached, asked) {
+                    (Some(s), Some(a)) if handled(s).as_ref() != Some(a) => {
+                        secrets.get_opt(&name).await?
+                    }
+                    _ => cached.as_deref().cloned(),
+                };
+                let done = existing.as_ref().and_then(handled);
+                if let (Some(_), Some(want)) =
+                    (&existing, asked.filter(|a| Some(*a) != done.as_ref()))
+                {
                     // Asked for a new password (a value not handled yet):
                     // the Secret gets it, the broker's auth file follows.
                     let mut s =

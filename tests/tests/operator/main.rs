@@ -168,27 +168,48 @@ async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> Strin
     String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
 }
 
-/// A real broker on loopback with the auth file the operator wrote for
-/// `broker` (its mount path replaced by a temporary file), and the config
-/// from its ConfigMap when given.
+/// The files of `broker`'s auth volume as the pods see them: the auth
+/// file, then each user file it names (name and content). `None` while
+/// one of them is missing.
+async fn auth_volume(c: &Client, ns: &str, broker: &str) -> Option<Vec<(String, Vec<u8>)>> {
+    let data = |s: Secret, key: &str| s.data.and_then(|mut d| d.remove(key)).map(|v| v.0);
+    let main = data(
+        get::<Secret>(c, ns, &format!("{broker}-auth")).await?,
+        "auth.yaml",
+    )?;
+    let f = AuthFile::from_yaml(&String::from_utf8_lossy(&main)).ok()?;
+    let mut out = vec![("auth.yaml".to_string(), main)];
+    for name in f.user_files {
+        let n = name.strip_prefix("users-")?.strip_suffix(".yaml")?;
+        let s = get::<Secret>(c, ns, &format!("{broker}-auth-{n}")).await?;
+        out.push((name, data(s, "users.yaml")?));
+    }
+    Some(out)
+}
+
+/// A real broker on loopback with the auth files the operator wrote for
+/// `broker` (in a temporary directory instead of the pods' mount), and the
+/// config from its ConfigMap when given.
 async fn broker_with_auth_of(
     c: &Client,
     ns: &str,
     broker: &str,
     config_yaml: Option<&str>,
 ) -> (cirrus_e2e::BrokerProcess, std::path::PathBuf) {
-    let auth: Secret = get(c, ns, &format!("{broker}-auth")).await.unwrap();
-    let path = std::env::temp_dir().join(format!(
-        "cirrus-auth-{ns}-{broker}-{}.yaml",
-        std::process::id()
-    ));
-    std::fs::write(&path, &auth.data.unwrap()["auth.yaml"].0).unwrap();
+    let files = auth_volume(c, ns, broker).await.expect("the auth files");
+    let dir =
+        std::env::temp_dir().join(format!("cirrus-auth-{ns}-{broker}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let path = dir.join("auth.yaml");
     let args = ["--auth-file", path.to_str().unwrap()];
     let b = match config_yaml {
         Some(yaml) => cirrus_e2e::BrokerProcess::start_with_config(yaml, &args),
         None => cirrus_e2e::BrokerProcess::start(&args),
     };
-    (b, path)
+    (b, dir)
 }
 
 /// MQTT 5 login options with a user name and password.
@@ -722,7 +743,7 @@ async fn contract_the_configmap_and_auth_secret_run_a_real_broker() {
     let yaml = cm.data.unwrap()["config.yaml"].clone();
     let password = secret_value(&c, &ns, "dev-mqtt-credentials", "password").await;
     // The files the pods would mount, fed to the real binary on loopback.
-    let (b, auth_path) = broker_with_auth_of(&c, &ns, "real", Some(&yaml)).await;
+    let (b, auth_dir) = broker_with_auth_of(&c, &ns, "real", Some(&yaml)).await;
     let creds = |id: &str, pw: &str| login(id, "dev", pw);
     let (mut m, ack) = Mqtt::connect(b.addr, creds("contract", &password)).await;
     assert_eq!(ack.reason_code, 0);
@@ -745,7 +766,7 @@ async fn contract_the_configmap_and_auth_secret_run_a_real_broker() {
     assert_eq!(ack.reason_code, reason::BAD_USER_NAME_OR_PASSWORD);
     let (_x, ack) = Mqtt::connect(b.addr, cirrus_e2e::Opts::v5("anonymous")).await;
     assert_eq!(ack.reason_code, reason::NOT_AUTHORIZED);
-    let _ = std::fs::remove_file(&auth_path);
+    let _ = std::fs::remove_dir_all(&auth_dir);
 }
 
 /// TLS from the operator's CA: a Secret for the Service's names, status with
@@ -1264,13 +1285,13 @@ async fn a_rotated_password_works_beside_the_old_one_until_the_overlap_ends() {
     );
 
     // A real broker with this auth file: both passwords log in.
-    let (b, auth_path) = broker_with_auth_of(&c, &ns, "r", None).await;
+    let (b, auth_dir) = broker_with_auth_of(&c, &ns, "r", None).await;
     for (id, pw) in [("with-old", &old), ("with-new", &new)] {
         let (_m, ack) = Mqtt::connect(b.addr, login(id, "dev", pw)).await;
         assert_eq!(ack.reason_code, 0, "{id}");
     }
     drop(b);
-    let _ = std::fs::remove_file(&auth_path);
+    let _ = std::fs::remove_dir_all(&auth_dir);
 
     // The overlap ends: the old hash leaves the file by itself.
     eventually(Duration::from_secs(50), "the old hash gone", || async {
@@ -1382,3 +1403,4 @@ async fn the_ca_rotates_with_an_overlap_in_which_both_cas_are_trusted() {
 
 mod chart;
 mod ha;
+mod scale;
