@@ -50,7 +50,7 @@ pub struct MqttBrokerSpec {
     pub image_pull_policy: PullPolicy,
     /// Pods when autoscaling is off.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
     /// HorizontalPodAutoscaler (autoscaling/v2); replaces `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -567,6 +567,13 @@ pub struct MqttBrokerStatus {
     /// The Secret holding the aggregated auth file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<String>,
+    /// The Redis the pods were given (`managed`, `url:<hosts>` without
+    /// credentials, `secret:<name>/<key>`, or `memory`). A running broker
+    /// is not moved to another one: that would split it in two while the
+    /// rollout lasts (see docs/operator.md, "Moving a broker to another
+    /// Redis").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -305,6 +305,28 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
 
+    // Another Redis for running pods would split the broker: refused until
+    // no pod runs (or the annotation says the new URL is the same Redis).
+    let redis = redis_identity(&b);
+    if let Some(msg) = refused_redis_change(&b, &redis) {
+        if set_condition(
+            &mut status.conditions,
+            condition(
+                "Ready",
+                false,
+                "RedisChangeRefused",
+                msg.clone(),
+                generation,
+            ),
+        ) {
+            publish(&ctx, &*b, EventType::Warning, "RedisChangeRefused", msg).await;
+        }
+        status.observed_generation = generation;
+        crate::write_status(&api, &*b, b.status.as_ref(), status).await?;
+        return Ok(Action::requeue(ctx.resync));
+    }
+    status.redis = Some(redis);
+
     let config_yaml = serde_yaml::to_string(&resources::broker_config(&b))
         .map_err(|_| Error::Serialize("broker config".into()))?;
     apply(client, &ns, &resources::config_map(&b, &config_yaml)).await?;
@@ -480,6 +502,61 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
     let auth_wait = auth_wait.unwrap_or(ctx.resync);
     Ok(Action::requeue(
         ctx.resync.min(tls_wait).min(overlap_wait).min(auth_wait),
+    ))
+}
+
+/// Set to `true` on a broker whose new `redis` is the same Redis under
+/// another name (a renamed Service, a new password): the pods roll onto it
+/// while running.
+pub const SAME_REDIS_ANNOTATION: &str = "mqtt.cirrus.dev/same-redis";
+
+/// Which Redis the spec names, without credentials.
+pub fn redis_identity(b: &MqttBroker) -> String {
+    let r = &b.spec.redis;
+    if r.managed {
+        return "managed".into();
+    }
+    if let Some(s) = &r.url_secret_ref {
+        return format!("secret:{}/{}", s.name, s.key);
+    }
+    match &r.url {
+        Some(url) => {
+            let hosts: Vec<String> = url
+                .split(',')
+                .map(|u| {
+                    let u = u.trim();
+                    let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+                    // Only the host part: no user, password, or path.
+                    let authority = rest.split('/').next().unwrap_or(rest);
+                    let host = authority.rsplit_once('@').map_or(authority, |x| x.1);
+                    format!("{scheme}://{host}")
+                })
+                .collect();
+            format!("url:{}", hosts.join(","))
+        }
+        None => "memory".into(),
+    }
+}
+
+/// Why the spec's Redis is refused: the pods run on another one.
+fn refused_redis_change(b: &MqttBroker, wanted: &str) -> Option<String> {
+    let st = b.status.as_ref()?;
+    let running = st.redis.as_deref()?;
+    if running == wanted
+        || st.replicas == 0
+        || b.annotations()
+            .get(SAME_REDIS_ANNOTATION)
+            .map(String::as_str)
+            == Some("true")
+    {
+        return None;
+    }
+    Some(format!(
+        "spec.redis names another Redis ({wanted}) than the {} running pods use ({running}): \
+         moving them would split the broker in two; scale it to 0 first (replicas: 0, \
+         autoscaling off) and change it then, or annotate the broker \
+         {SAME_REDIS_ANNOTATION}=true if it is the same Redis under another name",
+        st.replicas
     ))
 }
 

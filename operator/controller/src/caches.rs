@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cirrus_operator_api::{MqttBroker, MqttUser};
 use futures_util::{Stream, StreamExt};
@@ -32,14 +33,24 @@ pub struct Caches {
     pub brokers: Store<MqttBroker>,
 }
 
-/// In order, and as a set (so that each is queued once).
-type Pending = (
-    VecDeque<ObjectRef<MqttBroker>>,
-    HashSet<ObjectRef<MqttBroker>>,
-);
+/// The least time between two reconciles of one broker that its users' and
+/// Secrets' events start: a burst of thousands of user changes is a
+/// reconcile a second (each reads every user of the broker), not one per
+/// change.
+pub const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Brokers waiting for a reconcile, each once (bounded by the number of
-/// brokers).
+#[derive(Default)]
+struct Pending {
+    /// In the order they were woken, each once.
+    queue: VecDeque<ObjectRef<MqttBroker>>,
+    queued: HashSet<ObjectRef<MqttBroker>>,
+    /// When each was last handed to the controller (entries go with their
+    /// broker's next hand-out after the interval: bounded by the brokers).
+    last: HashMap<ObjectRef<MqttBroker>, Instant>,
+}
+
+/// Brokers waiting for a reconcile, each once, and each at most once per
+/// [`WAKE_INTERVAL`].
 #[derive(Default)]
 pub struct Wake {
     pending: parking_lot::Mutex<Pending>,
@@ -49,32 +60,56 @@ pub struct Wake {
 impl Wake {
     pub fn push(&self, r: ObjectRef<MqttBroker>) {
         let mut p = self.pending.lock();
-        if p.1.insert(r.clone()) {
-            p.0.push_back(r);
+        if p.queued.insert(r.clone()) {
+            p.queue.push_back(r);
         }
         drop(p);
         self.notify.notify_one();
     }
 
-    fn pop(&self) -> Option<ObjectRef<MqttBroker>> {
+    /// The first broker due, or how long until one is.
+    fn pop(&self, now: Instant) -> Result<ObjectRef<MqttBroker>, Option<Duration>> {
         let mut p = self.pending.lock();
-        let r = p.0.pop_front()?;
-        p.1.remove(&r);
-        Some(r)
+        let due = |p: &Pending, r: &ObjectRef<MqttBroker>| {
+            p.last.get(r).map_or(Duration::ZERO, |t| {
+                (*t + WAKE_INTERVAL).saturating_duration_since(now)
+            })
+        };
+        let mut wait: Option<Duration> = None;
+        let mut found = None;
+        for (i, r) in p.queue.iter().enumerate() {
+            let d = due(&p, r);
+            if d.is_zero() {
+                found = Some(i);
+                break;
+            }
+            wait = Some(wait.map_or(d, |w| w.min(d)));
+        }
+        let Some(i) = found else {
+            return Err(wait);
+        };
+        let r = p.queue.remove(i).ok_or(None)?;
+        p.queued.remove(&r);
+        p.last
+            .retain(|_, t| now.saturating_duration_since(*t) < WAKE_INTERVAL);
+        p.last.insert(r.clone(), now);
+        Ok(r)
     }
 
-    /// The brokers to reconcile, as they come, until `stop`.
+    /// The brokers to reconcile, as they come due, until `stop`.
     pub fn stream(
         self: Arc<Self>,
         stop: CancellationToken,
     ) -> impl Stream<Item = ObjectRef<MqttBroker>> + Send + 'static {
         futures_util::stream::unfold((self, stop), |(w, stop)| async move {
             loop {
-                if let Some(r) = w.pop() {
-                    return Some((r, (w, stop)));
-                }
+                let wait = match w.pop(Instant::now()) {
+                    Ok(r) => return Some((r, (w, stop))),
+                    Err(wait) => wait,
+                };
                 tokio::select! {
                     _ = w.notify.notified() => {}
+                    _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))) => {}
                     _ = stop.cancelled() => return None,
                 }
             }
@@ -209,4 +244,31 @@ fn drive<K>(
             _ = stop.cancelled() => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_broker_is_queued_once_and_woken_at_most_once_a_second() {
+        let w = Wake::default();
+        let a = ObjectRef::<MqttBroker>::new("a").within("ns");
+        let b = ObjectRef::<MqttBroker>::new("b").within("ns");
+        for _ in 0..1000 {
+            w.push(a.clone());
+        }
+        w.push(b.clone());
+        let t0 = Instant::now();
+        assert_eq!(w.pop(t0), Ok(a.clone()));
+        assert_eq!(w.pop(t0), Ok(b.clone()));
+        assert_eq!(w.pop(t0), Err(None), "each once");
+        // Woken again at once: due a second after its last hand-out.
+        w.push(a.clone());
+        assert_eq!(
+            w.pop(t0 + Duration::from_millis(300)),
+            Err(Some(Duration::from_millis(700)))
+        );
+        assert_eq!(w.pop(t0 + WAKE_INTERVAL), Ok(a));
+    }
 }

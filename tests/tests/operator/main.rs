@@ -1302,6 +1302,128 @@ async fn a_rotated_password_works_beside_the_old_one_until_the_overlap_ends() {
 }
 
 /// PEM certificates of a bundle.
+/// The Redis URL the broker's pods are given.
+async fn redis_url_of(c: &Client, ns: &str, name: &str) -> Option<String> {
+    let d: Deployment = get(c, ns, name).await?;
+    d.spec.template.spec?.containers[0]
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == "CIRRUS_REDIS_URL")?
+        .value
+        .clone()
+}
+
+/// A running broker is not moved to another Redis (its old and new pods
+/// would be two brokers while the rollout lasts): refused with a reason
+/// until no pod runs, or the annotation says it is the same Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_broker_is_not_moved_to_another_redis() {
+    let c = client().await;
+    let ns = namespace(&c, "op-redis-move").await;
+    let _op = Operator::start(&c, &ns);
+    let a = "redis://:hunter2@redis-a:6379";
+    create::<MqttBroker>(
+        &c,
+        &ns,
+        &format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: m}}\nspec: {{replicas: 2, redis: {{url: '{a}'}}}}\n"),
+    )
+    .await;
+    eventually(WAIT, "Deployment m", || async {
+        get::<Deployment>(&c, &ns, "m").await
+    })
+    .await;
+    deployment_available(&c, &ns, "m", 2).await;
+    let b: MqttBroker = eventually(WAIT, "two pods on redis-a", || async {
+        let b: MqttBroker = get(&c, &ns, "m").await?;
+        let s = b.status.as_ref()?;
+        (s.replicas == 2 && s.redis.as_deref() == Some("url:redis://redis-a:6379")).then_some(b)
+    })
+    .await;
+    assert!(!serde_json::to_string(&b.status)
+        .unwrap()
+        .contains("hunter2"));
+
+    let brokers = Api::<MqttBroker>::namespaced(c.clone(), &ns);
+    let set = |spec: serde_json::Value| {
+        let brokers = brokers.clone();
+        async move {
+            brokers
+                .patch(
+                    "m",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({ "spec": spec })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // Another Redis while two pods run: refused, the pods keep theirs.
+    set(serde_json::json!({"redis": {"url": "redis://redis-b:6379"}})).await;
+    let b = broker_ready(&c, &ns, "m", ("False", "RedisChangeRefused")).await;
+    let msg = b
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("scale it to 0") && !msg.contains("hunter2"),
+        "{msg}"
+    );
+    tokio::time::sleep(RESYNC * 2).await;
+    assert_eq!(redis_url_of(&c, &ns, "m").await.as_deref(), Some(a));
+
+    // The documented move: back to the old one and to 0 pods, then the new.
+    set(serde_json::json!({"replicas": 0, "redis": {"url": a}})).await;
+    eventually(WAIT, "0 replicas asked", || async {
+        let d: Deployment = get(&c, &ns, "m").await?;
+        (d.spec.replicas == Some(0)).then_some(())
+    })
+    .await;
+    deployment_available(&c, &ns, "m", 0).await;
+    eventually(WAIT, "no pod running", || async {
+        let b: MqttBroker = get(&c, &ns, "m").await?;
+        (b.status?.replicas == 0).then_some(())
+    })
+    .await;
+    set(serde_json::json!({"replicas": 2, "redis": {"url": "redis://redis-b:6379"}})).await;
+    eventually(WAIT, "the pods on redis-b", || async {
+        let url = redis_url_of(&c, &ns, "m").await?;
+        let b: MqttBroker = get(&c, &ns, "m").await?;
+        (url == "redis://redis-b:6379"
+            && b.status?.redis.as_deref() == Some("url:redis://redis-b:6379"))
+        .then_some(())
+    })
+    .await;
+
+    // The same Redis under another name, said so by the annotation: the
+    // running pods roll onto it.
+    deployment_available(&c, &ns, "m", 2).await;
+    eventually(WAIT, "two pods on redis-b", || async {
+        let b: MqttBroker = get(&c, &ns, "m").await?;
+        (b.status?.replicas == 2).then_some(())
+    })
+    .await;
+    brokers
+        .patch(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "metadata": {"annotations": {"mqtt.cirrus.dev/same-redis": "true"}},
+                "spec": {"redis": {"url": "redis://redis-b.cache.svc:6379"}}
+            })),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "the pods on the new name", || async {
+        (redis_url_of(&c, &ns, "m").await? == "redis://redis-b.cache.svc:6379").then_some(())
+    })
+    .await;
+}
+
 fn certs_of(bundle: &str) -> Vec<String> {
     bundle
         .split_inclusive("-----END CERTIFICATE-----")
