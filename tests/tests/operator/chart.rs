@@ -596,3 +596,96 @@ async fn the_broker_chart_declares_resources_the_operator_reconciles() {
     })
     .await;
 }
+
+/// The CRD upgrade path docs/operator.md gives, with `helm upgrade` on the
+/// real API server: Helm installs `crds/` once and never upgrades it, so a
+/// chart whose CRD changed (here: one printer column more on MqttUser)
+/// leaves the old CRD in place through `helm upgrade` alone; applying the
+/// chart's CRDs first (`helm show crds | kubectl apply --server-side`)
+/// brings the change, and existing resources stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_crd_reaches_the_api_server_by_the_documented_upgrade_path() {
+    let c = client().await;
+    let ns = namespace(&c, "op-crd-upgrade").await;
+    let dir = std::env::temp_dir().join(format!("cirrus-crd-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The next chart version: the same chart with a changed MqttUser CRD.
+    let new_chart = dir.join("cirrus-operator");
+    let (ok, _, err) = run(
+        Path::new("cp"),
+        &["-r", workspace_root().join(CHART).to_str().unwrap(), new_chart.to_str().unwrap()],
+        &[],
+        CMD,
+    );
+    assert!(ok, "{err}");
+    let crd_file = new_chart.join("crds/mqttusers.mqtt.cirrus.dev.yaml");
+    let mut crd: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&crd_file).unwrap()).unwrap();
+    let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_sequence_mut()
+        .unwrap();
+    columns.push(serde_yaml::from_str("{name: Upgraded, type: string, jsonPath: .metadata.uid}").unwrap());
+    std::fs::write(&crd_file, serde_yaml::to_string(&crd).unwrap()).unwrap();
+    let kc = kubeconfig();
+    let kc = kc.to_str().unwrap();
+    let release = format!("crd-up-{}", std::process::id());
+    let helm_in = |verb: &str, chart: &Path| {
+        helm_cmd(&[
+            verb,
+            &release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns,
+            "--kubeconfig",
+            kc,
+            "--set",
+            &format!("watchNamespace={ns}"),
+        ])
+    };
+    let columns_now = || {
+        let (ok, out, err) = kubectl(&[
+            "get",
+            "crd",
+            "mqttusers.mqtt.cirrus.dev",
+            "-o",
+            "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let (ok, _, err) = helm_in("install", &workspace_root().join(CHART));
+    assert!(ok, "helm install: {err}");
+    create::<MqttUser>(
+        &c,
+        &ns,
+        "apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttUser\nmetadata: {name: kept}\nspec: {brokerRef: b}\n",
+    )
+    .await;
+
+    // `helm upgrade` alone: the CRD is as it was.
+    let (ok, _, err) = helm_in("upgrade", &new_chart);
+    assert!(ok, "helm upgrade: {err}");
+    assert!(!columns_now().contains("Upgraded"), "Helm upgraded crds/ by itself");
+
+    // The documented path: the chart's CRDs first, then `helm upgrade`.
+    let (ok, crds, err) = helm_cmd(&["show", "crds", new_chart.to_str().unwrap()]);
+    assert!(ok, "helm show crds: {err}");
+    let crds_file = dir.join("crds.yaml");
+    std::fs::write(&crds_file, crds).unwrap();
+    let apply = |file: &str| {
+        let (ok, _, err) = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", file]);
+        assert!(ok, "kubectl apply: {err}");
+    };
+    apply(crds_file.to_str().unwrap());
+    let (ok, _, err) = helm_in("upgrade", &new_chart);
+    assert!(ok, "helm upgrade: {err}");
+    assert!(columns_now().contains("Upgraded"), "{}", columns_now());
+    assert!(get::<MqttUser>(&c, &ns, "kept").await.is_some());
+
+    // Back to this tree's CRDs (the API server is shared by the tests).
+    apply(workspace_root().join("crds").to_str().unwrap());
+    assert!(!columns_now().contains("Upgraded"));
+    let _ = helm_cmd(&["uninstall", &release, "--namespace", &ns, "--kubeconfig", kc]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
