@@ -614,7 +614,11 @@ async fn a_changed_crd_reaches_the_api_server_by_the_documented_upgrade_path() {
     let new_chart = dir.join("cirrus-operator");
     let (ok, _, err) = run(
         Path::new("cp"),
-        &["-r", workspace_root().join(CHART).to_str().unwrap(), new_chart.to_str().unwrap()],
+        &[
+            "-r",
+            workspace_root().join(CHART).to_str().unwrap(),
+            new_chart.to_str().unwrap(),
+        ],
         &[],
         CMD,
     );
@@ -625,7 +629,9 @@ async fn a_changed_crd_reaches_the_api_server_by_the_documented_upgrade_path() {
     let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
         .as_sequence_mut()
         .unwrap();
-    columns.push(serde_yaml::from_str("{name: Upgraded, type: string, jsonPath: .metadata.uid}").unwrap());
+    columns.push(
+        serde_yaml::from_str("{name: Upgraded, type: string, jsonPath: .metadata.uid}").unwrap(),
+    );
     std::fs::write(&crd_file, serde_yaml::to_string(&crd).unwrap()).unwrap();
     let kc = kubeconfig();
     let kc = kc.to_str().unwrap();
@@ -666,7 +672,10 @@ async fn a_changed_crd_reaches_the_api_server_by_the_documented_upgrade_path() {
     // `helm upgrade` alone: the CRD is as it was.
     let (ok, _, err) = helm_in("upgrade", &new_chart);
     assert!(ok, "helm upgrade: {err}");
-    assert!(!columns_now().contains("Upgraded"), "Helm upgraded crds/ by itself");
+    assert!(
+        !columns_now().contains("Upgraded"),
+        "Helm upgraded crds/ by itself"
+    );
 
     // The documented path: the chart's CRDs first, then `helm upgrade`.
     let (ok, crds, err) = helm_cmd(&["show", "crds", new_chart.to_str().unwrap()]);
@@ -686,6 +695,13 @@ async fn a_changed_crd_reaches_the_api_server_by_the_documented_upgrade_path() {
     // Back to this tree's CRDs (the API server is shared by the tests).
     apply(workspace_root().join("crds").to_str().unwrap());
     assert!(!columns_now().contains("Upgraded"));
-    let _ = helm_cmd(&["uninstall", &release, "--namespace", &ns, "--kubeconfig", kc]);
+    let _ = helm_cmd(&[
+        "uninstall",
+        &release,
+        "--namespace",
+        &ns,
+        "--kubeconfig",
+        kc,
+    ]);
     let _ = std::fs::remove_dir_all(&dir);
 }

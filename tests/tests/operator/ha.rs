@@ -61,32 +61,15 @@ async fn managed_redis_is_deployed_wired_and_removed() {
     broker_ready(&c, &ns, "dev", ("False", "InvalidSpec")).await;
     // Turning `managed` off moves the broker to another Redis: refused
     // while its pods run; done once none does, and the managed Redis goes.
-    let patch = |spec: serde_json::Value| {
-        let brokers = brokers.clone();
-        async move {
-            brokers
-                .patch(
-                    "dev",
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({ "spec": spec })),
-                )
-                .await
-                .unwrap();
-        }
-    };
+    let patch = |spec| patch_broker_spec(&c, &ns, "dev", spec);
     patch(serde_json::json!({"redis": {"managed": false}})).await;
     broker_ready(&c, &ns, "dev", ("False", "RedisChangeRefused")).await;
-    patch(serde_json::json!({"replicas": 0, "redis": {"managed": true, "url": null}})).await;
-    eventually(WAIT, "0 replicas asked", || async {
-        let d: Deployment = get(&c, &ns, "dev").await?;
-        (d.spec.replicas == Some(0)).then_some(())
-    })
-    .await;
-    deployment_available(&c, &ns, "dev", 0).await;
-    eventually(WAIT, "no broker pod", || async {
-        let b: MqttBroker = get(&c, &ns, "dev").await?;
-        (b.status?.replicas == 0).then_some(())
-    })
+    scale_broker_to_zero(
+        &c,
+        &ns,
+        "dev",
+        serde_json::json!({"managed": true, "url": null}),
+    )
     .await;
     patch(serde_json::json!({"replicas": 2, "redis": {"managed": false, "url": "redis://elsewhere:6379"}})).await;
     eventually(WAIT, "the managed Redis to go", || async {

@@ -1302,6 +1302,42 @@ async fn a_rotated_password_works_beside_the_old_one_until_the_overlap_ends() {
 }
 
 /// PEM certificates of a bundle.
+/// Merge `spec` into the broker's spec.
+async fn patch_broker_spec(c: &Client, ns: &str, name: &str, spec: serde_json::Value) {
+    Api::<MqttBroker>::namespaced(c.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+}
+
+/// The first step of moving a broker to another Redis: 0 replicas with
+/// `redis` as the pods have it (the Deployment's status written as its
+/// controller would), until the broker counts no pod.
+async fn scale_broker_to_zero(c: &Client, ns: &str, name: &str, redis: serde_json::Value) {
+    patch_broker_spec(
+        c,
+        ns,
+        name,
+        serde_json::json!({"replicas": 0, "redis": redis}),
+    )
+    .await;
+    eventually(WAIT, "0 replicas asked", || async {
+        let d: Deployment = get(c, ns, name).await?;
+        (d.spec.replicas == Some(0)).then_some(())
+    })
+    .await;
+    deployment_available(c, ns, name, 0).await;
+    eventually(WAIT, "no pod running", || async {
+        let b: MqttBroker = get(c, ns, name).await?;
+        (b.status?.replicas == 0).then_some(())
+    })
+    .await;
+}
+
 /// The Redis URL the broker's pods are given.
 async fn redis_url_of(c: &Client, ns: &str, name: &str) -> Option<String> {
     let d: Deployment = get(c, ns, name).await?;
@@ -1377,18 +1413,7 @@ async fn a_running_broker_is_not_moved_to_another_redis() {
     assert_eq!(redis_url_of(&c, &ns, "m").await.as_deref(), Some(a));
 
     // The documented move: back to the old one and to 0 pods, then the new.
-    set(serde_json::json!({"replicas": 0, "redis": {"url": a}})).await;
-    eventually(WAIT, "0 replicas asked", || async {
-        let d: Deployment = get(&c, &ns, "m").await?;
-        (d.spec.replicas == Some(0)).then_some(())
-    })
-    .await;
-    deployment_available(&c, &ns, "m", 0).await;
-    eventually(WAIT, "no pod running", || async {
-        let b: MqttBroker = get(&c, &ns, "m").await?;
-        (b.status?.replicas == 0).then_some(())
-    })
-    .await;
+    scale_broker_to_zero(&c, &ns, "m", serde_json::json!({"url": a})).await;
     set(serde_json::json!({"replicas": 2, "redis": {"url": "redis://redis-b:6379"}})).await;
     eventually(WAIT, "the pods on redis-b", || async {
         let url = redis_url_of(&c, &ns, "m").await?;
