@@ -54,6 +54,8 @@ pub enum Error {
     Hash,
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    #[error("the reconcile took longer than {RECONCILE_TIMEOUT:?}")]
+    Timeout,
 }
 
 /// What kind of failure a reconcile met: how soon it is tried again, and
@@ -109,6 +111,7 @@ impl Error {
             (Error::Serialize(_), _) => "serialize",
             (Error::Hash, _) => "hash",
             (Error::Tls(_), _) => "tls",
+            (Error::Timeout, _) => "timeout",
         }
     }
 
@@ -265,7 +268,10 @@ where
     Ok(())
 }
 
-/// Run one reconcile and count it (and its error class, if it failed) in
+/// The longest one reconcile may take.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run one reconcile (at most [`RECONCILE_TIMEOUT`]) and count it (and its error class, if it failed) in
 /// the operator's metrics.
 pub(crate) async fn timed<F>(
     ctx: &Context,
@@ -276,7 +282,15 @@ where
     F: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>,
 {
     let t = std::time::Instant::now();
-    let r = reconcile.await;
+    // A reconcile that waits on something that never comes (a request the
+    // API server never answers) must not hold its object forever.
+    let r = match tokio::time::timeout(RECONCILE_TIMEOUT, reconcile).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(kind = ?kind, after = ?RECONCILE_TIMEOUT, "reconcile timed out; retrying");
+            Err(Error::Timeout)
+        }
+    };
     let err = r.as_ref().err().map(Error::metric_label);
     ctx.metrics.reconciled(kind, t.elapsed(), err);
     r

@@ -59,7 +59,7 @@ pub fn classify(method: &http::Method, uri: &http::Uri) -> (&'static str, String
 }
 
 /// Error classes, as [`crate::Error::metric_label`] names them.
-const ERROR_LABELS: [&str; 4] = ["kube", "serialize", "hash", "tls"];
+const ERROR_LABELS: [&str; 5] = ["kube", "serialize", "hash", "tls", "timeout"];
 
 #[derive(Debug, Default)]
 pub struct Metrics {

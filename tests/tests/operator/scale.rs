@@ -103,6 +103,9 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
     let c = client().await;
     let ns = namespace(&c, "op-scale").await;
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], cirrus_e2e::process::free_port()).into();
+    let log =
+        std::env::temp_dir().join(format!("cirrus-scale-operator-{}.log", std::process::id()));
+    eprintln!("scale: the operator logs to {}", log.display());
     let child = std::process::Command::new(cirrus_e2e::process::operator_bin())
         .args(["--namespace", &ns, "--admin", &admin.to_string()])
         .args([
@@ -112,7 +115,8 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
             &budget.to_string(),
         ])
         .env("KUBECONFIG", cirrus_e2e::k8s::kubeconfig())
-        .stdout(std::process::Stdio::null())
+        // Its log, for a run that goes wrong.
+        .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
