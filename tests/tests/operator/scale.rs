@@ -116,8 +116,8 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
         ])
         .env("KUBECONFIG", cirrus_e2e::k8s::kubeconfig())
         // Its log, for a run that goes wrong.
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let child = cirrus_e2e::process::KillOnDrop(child);
