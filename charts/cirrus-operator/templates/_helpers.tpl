@@ -60,6 +60,11 @@ The operator's permissions: exactly the verbs it uses (see docs/operator.md
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Server certificates from a cert-manager issuer (tls.issuerRef): the
+# broker's Certificate, deleted when the spec stops naming an issuer.
+- apiGroups: ["cert-manager.io"]
+  resources: ["certificates"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -487,6 +487,13 @@ pub struct TlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: Option<String>,
+    /// A cert-manager issuer to get the server certificate from instead of
+    /// the operator's CA: the operator writes a cert-manager `Certificate`
+    /// `<broker>-tls` for the same names (the Service's, `extraSans`, a
+    /// LoadBalancer's addresses) and the pods mount the Secret cert-manager
+    /// fills. Needs cert-manager in the cluster; excludes `secretName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
     /// More names the operator's certificate covers besides the Service's
     /// own (DNS names or IP addresses), e.g. the public name of a
     /// LoadBalancer. The addresses a LoadBalancer Service gets are added by
@@ -504,6 +511,24 @@ pub struct TlsSpec {
     /// user's ACL applies).
     #[serde(default)]
     pub cert_as_username: bool,
+}
+
+/// A cert-manager issuer (`spec.issuerRef` of a cert-manager Certificate).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// The issuer's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` (in the broker's namespace), `ClusterIssuer`, or an
+    /// external issuer's kind; cert-manager's default (`Issuer`) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: Option<String>,
+    /// The issuer's API group; `cert-manager.io` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: Option<String>,
 }
 
 /// Broker limits; unset fields keep the broker's defaults.

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::cert_manager;
 use crate::metrics::Kind;
 use crate::resources::{self, AUTH_KEY};
 use crate::tls;
@@ -331,6 +332,11 @@ async fn reconcile_children(b: Arc<MqttBroker>, ctx: Arc<Context>) -> Result<Act
         .map_err(|_| Error::Serialize("broker config".into()))?;
     apply(client, &ns, &resources::config_map(&b, &config_yaml)).await?;
 
+    // A Certificate of cert-manager's that the spec no longer asks for is
+    // deleted, or cert-manager would go on writing the Secret.
+    if b.spec.tls.issuer_ref.is_none() && had_cert_manager(&b) {
+        cert_manager::remove(client, &b, &ns).await?;
+    }
     let tls_wait = if b.spec.tls.enabled {
         ensure_tls(&ctx, &b, &ns, &mut status, generation).await?
     } else {
@@ -583,6 +589,12 @@ fn invalid_spec(b: &MqttBroker) -> Option<String> {
     if s.tls.client_ca_secret_ref.is_some() && !s.tls.enabled {
         return Some("tls.clientCaSecretRef needs tls.enabled".into());
     }
+    if s.tls.issuer_ref.is_some() && !s.tls.enabled {
+        return Some("tls.issuerRef needs tls.enabled".into());
+    }
+    if s.tls.issuer_ref.is_some() && s.tls.secret_name.is_some() {
+        return Some("give tls.secretName or tls.issuerRef, not both".into());
+    }
     if s.tls.cert_as_username && s.tls.client_ca_secret_ref.is_none() {
         return Some("tls.certAsUsername needs tls.clientCaSecretRef".into());
     }
@@ -734,13 +746,16 @@ async fn ensure_tls(
         );
         return Ok(ctx.resync);
     }
-    let (ca, ca_wait) = namespace_ca(ctx, b, &secrets, ns, now).await?;
     // The Service's own names, the spec's extra ones, and the addresses a
     // LoadBalancer got (so that a client verifies the name it dials).
     let mut names = tls::dns_names(&name, ns);
     names.extend(b.spec.tls.extra_sans.iter().cloned());
     names.extend(load_balancer_addresses(ctx, ns, &name).await?);
     names.dedup();
+    if let Some(issuer) = &b.spec.tls.issuer_ref {
+        return certificate_from_cert_manager(ctx, b, ns, issuer, &names, status, generation).await;
+    }
+    let (ca, ca_wait) = namespace_ca(ctx, b, &secrets, ns, now).await?;
     let secret_name = format!("{name}-tls");
     let meta = resources::meta(b, secret_name.clone(), resources::labels(&name));
     let current = secrets.get_opt(&secret_name).await?;
@@ -802,6 +817,88 @@ async fn ensure_tls(
     // Back for the renewal, or for the rotation's next step.
     let wait = ca_wait.map_or(renew_at - now, |w| w.min(renew_at - now));
     Ok(std::time::Duration::from_secs(wait.max(1) as u64))
+}
+
+/// Whether the broker's certificate came from cert-manager at the last
+/// reconcile (its TLSReady condition says so).
+fn had_cert_manager(b: &MqttBroker) -> bool {
+    b.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "TLSReady" && cert_manager::REASONS.contains(&c.reason.as_str()))
+    })
+}
+
+/// `tls.issuerRef`: the broker's cert-manager Certificate, applied, and
+/// TLSReady from what cert-manager says of it. While it is not issued the
+/// broker is looked at again every few seconds (the operator does not
+/// watch cert-manager's kind, which a cluster may not have).
+async fn certificate_from_cert_manager(
+    ctx: &Context,
+    b: &MqttBroker,
+    ns: &str,
+    issuer: &cirrus_operator_api::IssuerRef,
+    names: &[String],
+    status: &mut cirrus_operator_api::MqttBrokerStatus,
+    generation: Option<i64>,
+) -> Result<std::time::Duration, Error> {
+    const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let state = cert_manager::ensure(&ctx.client, b, ns, issuer, names).await?;
+    let cert = cert_manager::certificate_name(b);
+    let (ok, reason, msg, wait) = match state {
+        cert_manager::State::Issued { not_after } => {
+            status.certificate_expiry = not_after;
+            (
+                true,
+                "CertManagerIssued",
+                format!(
+                    "certificate for {} from cert-manager (Certificate {cert}, issuer {})",
+                    names.join(", "),
+                    issuer.name
+                ),
+                ctx.resync,
+            )
+        }
+        cert_manager::State::Pending { reason, message } => {
+            status.certificate_expiry = None;
+            (
+                false,
+                "CertificatePending",
+                format!("cert-manager has not issued Certificate {cert}: {reason}: {message}"),
+                PENDING_WAIT.min(ctx.resync),
+            )
+        }
+        cert_manager::State::Missing => {
+            status.certificate_expiry = None;
+            (
+                false,
+                "CertManagerMissing",
+                "tls.issuerRef needs cert-manager, whose Certificate kind \
+                 (cert-manager.io/v1) this cluster does not serve"
+                    .to_string(),
+                ctx.resync,
+            )
+        }
+    };
+    let was = b.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "TLSReady")
+            .map(|c| c.reason.clone())
+    });
+    if was.as_deref() != Some(reason) {
+        let kind = if ok {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(ctx, b, kind, reason, msg.clone()).await;
+    }
+    set_condition(
+        &mut status.conditions,
+        condition("TLSReady", ok, reason, msg, generation),
+    );
+    Ok(wait)
 }
 
 /// The namespace's CA (made on first use), with a rotation asked for on

@@ -12,6 +12,7 @@
 //! - [`resources`]: pure builders of the child objects.
 //! - [`auth`]: passwords, argon2id hashes, the aggregated auth file.
 //! - [`tls`]: the namespace CA and the brokers' server certificates.
+//! - [`cert_manager`]: server certificates from a cert-manager issuer.
 //! - [`lease`]: leader election, so that replicas can stand by.
 //! - [`metrics`]: the operator's `/metrics`, `/healthz`, `/readyz`.
 //! - [`custom_metrics`]: `custom.metrics.k8s.io` for the HPA (the broker
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod broker;
 pub mod caches;
+pub mod cert_manager;
 pub mod custom_metrics;
 pub mod deletion_cost;
 pub mod health;

@@ -10,6 +10,15 @@ locals {
     var.redis.cluster ? { cluster = true } : {},
   )
 
+  tls = merge(
+    { enabled = var.tls.enabled },
+    var.tls.secret_name != null ? { secretName = var.tls.secret_name } : {},
+    var.tls.issuer_ref != null ? {
+      issuerRef = { for k, v in var.tls.issuer_ref : k => v if v != null }
+    } : {},
+    length(var.tls.extra_sans) > 0 ? { extraSans = var.tls.extra_sans } : {},
+  )
+
   listeners = merge(
     { mqtt = var.listeners.mqtt },
     var.listeners.mqtts != null && var.tls.enabled ? { mqtts = var.listeners.mqtts } : {},
@@ -102,7 +111,7 @@ resource "kubernetes_manifest" "broker" {
         replicas       = var.replicas
         redis          = local.redis
         listeners      = local.listeners
-        tls            = merge({ enabled = var.tls.enabled }, var.tls.secret_name != null ? { secretName = var.tls.secret_name } : {})
+        tls            = local.tls
         service        = { type = var.service.type, annotations = var.service.annotations }
         allowAnonymous = var.allow_anonymous
         anonymousAcl = [for r in var.anonymous_acl : {

@@ -15,7 +15,7 @@ output "user_secrets" {
 
 output "ca_secret" {
   description = "The Secret (key ca.crt) whose CA clients trust for TLS, when the operator issues the certificate."
-  value       = var.tls.enabled && var.tls.secret_name == null ? "cirrus-ca" : null
+  value       = var.tls.enabled && var.tls.secret_name == null && var.tls.issuer_ref == null ? "cirrus-ca" : null
 }
 
 output "namespace" {

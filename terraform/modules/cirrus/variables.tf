@@ -126,12 +126,23 @@ variable "listeners" {
 }
 
 variable "tls" {
-  description = "TLS: certificates from the operator's CA, or a kubernetes.io/tls Secret of yours (secret_name)."
+  description = "TLS: certificates from the operator's CA, a kubernetes.io/tls Secret of yours (secret_name), or a cert-manager issuer (issuer_ref: name, kind such as ClusterIssuer, group); extra_sans are more names the certificate covers."
   type = object({
     enabled     = optional(bool, true)
     secret_name = optional(string)
+    issuer_ref = optional(object({
+      name  = string
+      kind  = optional(string)
+      group = optional(string)
+    }))
+    extra_sans = optional(list(string), [])
   })
   default = {}
+
+  validation {
+    condition     = var.tls.secret_name == null || var.tls.issuer_ref == null
+    error_message = "Give tls.secret_name or tls.issuer_ref, not both."
+  }
 }
 
 variable "service" {

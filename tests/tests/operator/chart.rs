@@ -234,6 +234,29 @@ fn can_i(sa: &str, ns: &str, verb: &str, what: &str, sub: Option<&str>) -> bool 
     out.trim() == "yes"
 }
 
+/// `can_i` for a kind the API server may not serve (kubectl maps only
+/// served kinds): a SubjectAccessReview.
+fn may(sa: &str, ns: &str, verb: &str, group: &str, resource: &str) -> bool {
+    let review = format!(
+        "apiVersion: authorization.k8s.io/v1\nkind: SubjectAccessReview\nspec:\n  user: {sa}\n  resourceAttributes: {{namespace: {ns}, verb: {verb}, group: {group}, resource: {resource}}}\n"
+    );
+    let f = std::env::temp_dir().join(format!(
+        "cirrus-sar-{}-{verb}-{resource}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&f, review).unwrap();
+    let (ok, out, err) = kubectl(&[
+        "create",
+        "-f",
+        f.to_str().unwrap(),
+        "-o",
+        "jsonpath={.status.allowed}",
+    ]);
+    let _ = std::fs::remove_file(&f);
+    assert!(ok, "SubjectAccessReview: {err}");
+    out.trim() == "true"
+}
+
 /// A kubeconfig for the test API server that acts as `user`.
 fn impersonating(user: &str, dir: &Path) -> PathBuf {
     let mut v: serde_yaml::Value =
@@ -309,6 +332,22 @@ async fn the_charts_service_account_can_do_what_the_operator_does_and_no_more() 
             "cannot {verb} {what} {sub:?}"
         );
     }
+    // cert-manager's Certificates (tls.issuerRef), whether or not the
+    // cluster has cert-manager.
+    for verb in ["get", "create", "patch", "delete"] {
+        assert!(
+            may(&sa, &watched, verb, "cert-manager.io", "certificates"),
+            "cannot {verb} cert-manager certificates"
+        );
+    }
+    assert!(!may(
+        &sa,
+        &watched,
+        "list",
+        "cert-manager.io",
+        "certificates"
+    ));
+    assert!(!may(&sa, &watched, "delete", "cert-manager.io", "issuers"));
     for verb in ["get", "create", "update"] {
         assert!(can_i(
             &sa,
@@ -512,7 +551,7 @@ async fn the_broker_chart_declares_resources_the_operator_reconciles() {
         BROKER_CHART,
         BROKER_ALL_ON,
         &[
-            "broker.replicas=0",
+            "broker.replicas=-1",
             "broker.bogus=1",
             "users[0].acl[0].access=everything",
         ],

@@ -595,6 +595,11 @@ async fn bad_specs_get_conditions_not_crashes() {
             "{podTemplate: {volumes: [{name: auth, emptyDir: {}}]}}",
         ),
         ("silent", "{listeners: {mqtt: 0}}"),
+        (
+            "twocerts",
+            "{tls: {enabled: true, secretName: mine, issuerRef: {name: acme}}}",
+        ),
+        ("noissuertls", "{tls: {issuerRef: {name: acme}}}"),
     ] {
         create::<MqttBroker>(&c, &ns, &format!("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {{name: {name}}}\nspec: {spec}\n")).await;
         let b = broker_ready(&c, &ns, name, ("False", "InvalidSpec")).await;
@@ -621,7 +626,7 @@ async fn bad_specs_get_conditions_not_crashes() {
     // Only valid, unique users reach the auth file.
     auth_file_with(&c, &ns, "ok", &["same"]).await;
     // The schema refuses out-of-range values before the operator sees them.
-    let bad: MqttBroker = serde_yaml::from_str("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: zero}\nspec: {replicas: 0}\n").unwrap();
+    let bad: MqttBroker = serde_yaml::from_str("apiVersion: mqtt.cirrus.dev/v1alpha1\nkind: MqttBroker\nmetadata: {name: negative}\nspec: {replicas: -1}\n").unwrap();
     let err = Api::<MqttBroker>::namespaced(c.clone(), &ns)
         .create(&PostParams::default(), &bad)
         .await
@@ -1548,6 +1553,7 @@ async fn the_ca_rotates_with_an_overlap_in_which_both_cas_are_trusted() {
     eprintln!("{events} CARotation events");
 }
 
+mod cert_manager;
 mod chart;
 mod ha;
 mod scale;
