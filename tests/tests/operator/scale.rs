@@ -45,6 +45,15 @@ fn requests(metrics: &str, verb: &str, resource: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// The reconciles the operator's `controller` ran.
+fn reconciles(metrics: &str, controller: &str) -> u64 {
+    let key = format!("cirrus_operator_reconciles_total{{controller=\"{controller}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// Every request of `verb`, whatever the resource.
 fn all_requests(metrics: &str, verb: &str) -> u64 {
     let key = format!("cirrus_operator_api_requests_total{{verb=\"{verb}\",");
@@ -100,6 +109,7 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
     let n: usize = env_or("CIRRUS_SCALE_USERS", 2_000);
     let budget: usize = env_or("CIRRUS_SCALE_FILE_BUDGET", 64 * 1024);
     let events: usize = env_or("CIRRUS_SCALE_EVENTS", 20);
+    let resync: u64 = env_or("CIRRUS_SCALE_RESYNC_SECS", 10);
     let c = client().await;
     let ns = namespace(&c, "op-scale").await;
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], cirrus_e2e::process::free_port()).into();
@@ -109,8 +119,11 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
     let child = std::process::Command::new(cirrus_e2e::process::operator_bin())
         .args(["--namespace", &ns, "--admin", &admin.to_string()])
         .args([
+            // A short resync: users that nothing changed must not be
+            // reconciled again at this pace (they would crowd out the
+            // ones that changed).
             "--resync-secs",
-            "600",
+            &resync.to_string(),
             "--user-file-budget",
             &budget.to_string(),
         ])
@@ -282,10 +295,12 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
         .map(|r| requests(&after, "list", r) - requests(&before, "list", r))
         .sum();
     let cpu_ms = (cpu_after - cpu_before) * 1000.0 / events as f64;
+    let user_reconciles =
+        (reconciles(&after, "mqttuser") - reconciles(&before, "mqttuser")) as f64 / events as f64;
     eprintln!(
         "scale: {n} users in {} files (budget {budget} B); created in {:.1} s, all in the auth files after {:.1} s; \
          operator CPU {cpu_fill:.1} s and {} MiB resident after the fill, {fill_gets} gets while filling; \
-         per user event: {:.2} gets, {:.2} patches, {:.2} creates, {lists} lists of users, Secrets or brokers in all, {cpu_ms:.1} ms CPU; {events} events in {:.1} s",
+         per user event: {:.2} gets, {:.2} patches, {:.2} creates, {lists} lists of users, Secrets or brokers in all, {cpu_ms:.1} ms CPU, {user_reconciles:.2} user reconciles; {events} events in {:.1} s",
         files.len(),
         created.as_secs_f64(),
         converged.as_secs_f64(),
@@ -308,6 +323,12 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
     assert_eq!(lists, 0, "lists during the user events");
     assert!(per("get") <= 8.0, "{} gets per user event", per("get"));
     assert!(cpu_ms < 2_000.0, "{cpu_ms} ms CPU per user event");
+    // The changed user is reconciled (again when its status write comes
+    // back), not every user once a resync.
+    assert!(
+        user_reconciles <= 4.0,
+        "{user_reconciles} user reconciles per user event"
+    );
 
     // Nothing was hashed again: every other user's hash is the one it had.
     let end = parse_volume(&auth_volume(&c, &ns, "fleet").await.unwrap());
