@@ -190,50 +190,9 @@ async fn a_cert_manager_issuer_gives_the_server_certificate() {
     // it dials 127.0.0.1, which the certificate does not cover).
     let cm: ConfigMap = get(&c, &ns, "edge-config").await.unwrap();
     let yaml = cm.data.unwrap()["config.yaml"].clone();
-    let dir = cirrus_e2e::certs::Dir::new();
-    let cert_f = dir.write(
-        "tls.crt",
-        &secret_value(&c, &ns, "edge-tls", "tls.crt").await,
-    );
-    let key_f = dir.write(
-        "tls.key",
-        &secret_value(&c, &ns, "edge-tls", "tls.key").await,
-    );
-    let ca_f = dir.write("ca.crt", &ca_pem);
-    let auth_f = dir.write("auth.yaml", "version: 1\nallow_anonymous: true\n");
-    let broker = cirrus_e2e::BrokerProcess::start_with_config(
-        &yaml,
-        &[
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert_f,
-            "--tls-key",
-            &key_f,
-            "--auth-file",
-            &auth_f,
-        ],
-    );
-    let port = broker.addrs["mqtts"].port().to_string();
-    let out = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            &ca_f,
-            "--insecure",
-        ])
-        .args(["-t", "tls/check", "-m", "x", "-q", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(broker);
+    let served_crt = secret_value(&c, &ns, "edge-tls", "tls.crt").await;
+    let served_key = secret_value(&c, &ns, "edge-tls", "tls.key").await;
+    publishes_over_tls(&yaml, &served_crt, &served_key, &ca_pem);
 
     // Back to the operator's CA: the Certificate is deleted (cert-manager
     // would otherwise keep writing the Secret) and the CA issues.

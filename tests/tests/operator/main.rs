@@ -817,46 +817,8 @@ async fn tls_certificates_come_from_the_operators_ca_and_are_renewed() {
     let cm: ConfigMap = get(&c, &ns, "secure-config").await.unwrap();
     let yaml = cm.data.unwrap()["config.yaml"].clone();
     assert!(yaml.contains("8883"), "TLS listener in the config:\n{yaml}");
-    let dir = cirrus_e2e::certs::Dir::new();
-    let cert_f = dir.write("tls.crt", &cert);
-    let key_f = dir.write(
-        "tls.key",
-        &secret_value(&c, &ns, "secure-tls", "tls.key").await,
-    );
-    let ca_f = dir.write("ca.crt", &ca);
-    let auth_f = dir.write("auth.yaml", "version: 1\nallow_anonymous: true\n");
-    let broker = cirrus_e2e::BrokerProcess::start_with_config(
-        &yaml,
-        &[
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert_f,
-            "--tls-key",
-            &key_f,
-            "--auth-file",
-            &auth_f,
-        ],
-    );
-    let port = broker.addrs["mqtts"].port().to_string();
-    let out = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            &ca_f,
-            "--insecure",
-        ])
-        .args(["-t", "tls/check", "-m", "x", "-q", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let key = secret_value(&c, &ns, "secure-tls", "tls.key").await;
+    publishes_over_tls(&yaml, &cert, &key, &ca);
 
     // A certificate about to expire is issued again.
     let soon = {
@@ -1306,7 +1268,49 @@ async fn a_rotated_password_works_beside_the_old_one_until_the_overlap_ends() {
     .await;
 }
 
-/// PEM certificates of a bundle.
+/// A real broker on `config` (a ConfigMap the operator wrote) serving
+/// `cert` and `key`: a mosquitto client that trusts only `ca` publishes to
+/// it over TLS (the chain is checked, not the name: it dials 127.0.0.1).
+fn publishes_over_tls(config: &str, cert: &str, key: &str, ca: &str) {
+    let dir = cirrus_e2e::certs::Dir::new();
+    let cert_f = dir.write("tls.crt", cert);
+    let key_f = dir.write("tls.key", key);
+    let ca_f = dir.write("ca.crt", ca);
+    let auth_f = dir.write("auth.yaml", "version: 1\nallow_anonymous: true\n");
+    let broker = cirrus_e2e::BrokerProcess::start_with_config(
+        config,
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert_f,
+            "--tls-key",
+            &key_f,
+            "--auth-file",
+            &auth_f,
+        ],
+    );
+    let port = broker.addrs["mqtts"].port().to_string();
+    let out = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &ca_f,
+            "--insecure",
+        ])
+        .args(["-t", "tls/check", "-m", "x", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Merge `spec` into the broker's spec.
 async fn patch_broker_spec(c: &Client, ns: &str, name: &str, spec: serde_json::Value) {
     Api::<MqttBroker>::namespaced(c.clone(), ns)
@@ -1454,6 +1458,7 @@ async fn a_running_broker_is_not_moved_to_another_redis() {
     .await;
 }
 
+/// PEM certificates of a bundle.
 fn certs_of(bundle: &str) -> Vec<String> {
     bundle
         .split_inclusive("-----END CERTIFICATE-----")
