@@ -1113,8 +1113,9 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
             && u.metadata.deletion_timestamp.is_none()
             && u.namespace().as_deref() == Some(ns)
     });
-    // Oldest first (by reference: no copy per comparison of 50,000).
-    users.sort_by(|a, b| {
+    // Oldest first (by reference: no copy per comparison of 50,000; names
+    // are unique in a namespace, so no order is left to keep).
+    users.sort_unstable_by(|a, b| {
         (&a.metadata.creation_timestamp, &a.metadata.name)
             .cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
     });
@@ -1124,8 +1125,8 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
     let mut jobs = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for u in &users {
-        let username = auth::username(u);
-        if auth::invalid_acl_filter(&u.spec.acl).is_some() || !seen.insert(username.clone()) {
+        let username = auth::username_ref(u);
+        if auth::invalid_acl_filter(&u.spec.acl).is_some() || !seen.insert(username) {
             continue;
         }
         let (secret_name, key, strength) = match &u.spec.password_secret_ref {
@@ -1139,11 +1140,12 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
         let Some(secret) = caches.secret(ns, &secret_name) else {
             continue;
         };
+        // Copied only when it is to be hashed.
         let Some(password) = secret
             .data
             .as_ref()
             .and_then(|d| d.get(&key))
-            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
             .filter(|p| !p.is_empty())
         else {
             continue;
@@ -1157,12 +1159,12 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
                 .as_deref()
                 .unwrap_or_default()
         );
-        let before = previous.get(&username);
+        let before = previous.get(username);
         let job = match before {
             Some(p) if p.password_source.as_deref() == Some(source.as_str()) => None,
             _ => {
                 jobs.push(auth::HashJob {
-                    password,
+                    password: password.to_string(),
                     previous: before.map(|p| p.password_hash.clone()),
                     strength,
                 });
@@ -1171,7 +1173,7 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
         };
         entries.push((
             User {
-                username,
+                username: username.to_string(),
                 password_hash: before.map(|p| p.password_hash.clone()).unwrap_or_default(),
                 previous_password_hash: None,
                 previous_valid_until: None,
@@ -1225,18 +1227,14 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
             continue;
         }
         let text = if n == 0 {
-            auth::auth_file(
+            auth::auth_file_text(&auth::auth_file(
                 b.spec.allow_anonymous,
                 &b.spec.anonymous_acl,
                 users.clone(),
                 user_files,
-            )
-            .to_yaml()
+            ))
         } else {
-            cirrus_config::auth::UsersFile {
-                users: users.clone(),
-            }
-            .to_yaml()
+            auth::users_file_text(&users).map_err(|e| e.to_string())
         }
         .map_err(|_| Error::Serialize("auth file".into()))?;
         files.push((n, text, Arc::new(users)));
@@ -1245,9 +1243,8 @@ async fn plan_auth(ctx: &Context, b: &MqttBroker, ns: &str) -> Result<AuthPlan, 
     // may not delete Secrets); the broker's deletion collects them.
     for (n, users) in &current {
         if *n > user_files && !users.is_empty() {
-            let text = cirrus_config::auth::UsersFile::default()
-                .to_yaml()
-                .map_err(|_| Error::Serialize("auth file".into()))?;
+            let text =
+                auth::users_file_text(&[]).map_err(|_| Error::Serialize("auth file".into()))?;
             files.push((*n, text, Arc::new(Vec::new())));
         }
     }

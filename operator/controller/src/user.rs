@@ -145,17 +145,7 @@ pub async fn reconcile(u: Arc<MqttUser>, ctx: Arc<Context>) -> Result<Action, Er
         ));
     } else {
         let username = auth::username_ref(&u);
-        let me = (u.creation_timestamp(), u.name_any());
-        let older = caches
-            .users
-            .find(|o| {
-                o.spec.broker_ref == u.spec.broker_ref
-                    && auth::username_ref(o) == username
-                    && o.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && o.uid() != u.uid()
-                    && (o.creation_timestamp(), o.name_any()) < me
-            })
-            .is_some();
+        let older = caches.usernames.older_claim(&u);
         if older {
             issue = Some(problem(
                 "DuplicateUsername",

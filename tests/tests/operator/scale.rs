@@ -181,6 +181,7 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
         .collect::<Vec<()>>()
         .await;
     let created = t0.elapsed();
+    eprintln!("scale: {n} users created in {:.1} s", created.as_secs_f64());
 
     // Until every user is in the files (read every 2 s: each read is the
     // whole volume).
@@ -243,6 +244,7 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 
+    eprintln!("scale: every user in the files; now the user events");
     // User events one at a time (an ACL change each, waited for in the
     // file that holds the user): what the operator reads and spends.
     let before = metrics().await.unwrap();
