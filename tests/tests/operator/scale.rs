@@ -35,23 +35,29 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
     (ticks as f64 / 100.0, rss_pages * 4096)
 }
 
-/// The operator's count of its requests with `verb` on `resource`.
-fn requests(metrics: &str, verb: &str, resource: &str) -> u64 {
-    let key =
-        format!("cirrus_operator_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\"}} ");
+/// The value of one series (`name{labels}`) in the operator's metrics.
+fn counter(metrics: &str, series: &str) -> u64 {
+    let key = format!("{series} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&key))
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// The operator's count of its requests with `verb` on `resource`.
+fn requests(metrics: &str, verb: &str, resource: &str) -> u64 {
+    counter(
+        metrics,
+        &format!("cirrus_operator_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\"}}"),
+    )
+}
+
 /// The reconciles the operator's `controller` ran.
 fn reconciles(metrics: &str, controller: &str) -> u64 {
-    let key = format!("cirrus_operator_reconciles_total{{controller=\"{controller}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    counter(
+        metrics,
+        &format!("cirrus_operator_reconciles_total{{controller=\"{controller}\"}}"),
+    )
 }
 
 /// Every request of `verb`, whatever the resource.
@@ -297,12 +303,14 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
         .map(|r| requests(&after, "list", r) - requests(&before, "list", r))
         .sum();
     let cpu_ms = (cpu_after - cpu_before) * 1000.0 / events as f64;
-    let user_reconciles =
-        (reconciles(&after, "mqttuser") - reconciles(&before, "mqttuser")) as f64 / events as f64;
+    let reconciles_per = |controller: &str| {
+        (reconciles(&after, controller) - reconciles(&before, controller)) as f64 / events as f64
+    };
+    let user_reconciles = reconciles_per("mqttuser");
     eprintln!(
         "scale: {n} users in {} files (budget {budget} B); created in {:.1} s, all in the auth files after {:.1} s; \
          operator CPU {cpu_fill:.1} s and {} MiB resident after the fill, {fill_gets} gets while filling; \
-         per user event: {:.2} gets, {:.2} patches, {:.2} creates, {lists} lists of users, Secrets or brokers in all, {cpu_ms:.1} ms CPU, {user_reconciles:.2} user reconciles; {events} events in {:.1} s",
+         per user event: {:.2} gets, {:.2} patches, {:.2} creates, {lists} lists of users, Secrets or brokers in all, {cpu_ms:.1} ms CPU, {user_reconciles:.2} user reconciles, {:.2} broker reconciles; {events} events in {:.1} s",
         files.len(),
         created.as_secs_f64(),
         converged.as_secs_f64(),
@@ -310,6 +318,7 @@ async fn many_users_spread_over_auth_files_and_a_user_event_reads_no_list() {
         per("get"),
         per("patch"),
         per("create"),
+        reconciles_per("mqttbroker"),
         took.as_secs_f64(),
     );
     eprintln!(
