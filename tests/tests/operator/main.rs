@@ -988,22 +988,8 @@ async fn a_load_balancer_broker_covers_its_addresses_and_extra_names_with_mutual
     );
     let port = broker.addrs["mqtts"].port().to_string();
     let publish = |with_cert: bool| {
-        let mut cmd = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"));
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            &ca_f,
-            "--insecure",
-        ]);
-        if with_cert {
-            cmd.args(["--cert", &ccert_f, "--key", &ckey_f]);
-        }
-        cmd.args(["-t", "mtls/check", "-m", "x", "-q", "1"])
-            .output()
-            .unwrap()
+        let client = with_cert.then_some((ccert_f.as_str(), ckey_f.as_str()));
+        mosquitto_pub_tls(&port, &ca_f, client, "mtls/check")
     };
     let ok = publish(true);
     assert!(
@@ -1291,24 +1277,39 @@ fn publishes_over_tls(config: &str, cert: &str, key: &str, ca: &str) {
         ],
     );
     let port = broker.addrs["mqtts"].port().to_string();
-    let out = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            &ca_f,
-            "--insecure",
-        ])
-        .args(["-t", "tls/check", "-m", "x", "-q", "1"])
-        .output()
-        .unwrap();
+    let out = mosquitto_pub_tls(&port, &ca_f, None, "tls/check");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// One QoS 1 publish by `mosquitto_pub` over TLS to 127.0.0.1:`port`,
+/// trusting only `ca_file` (the chain is checked, not the name), with a
+/// client certificate and key when given.
+fn mosquitto_pub_tls(
+    port: &str,
+    ca_file: &str,
+    client: Option<(&str, &str)>,
+    topic: &str,
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(cirrus_e2e::tool("mosquitto_pub"));
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "--cafile",
+        ca_file,
+        "--insecure",
+    ]);
+    if let Some((cert, key)) = client {
+        cmd.args(["--cert", cert, "--key", key]);
+    }
+    cmd.args(["-t", topic, "-m", "x", "-q", "1"])
+        .output()
+        .unwrap()
 }
 
 /// Merge `spec` into the broker's spec.
