@@ -314,9 +314,14 @@ pub fn users_file_text(users: &[User]) -> Result<String, serde_json::Error> {
 /// The text of an auth file: its settings as YAML, then its users as in
 /// [`users_file_text`].
 pub fn auth_file_text(f: &AuthFile) -> Result<String, String> {
+    // The settings alone (the users are not copied to be left out).
     let settings = AuthFile {
+        version: f.version,
+        allow_anonymous: f.allow_anonymous,
+        anonymous_acl: f.anonymous_acl.clone(),
+        default: f.default,
         users: Vec::new(),
-        ..f.clone()
+        user_files: f.user_files.clone(),
     };
     let yaml = settings.to_yaml().map_err(|e| e.to_string())?;
     if f.users.is_empty() {
